@@ -1,0 +1,105 @@
+"""The `kemari` command line (DESIGN.md section 5): thin verbs over the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import paths
+from .config import load_config
+from .control import NotRunning, request
+from .errors import KemariError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .standalone import run
+    config = load_config(args.config)
+    return run(config, restore=Path(args.restore).resolve() if args.restore else None)
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        reply = request(paths.socket_path(args.name), "status", timeout=10)
+    except NotRunning:
+        reply = {"name": args.name, "pid": None, "role": "stopped", "state": "stopped"}
+    reply.pop("ok", None)
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    else:
+        print(f"{reply['name']}: {reply['role']}, {reply['state']}"
+              + (f" (pid {reply['pid']})" if reply.get("pid") else ""))
+        for key in ("peer", "generation", "checkpoint_seq", "checkpoints"):
+            if reply.get(key) is not None:
+                print(f"  {key}: {reply[key]}")
+    return 0 if reply["role"] != "stopped" else 3
+
+
+def _stop(args: argparse.Namespace) -> int:
+    try:
+        request(paths.socket_path(args.name), "stop", timeout=30)
+    except NotRunning:
+        print(f"{args.name}: not running")
+    return 0
+
+
+def _save(args: argparse.Namespace) -> int:
+    reply = request(paths.socket_path(args.name), "save", path=str(Path(args.file).resolve()))
+    print(f"{args.name}: saved {reply['pages']} pages to {reply['path']}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+    return demo_main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kemari", description="Fault-tolerant VMs by event tapping.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    r = sub.add_parser("run", help="run a guest unprotected, in the foreground")
+    r.add_argument("config", help="VM config file (TOML)")
+    r.add_argument("--restore", metavar="FILE", help="resume from a snapshot made by `save`")
+    r.set_defaults(func=_run)
+
+    s = sub.add_parser("status", help="show a VM's state")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_status)
+
+    st = sub.add_parser("stop", help="stop a VM's daemon")
+    st.add_argument("name")
+    st.set_defaults(func=_stop)
+
+    sv = sub.add_parser("save", help="snapshot a running VM to a file (it keeps running)")
+    sv.add_argument("name")
+    sv.add_argument("file")
+    sv.set_defaults(func=_save)
+
+    d = sub.add_parser("demo", help="boot the kv guest and drive a client session against it")
+    d.add_argument("--keep", action="store_true", help="keep the demo's work directory")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s kemari %(levelname)s %(message)s", datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except KemariError as exc:
+        print(f"kemari: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

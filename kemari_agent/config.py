@@ -1,0 +1,273 @@
+"""The VM configuration file (TOML, DESIGN.md section 5), parsed and validated.
+
+Every error names the key and says what is wrong with it, so that a typo in
+a cluster node's config is found by `kemari run`/`start` (or the OCF agent's
+validate-all), not by a guest that misbehaves later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+BUILTIN_IMAGES = ("kv", "stress")
+FORWARD_GUEST_PORT = 7000
+FORWARD_DEFAULT_ADDRESS = "10.0.2.15/24"
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    path: Path
+    size_mib: int
+    mode: str = "shared"  # or "replicated"
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    mac: bytes
+    address: ipaddress.IPv4Interface | None
+    tap: str | None = None
+    bridge: str | None = None
+    forward: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    listen: tuple[str, int] | None = None
+    peer: tuple[str, int] | None = None
+    key_file: Path | None = None
+    mode: str = "tap"  # or "epoch"
+    epoch_ms: int = 25
+    heartbeat_ms: int = 200
+    peer_timeout_ms: int = 2000
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    on_peer_loss: str = "continue"  # or "suspend"
+
+
+@dataclass(frozen=True)
+class StressConfig:
+    pages: int = 8
+    rate_hz: int = 0
+    working_set: int = 0
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    name: str
+    memory_mib: int
+    image: str
+    source: Path | None = None
+    disk: DiskConfig | None = None
+    net: NetConfig | None = None
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    stress: StressConfig = field(default_factory=StressConfig)
+
+
+class _Table:
+    """A TOML table that remembers which keys were read, to reject the rest."""
+
+    def __init__(self, data: dict[str, Any], prefix: str) -> None:
+        self.data, self.prefix, self.used = data, prefix, set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None,
+            required: bool = False) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if required:
+                raise ConfigError(f"'{self.key(name)}' is required")
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; a TOML `true` is never a valid number here.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"'{self.key(name)}' must be {names}, not {value!r}")
+        return value
+
+    def int_in(self, name: str, lo: int, hi: int, default: int | None = None,
+               required: bool = False) -> int | None:
+        value = self.get(name, int, default, required)
+        if value is not None and not lo <= value <= hi:
+            raise ConfigError(f"'{self.key(name)}' must be between {lo} and {hi}, not {value}")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(name, str, default)
+        if value not in choices:
+            options = ", ".join(f'"{c}"' for c in choices)
+            raise ConfigError(f"'{self.key(name)}' must be one of {options}, not {value!r}")
+        return value
+
+    def table(self, name: str) -> _Table | None:
+        value = self.get(name, dict)
+        return None if value is None else _Table(value, f"{self.prefix}{name}.")
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"unknown key '{self.key(unknown[0])}'")
+
+
+def parse_hostport(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"'{key}' must be HOST:PORT with a port from 1 to 65535, not {value!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(f"'{key}' must use an IP address, not {host!r}") from exc
+    return host, int(port)
+
+
+def derived_mac(name: str) -> bytes:
+    """A stable locally administered MAC from the VM name (QEMU's 52:54:00 prefix)."""
+    return b"\x52\x54\x00" + hashlib.sha256(name.encode()).digest()[:3]
+
+
+def _disk(t: _Table, base: Path | None) -> DiskConfig:
+    path = Path(t.get("path", str, required=True))
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    size = t.int_in("size_mib", 1, 1 << 20, default=64)
+    mode = t.choice("mode", ("shared", "replicated"), "shared")
+    t.finish()
+    return DiskConfig(path=path, size_mib=size, mode=mode)
+
+
+def _net(t: _Table, name: str) -> NetConfig:
+    tap = t.get("tap", str)
+    bridge = t.get("bridge", str)
+    forward = t.get("forward", str)
+    address = t.get("address", str)
+    mac_text = t.get("mac", str)
+    t.finish()
+    if (tap is None) == (forward is None):
+        raise ConfigError("'[net]' needs exactly one of 'net.tap' or 'net.forward'")
+    if tap is not None and not IFNAME_RE.match(tap):
+        raise ConfigError(f"'net.tap' must be an interface name of 1-15 characters, not {tap!r}")
+    if bridge is not None and (tap is None or not IFNAME_RE.match(bridge)):
+        raise ConfigError("'net.bridge' needs 'net.tap' and must be an interface name")
+    if mac_text is not None:
+        if not MAC_RE.match(mac_text):
+            raise ConfigError(f"'net.mac' must look like 52:54:00:12:34:56, not {mac_text!r}")
+        mac = bytes.fromhex(mac_text.replace(":", ""))
+        if mac[0] & 1:
+            raise ConfigError(f"'net.mac' must be a unicast address, not {mac_text!r}")
+    else:
+        mac = derived_mac(name)
+    if address is None and forward is not None:
+        address = FORWARD_DEFAULT_ADDRESS
+    iface = None
+    if address is not None:
+        try:
+            iface = ipaddress.IPv4Interface(address)
+        except ValueError as exc:
+            raise ConfigError(f"'net.address' must be an IPv4 address/prefix: {exc}") from exc
+        if "/" not in address:
+            raise ConfigError(f"'net.address' needs a prefix length, e.g. {address}/24")
+    elif tap is not None:
+        raise ConfigError("'net.address' is required with 'net.tap' (the guest's IPv4/prefix)")
+    fwd = parse_hostport(forward, "net.forward") if forward is not None else None
+    return NetConfig(mac=mac, address=iface, tap=tap, bridge=bridge, forward=fwd)
+
+
+def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
+    listen = t.get("listen", str)
+    peer = t.get("peer", str)
+    key_file = t.get("key_file", str)
+    mode = t.choice("mode", ("tap", "epoch"), "tap")
+    epoch_ms = t.int_in("epoch_ms", 1, 60_000, default=25)
+    heartbeat_ms = t.int_in("heartbeat_ms", 10, 60_000, default=200)
+    timeout_ms = t.int_in("peer_timeout_ms", 50, 600_000, default=2000)
+    t.finish()
+    if timeout_ms <= heartbeat_ms:
+        raise ConfigError("'replication.peer_timeout_ms' must be longer than heartbeat_ms")
+    key = Path(key_file) if key_file is not None else None
+    if key is not None and not key.is_absolute() and base is not None:
+        key = base / key
+    return ReplicationConfig(
+        listen=parse_hostport(listen, "replication.listen") if listen else None,
+        peer=parse_hostport(peer, "replication.peer") if peer else None,
+        key_file=key, mode=mode, epoch_ms=epoch_ms,
+        heartbeat_ms=heartbeat_ms, peer_timeout_ms=timeout_ms,
+    )
+
+
+def parse_config(data: dict[str, Any], source: Path | None = None) -> VmConfig:
+    top = _Table(data, "")
+    name = top.get("name", str, required=True)
+    if not NAME_RE.match(name):
+        raise ConfigError(
+            f"'name' must be 1-32 characters of letters, digits, '.', '_' or '-', not {name!r}"
+        )
+    memory = top.int_in("memory_mib", 8, 65536, default=64)
+    if memory % 2:
+        raise ConfigError(f"'memory_mib' must be even (2 MiB pages), not {memory}")
+    image = top.get("image", str, default="kv")
+    base = source.parent if source is not None else None
+    if image not in BUILTIN_IMAGES:
+        path = Path(image)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        if not path.is_file():
+            builtin = ", ".join(f'"{i}"' for i in BUILTIN_IMAGES)
+            raise ConfigError(f"'image' must be {builtin} or an existing file, not {image!r}")
+        image = str(path)
+    disk_t, net_t = top.table("disk"), top.table("net")
+    repl_t, policy_t, stress_t = top.table("replication"), top.table("policy"), top.table("stress")
+    top.finish()
+    disk = _disk(disk_t, base) if disk_t else None
+    net = _net(net_t, name) if net_t else None
+    repl = _replication(repl_t, base) if repl_t else ReplicationConfig()
+    policy = PolicyConfig()
+    if policy_t:
+        policy = PolicyConfig(on_peer_loss=policy_t.choice(
+            "on_peer_loss", ("continue", "suspend"), "continue"))
+        policy_t.finish()
+    stress = StressConfig()
+    if stress_t:
+        stress = StressConfig(
+            pages=stress_t.int_in("pages", 0, 1 << 20, default=8),
+            rate_hz=stress_t.int_in("rate_hz", 0, 1_000_000, default=0),
+            working_set=stress_t.int_in("working_set", 0, 1 << 24, default=0),
+        )
+        stress_t.finish()
+    if disk and disk.size_mib * 2048 > (1 << 40):
+        raise ConfigError("'disk.size_mib' is too large")
+    return VmConfig(name=name, memory_mib=memory, image=image, source=source, disk=disk,
+                    net=net, replication=repl, policy=policy, stress=stress)
+
+
+def load_config(path: str | Path) -> VmConfig:
+    """Read and validate a config file; raises ConfigError naming the file and the key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return parse_config(data, source=path.resolve())
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,158 @@
+"""Block backend: the guest's disk is a file on the host.
+
+A write is answered only once it is durable (pwrite + fdatasync), because
+the guest replies to its clients on that answer. A full host disk is an
+ENOSPC answer to the guest, never a corrupted image: the guest's own log
+discards an unacknowledged torn record.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import KemariError
+from ..kvm.machine import Machine
+from ..native import lib
+from .rings import BackendRing
+
+log = logging.getLogger(__name__)
+
+SECTOR = lib.KEMARI_BLK_SECTOR_SIZE
+OP_READ, OP_WRITE, OP_FLUSH = (lib.KEMARI_BLK_OP_READ, lib.KEMARI_BLK_OP_WRITE,
+                               lib.KEMARI_BLK_OP_FLUSH)
+OK, EIO, ENOSPC, EINVAL = (lib.KEMARI_STATUS_OK, lib.KEMARI_STATUS_EIO,
+                          lib.KEMARI_STATUS_ENOSPC, lib.KEMARI_STATUS_EINVAL)
+
+# Called with (sector, payload) for every write about to be performed; the
+# replication engine uses it to ship replicated-disk payloads.
+WriteObserver = Callable[[int, bytes], None]
+
+
+def open_disk_image(path: Path, size_mib: int) -> int:
+    """Open (creating a sparse file of size_mib if absent) and lock the image."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise KemariError(f"disk {path}: cannot open: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise KemariError(f"disk {path}: in use by another Kemari process") from exc
+    if os.fstat(fd).st_size == 0:
+        os.ftruncate(fd, size_mib << 20)
+    return fd
+
+
+class BlockBackend:
+    """Serves the block ring at KEMARI_BLK_RING_GPA from an image file."""
+
+    name = "blk"
+
+    def __init__(self, machine: Machine, path: Path, size_mib: int) -> None:
+        self.machine = machine
+        self.path = path
+        self.fd = open_disk_image(path, size_mib)
+        self.sectors = os.fstat(self.fd).st_size // SECTOR
+        self.ring = BackendRing(machine, lib.KEMARI_BLK_RING_GPA, "struct kemari_blk_ring *")
+        self.write_observer: WriteObserver | None = None
+        self.stats = {"reads": 0, "writes": 0, "flushes": 0, "errors": 0, "bytes_written": 0}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # Device interface -----------------------------------------------------
+    def state(self) -> dict:
+        return {}
+
+    def restore_state(self, state: dict) -> None:
+        pass
+
+    def attach(self) -> int:
+        """Redo what was in flight when the snapshot was taken (writes are idempotent)."""
+        return self.process()
+
+    def has_work(self) -> bool:
+        return self.ring.unanswered() > 0
+
+    def pending_writes(self) -> list[tuple[int, bytes]]:
+        """(sector, payload) of every valid write request in flight, for replication."""
+        writes = []
+        for _idx, req in self.ring.requests():
+            if req.op == OP_WRITE and self._valid(req.sector, req.nr_sectors, req.buf_gpa):
+                n = req.nr_sectors * SECTOR
+                writes.append((req.sector, self.machine.read(req.buf_gpa, n)))
+        return writes
+
+    def process(self) -> int:
+        """Answer every unanswered request; returns how many were answered."""
+        batch = [(idx, req.id, req.op, req.sector, req.nr_sectors, req.buf_gpa)
+                 for idx, req in self.ring.requests()]
+        if not batch:
+            return 0
+        statuses = [self._do(op, sector, n, gpa) for _i, _id, op, sector, n, gpa in batch]
+        if any(op == OP_WRITE and st == OK for (_i, _id, op, *_r), st in zip(batch, statuses,
+                                                                            strict=True)):
+            sync = self._sync()
+            if sync != OK:   # nothing in this batch is durable: say so for every write
+                statuses = [sync if b[2] in (OP_WRITE, OP_FLUSH) else st
+                            for b, st in zip(batch, statuses, strict=True)]
+        for (idx, req_id, op, *_rest), status in zip(batch, statuses, strict=True):
+            rsp = self.ring.response_slot(idx)
+            rsp.id, rsp.op, rsp.status = req_id, op, status
+            if status != OK:
+                self.stats["errors"] += 1
+        self.ring.publish(len(batch))
+        return len(batch)
+
+    # Internals --------------------------------------------------------------
+    def _valid(self, sector: int, n: int, gpa: int) -> bool:
+        size = n * SECTOR
+        return (0 < n <= lib.KEMARI_BLK_MAX_SECTORS and sector + n <= self.sectors
+                and gpa + size <= self.machine.mem_bytes)
+
+    def _do(self, op: int, sector: int, n: int, gpa: int) -> int:
+        if op == OP_FLUSH:
+            self.stats["flushes"] += 1
+            return self._sync()
+        if op not in (OP_READ, OP_WRITE) or not self._valid(sector, n, gpa):
+            return EINVAL
+        size, offset = n * SECTOR, sector * SECTOR
+        buf = self.machine.mem[gpa : gpa + size]
+        try:
+            if op == OP_READ:
+                got = os.preadv(self.fd, [buf], offset)
+                if got < size:
+                    buf[got:] = bytes(size - got)
+                self.machine.mark_dirty(gpa, size)
+                self.stats["reads"] += 1
+            else:
+                if self.write_observer is not None:
+                    self.write_observer(sector, bytes(buf))
+                done = 0
+                while done < size:
+                    done += os.pwrite(self.fd, buf[done:], offset + done)
+                self.stats["writes"] += 1
+                self.stats["bytes_written"] += size
+        except OSError as exc:
+            return self._error(exc)
+        return OK
+
+    def _sync(self) -> int:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            return self._error(exc)
+        return OK
+
+    def _error(self, exc: OSError) -> int:
+        log.warning("disk %s: %s", self.path, exc.strerror)
+        return ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EIO

@@ -1,0 +1,1 @@
+"""The kvm hypervisor driver: Kemari's own micro-VMM on /dev/kvm."""

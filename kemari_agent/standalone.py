@@ -1,0 +1,98 @@
+"""`kemari run`: one unprotected guest in the foreground.
+
+Wires the pieces together (VMM, control socket, signals, pid file); the
+replicated daemon of `kemari start` reuses the same pieces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from . import paths, snapshot
+from .config import VmConfig
+from .control import ControlServer
+from .errors import KemariError
+from .vmm import Vmm
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def signals_to_main_thread():
+    """Threads started inside inherit a mask without SIGINT/SIGTERM, so those
+    signals reach the loop thread and interrupt KVM_RUN there."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def write_pid_file(name: str) -> Path:
+    path = paths.pid_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(f"{os.getpid()}\n")
+    return path
+
+
+def status(vmm: Vmm) -> dict:
+    return {
+        "name": vmm.config.name, "pid": os.getpid(), "role": "primary", "state": "standalone",
+        "peer": None, "generation": 0, "checkpoint_seq": 0, "last_checkpoint_age_ms": None,
+        "checkpoints": 0, "bytes_sent": 0, "bytes_received": 0,
+        "latency_us": {"p50": None, "p99": None}, "vm": vmm.stats(),
+        "console_tail": vmm.console.tail(5),
+    }
+
+
+def handler(vmm: Vmm):
+    def handle(req: dict) -> dict:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **status(vmm)}
+        if cmd == "save":
+            target = Path(str(req.get("path", "")))
+            if not target.is_absolute():
+                raise KemariError("save needs an absolute path")
+            snap = vmm.call_in_loop(lambda: snapshot.capture(vmm))
+            snapshot.write(snap, target)
+            return {"ok": True, "path": str(target), "pages": len(snap.pfns)}
+        if cmd == "stop":
+            vmm.request_stop()
+            return {"ok": True}
+        raise KemariError(f"unknown command {cmd!r}")
+    return handle
+
+
+def run(config: VmConfig, restore: Path | None = None) -> int:
+    """Boot (or restore) the guest and serve it until it stops; returns the exit code."""
+    snap = snapshot.read(restore) if restore is not None else None
+    with signals_to_main_thread():
+        vmm = Vmm.create(config)
+        try:
+            server = ControlServer(paths.socket_path(config.name), handler(vmm))
+        except BaseException:
+            vmm.close()
+            raise
+    pid_file = write_pid_file(config.name)
+    previous = {s: signal.signal(s, lambda *_: vmm.request_stop()) for s in STOP_SIGNALS}
+    try:
+        if snap is not None:
+            snapshot.apply(vmm, snap)
+            log.info("%s: restored from %s (%d pages)", config.name, restore, len(snap.pfns))
+        else:
+            vmm.cold_boot()
+            log.info("%s: booted image %s with %d MiB", config.name, config.image,
+                     config.memory_mib)
+        return vmm.run()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        server.close()
+        pid_file.unlink(missing_ok=True)
+        vmm.close()

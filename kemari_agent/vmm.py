@@ -1,0 +1,286 @@
+"""The run loop: one vCPU, its exits, its devices.
+
+Every exit is handled in one place (`_handle_io`). The doorbell exits are
+the events Kemari taps: `tap_hook` is called with the vCPU stopped at the
+doorbell and the requests still unanswered in the ring; only when it
+returns does the backend perform the I/O. Unprotected (`kemari run`) the
+hook is None; the replication engine installs its checkpoint there.
+
+Other threads (the control socket) never touch the VM directly: they hand
+a function to `call_in_loop`, which runs it at the next point where the
+vCPU is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import select
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import VmConfig
+from .devices.block import BlockBackend
+from .devices.console import Console
+from .devices.forward import ForwardPort
+from .devices.net import NetBackend
+from .devices.tap import TapPort
+from .errors import GuestCrashed, KemariError
+from .images import load_image_bytes
+from .kvm import boot as kboot
+from .kvm.machine import (
+    EXIT_IO,
+    EXIT_KICKED,
+    EXIT_NAMES,
+    Machine,
+)
+from .native import lib
+
+log = logging.getLogger(__name__)
+
+PORT_CONSOLE = lib.KEMARI_PORT_CONSOLE
+PORT_BLK = lib.KEMARI_PORT_BLK_NOTIFY
+PORT_NET = lib.KEMARI_PORT_NET_NOTIFY
+PORT_BLOCK = lib.KEMARI_PORT_BLOCK
+PORT_EXIT = lib.KEMARI_PORT_EXIT
+
+Device = BlockBackend | NetBackend
+TapHook = Callable[["Vmm", Device], None]
+
+
+@dataclass
+class Counters:
+    exits: int = 0
+    doorbells: int = 0
+    blocks: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Vmm:
+    """A guest with its machine and devices; `run()` serves it until it stops."""
+
+    def __init__(self, config: VmConfig, machine: Machine, block: BlockBackend | None,
+                 net: NetBackend | None) -> None:
+        self.config = config
+        self.machine = machine
+        self.block = block
+        self.net = net
+        self.console = Console(config.name)
+        self.counters = Counters()
+        self.tap_hook: TapHook | None = None
+        self.exit_code: int | None = None
+        self._stop = False
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ---- construction ----------------------------------------------------
+    @classmethod
+    def create(cls, config: VmConfig, with_net: bool = True) -> Vmm:
+        """Machine and backends for `config`; with_net=False leaves the guest's
+        outward identity (TAP / forward) untouched, for a secondary."""
+        machine = Machine(config.memory_mib << 20)
+        block = net = None
+        try:
+            if config.disk is not None:
+                block = BlockBackend(machine, config.disk.path, config.disk.size_mib)
+            if config.net is not None and with_net:
+                net = NetBackend(machine, open_net_port(config))
+        except BaseException:
+            if block is not None:
+                block.close()
+            machine.close()
+            raise
+        return cls(config, machine, block, net)
+
+    def boot_info(self) -> kboot.BootInfo:
+        cfg = self.config
+        args: tuple[int, ...] = ()
+        if cfg.image == "stress":
+            args = (cfg.stress.pages, cfg.stress.rate_hz, cfg.stress.working_set)
+        net = cfg.net
+        return kboot.BootInfo(
+            mac=net.mac if net else b"\x52\x54\x00\x00\x00\x01",
+            address=net.address if net else None,
+            disk_sectors=self.block.sectors if self.block else 0,
+            has_net=net is not None,
+            args=args,
+            cmdline=f"name={cfg.name} image={os.path.basename(cfg.image)}",
+        )
+
+    def cold_boot(self) -> None:
+        kboot.boot(self.machine, load_image_bytes(self.config.image), self.boot_info())
+
+    @property
+    def devices(self) -> list[Device]:
+        return [d for d in (self.block, self.net) if d is not None]
+
+    def device_state(self) -> dict:
+        return {d.name: d.state() for d in self.devices}
+
+    def restore_device_state(self, state: dict) -> None:
+        for d in self.devices:
+            d.restore_state(state.get(d.name, {}))
+
+    def attach_devices(self) -> None:
+        """Take over the guest's rings: redo whatever was in flight."""
+        for d in self.devices:
+            redone = d.attach()
+            if redone:
+                log.info("%s: redid %d request(s) in flight", d.name, redone)
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.close()
+        self.machine.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ---- other threads -----------------------------------------------------
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"!")
+        self.machine.kick()
+
+    def call_in_loop(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """Run fn() in the loop thread with the vCPU stopped; return its result."""
+        fut: Future = Future()
+        self._calls.put((fn, fut))
+        self.wake()
+        return fut.result(timeout)
+
+    def request_stop(self) -> None:
+        self._stop = True
+        self.wake()
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to the caller's thread
+                fut.set_exception(exc)
+
+    # ---- the loop ------------------------------------------------------------
+    def run(self) -> int:
+        """Serve the guest until it powers off (returns its code) or stop is requested."""
+        machine = self.machine
+        while not self._stop:
+            ex = machine.run()
+            self.counters.exits += 1
+            if ex.reason == EXIT_IO:
+                self._handle_io(ex)
+            elif ex.reason == EXIT_KICKED:
+                self._drain_wake()
+                self._run_calls()
+            else:
+                self._crash(ex)
+            if self.exit_code is not None:
+                return self.exit_code
+        self._run_calls()
+        return 0
+
+    def _handle_io(self, ex) -> None:
+        port = ex.io_port
+        if not ex.io_dir:   # `in`: no port of ours is read; float the bus high
+            self.machine.set_in_value((1 << (8 * ex.io_size)) - 1)
+            return
+        if port == PORT_CONSOLE:
+            self.console.put(ex.io_value & 0xFF)
+        elif port == PORT_BLK and self.block is not None:
+            self._doorbell(self.block)
+        elif port == PORT_NET and self.net is not None:
+            self._doorbell(self.net)
+        elif port == PORT_BLOCK:
+            self.counters.blocks += 1
+            self._wait_for_event(ex.io_value)
+        elif port == PORT_EXIT:
+            self.exit_code = ex.io_value & 0xFF
+            log.info("%s: guest powered off (code %d)", self.config.name, self.exit_code)
+
+    def _doorbell(self, device: Device) -> None:
+        self.counters.doorbells += 1
+        if self.tap_hook is not None:
+            self.tap_hook(self, device)
+        device.process()
+
+    def _guest_has_event(self) -> bool:
+        rings = []
+        if self.block is not None:
+            rings.append(self.block.ring)
+        if self.net is not None:
+            rings += [self.net.tx, self.net.rx]
+        return any(r.guest_wants_event() for r in rings)
+
+    def _wait_for_event(self, timeout_us: int) -> None:
+        """The guest is idle: keep it stopped until a ring has news for it."""
+        deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+        fds = [self._wake_r] + ([self.net.fileno()] if self.net is not None else [])
+        while True:
+            if self.net is not None:
+                self.net.receive()
+            if self._guest_has_event():
+                return
+            self._run_calls()
+            if self._stop or self.exit_code is not None:
+                return
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if wait == 0.0:
+                return
+            if self.net is not None and getattr(self.net.port, "has_pending", lambda: False)():
+                wait = 0.0
+            readable, _, _ = select.select(fds, [], [], wait)
+            if self._wake_r in readable:
+                self._drain_wake()
+
+    def _drain_wake(self) -> None:
+        self.machine.clear_kick()
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _crash(self, ex) -> None:
+        what = EXIT_NAMES.get(ex.reason, f"exit {ex.reason}")
+        detail = f" at rip={ex.rip:#x}" if ex.rip else ""
+        if ex.reason == lib.KVMM_EXIT_MMIO:
+            detail += f" (address {ex.mmio_addr:#x}, {'write' if ex.mmio_write else 'read'})"
+        tail = "\n  ".join(self.console.tail(10))
+        raise GuestCrashed(f"guest {self.config.name} stopped: {what}{detail}"
+                           + (f"\n  last console lines:\n  {tail}" if tail else ""))
+
+    # ---- status ----------------------------------------------------------------
+    def stats(self) -> dict:
+        elapsed = max(1e-9, time.monotonic() - self.counters.started)
+        out = {"exits": self.counters.exits, "doorbells": self.counters.doorbells,
+               "blocks": self.counters.blocks,
+               "exits_per_s": round(self.counters.exits / elapsed, 1),
+               "uptime_s": round(elapsed, 3)}
+        for d in self.devices:
+            out[d.name] = dict(d.stats)
+        return out
+
+
+def open_net_port(config: VmConfig) -> TapPort | ForwardPort:
+    net = config.net
+    if net is None:
+        raise KemariError("no [net] section")
+    if net.tap is not None:
+        return TapPort(net.tap, net.bridge)
+    assert net.forward is not None and net.address is not None
+    return ForwardPort(net.forward, net.mac, net.address)
+
+
+def run_in_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    return t

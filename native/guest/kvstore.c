@@ -1,0 +1,160 @@
+/* kvstore.c - open-addressing hash tables over fixed arrays (no allocator). */
+#include "kvstore.h"
+#include "lib.h"
+
+#define KMASK (2 * KV_MAX_KEYS - 1)
+#define IMASK (2 * KV_ID_SLOTS - 1)
+
+static uint32_t hash(const char *p, size_t n)
+{
+	uint32_t h = 2166136261u;
+
+	while (n--) {
+		h ^= (uint8_t)*p++;
+		h *= 16777619u;
+	}
+	return h;
+}
+
+void kvs_init(struct kvstore *s)
+{
+	memset(s, 0, sizeof(*s));
+}
+
+static uint32_t key_slot(const struct kvstore *s, const char *key, size_t klen)
+{
+	uint32_t i = hash(key, klen) & KMASK;
+
+	for (;; i = (i + 1) & KMASK) {
+		uint16_t v = s->khash[i];
+
+		if (!v)
+			return i;
+		if (s->keys[v - 1].key_len == klen && !memcmp(s->keys[v - 1].key, key, klen))
+			return i;
+	}
+}
+
+const struct kv_entry *kvs_get(const struct kvstore *s, const char *key, size_t klen)
+{
+	uint16_t v = s->khash[key_slot(s, key, klen)];
+
+	return v ? &s->keys[v - 1] : 0;
+}
+
+int kvs_set(struct kvstore *s, const char *key, size_t klen, const char *val, size_t vlen)
+{
+	uint32_t i = key_slot(s, key, klen);
+	struct kv_entry *e;
+
+	if (klen == 0 || klen > KV_KEY_MAX || vlen > KV_VAL_MAX)
+		return -1;
+	if (s->khash[i]) {
+		e = &s->keys[s->khash[i] - 1];
+	} else {
+		if (s->nkeys == KV_MAX_KEYS)
+			return -1;
+		e = &s->keys[s->nkeys++];
+		s->khash[i] = (uint16_t)s->nkeys;
+		e->key_len = (uint8_t)klen;
+		memcpy(e->key, key, klen);
+	}
+	e->val_len = (uint8_t)vlen;
+	memcpy(e->val, val, vlen);
+	return 0;
+}
+
+static uint32_t id_slot(const struct kvstore *s, const char *id, size_t idlen)
+{
+	uint32_t i = hash(id, idlen) & IMASK;
+
+	for (;; i = (i + 1) & IMASK) {
+		uint16_t v = s->ihash[i];
+
+		if (!v)
+			return i;
+		if (s->ids[v - 1].id_len == idlen && !memcmp(s->ids[v - 1].id, id, idlen))
+			return i;
+	}
+}
+
+const struct kv_id *kvs_id_find(const struct kvstore *s, const char *id, size_t idlen)
+{
+	uint16_t v = s->ihash[id_slot(s, id, idlen)];
+
+	return v ? &s->ids[v - 1] : 0;
+}
+
+/* Linear-probing delete by backward shift: keeps every chain unbroken. */
+static void id_unhash(struct kvstore *s, uint32_t i)
+{
+	uint32_t j = i;
+
+	for (;;) {
+		uint32_t k;
+		uint16_t v;
+
+		j = (j + 1) & IMASK;
+		v = s->ihash[j];
+		if (!v)
+			break;
+		k = hash(s->ids[v - 1].id, s->ids[v - 1].id_len) & IMASK;
+		/* move v back to the hole at i unless its home k lies in (i, j] */
+		if (i <= j ? (k <= i || k > j) : (k <= i && k > j)) {
+			s->ihash[i] = v;
+			i = j;
+		}
+	}
+	s->ihash[i] = 0;
+}
+
+void kvs_id_add(struct kvstore *s, const char *id, size_t idlen, int op, const char *val,
+		size_t vlen)
+{
+	uint32_t i = id_slot(s, id, idlen);
+	uint32_t idx;
+	struct kv_id *e;
+
+	if (idlen == 0 || idlen > KV_ID_MAX || vlen > KV_VAL_MAX)
+		return;
+	if (s->ihash[i]) {              /* an id reused after eviction was re-executed */
+		e = &s->ids[s->ihash[i] - 1];
+	} else {
+		idx = (uint32_t)(s->nids % KV_ID_SLOTS);
+		if (s->nids >= KV_ID_SLOTS) {
+			e = &s->ids[idx];
+			id_unhash(s, id_slot(s, e->id, e->id_len));
+			i = id_slot(s, id, idlen);
+		}
+		s->nids++;
+		e = &s->ids[idx];
+		s->ihash[i] = (uint16_t)(idx + 1);
+		e->id_len = (uint8_t)idlen;
+		memcpy(e->id, id, idlen);
+	}
+	e->op = (uint8_t)op;
+	e->val_len = (uint8_t)vlen;
+	if (vlen)
+		memcpy(e->val, val, vlen);
+}
+
+size_t kvs_id_reply(const struct kv_id *e, char *out)
+{
+	size_t n = 0;
+
+	if (e->op == KV_OP_INCR) {
+		memcpy(out, "VAL ", 4);
+		n = 4;
+	} else {
+		memcpy(out, "OK ", 3);
+		n = 3;
+	}
+	memcpy(out + n, e->id, e->id_len);
+	n += e->id_len;
+	if (e->op == KV_OP_INCR) {
+		out[n++] = ' ';
+		memcpy(out + n, e->val, e->val_len);
+		n += e->val_len;
+	}
+	return n;
+}

@@ -1,0 +1,1 @@
+"""Kemari benchmarks: each prints a table and writes JSON under bench/results/."""

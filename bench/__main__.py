@@ -1,0 +1,6 @@
+"""`make bench`: run every benchmark in turn."""
+
+from bench import bench_kv
+
+if __name__ == "__main__":
+    bench_kv.main()

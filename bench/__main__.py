@@ -1,6 +1,7 @@
 """`make bench`: run every benchmark in turn."""
 
-from bench import bench_kv
+from bench import bench_codec, bench_kv
 
 if __name__ == "__main__":
     bench_kv.main()
+    bench_codec.main()

@@ -13,8 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import REPO, percentile, report
 from helpers import KemariProcess, NetLab, kv_config
+
+from bench.common import REPO, percentile, report
 from kemari_agent.kvclient import KvClient, NoReply
 from kemari_agent.kvm.boot import BootInfo, boot
 from kemari_agent.kvm.machine import Machine

@@ -51,6 +51,35 @@ def _save(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start(args: argparse.Namespace) -> int:
+    from .ft.launcher import start
+    config = load_config(args.config)
+    if args.foreground:
+        from .ft.daemon import Daemon
+        return Daemon(config).serve(args.role)
+    status = start(config, Path(args.config).resolve(), args.role)
+    print(f"{status['name']}: {status['role']}, {status['state']} (pid {status['pid']})")
+    return 0
+
+
+def _role_change(verb: str):
+    def run(args: argparse.Namespace) -> int:
+        reply = request(paths.socket_path(args.name), verb, timeout=150)
+        print(f"{args.name}: {reply['role']}, {reply['state']} (generation {reply['generation']})")
+        return 0
+    return run
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .replication.keys import KeyFileError, keygen
+    try:
+        keygen(args.file, overwrite=args.force)
+    except (KeyFileError, FileExistsError, OSError) as exc:
+        raise KemariError(f"keygen {args.file}: {exc}") from exc
+    print(f"wrote replication key {args.file} (mode 0600): copy it to both nodes")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
     return demo_main(args)
@@ -65,6 +94,23 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="VM config file (TOML)")
     r.add_argument("--restore", metavar="FILE", help="resume from a snapshot made by `save`")
     r.set_defaults(func=_run)
+
+    sa = sub.add_parser("start", help="start a VM's daemon (default role: secondary)")
+    sa.add_argument("config", help="VM config file (TOML)")
+    sa.add_argument("--role", choices=("secondary", "primary"), default="secondary")
+    sa.add_argument("--foreground", action="store_true", help="do not detach (debugging)")
+    sa.set_defaults(func=_start)
+
+    for verb, text in (("promote", "secondary -> primary (failover or cold boot)"),
+                       ("demote", "primary -> secondary (final sync + hand-over)")):
+        v = sub.add_parser(verb, help=text)
+        v.add_argument("name")
+        v.set_defaults(func=_role_change(verb))
+
+    k = sub.add_parser("keygen", help="write a new replication key file (mode 0600)")
+    k.add_argument("file")
+    k.add_argument("--force", action="store_true", help="replace an existing file")
+    k.set_defaults(func=_keygen)
 
     s = sub.add_parser("status", help="show a VM's state")
     s.add_argument("name")

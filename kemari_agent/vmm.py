@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .config import VmConfig
 from .devices.block import BlockBackend
@@ -54,6 +54,16 @@ Device = BlockBackend | NetBackend
 TapHook = Callable[["Vmm", Device], None]
 
 
+class Service(Protocol):
+    """Something the loop serves while the guest is stopped (e.g. a replication
+    session): its fd is watched while the guest idles, `service` runs when it is
+    readable, at its deadline, and whenever the loop is kicked."""
+
+    def fileno(self) -> int | None: ...
+    def deadline(self) -> float | None: ...
+    def service(self) -> None: ...
+
+
 @dataclass
 class Counters:
     exits: int = 0
@@ -74,6 +84,7 @@ class Vmm:
         self.console = Console(config.name)
         self.counters = Counters()
         self.tap_hook: TapHook | None = None
+        self.services: list[Service] = []
         self.exit_code: int | None = None
         self._stop = False
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
@@ -158,6 +169,16 @@ class Vmm:
         self._stop = True
         self.wake()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop
+
+    def serve_calls(self, timeout: float) -> None:
+        """Loop thread, guest held stopped: wait a little for calls and serve them."""
+        select.select([self._wake_r], [], [], timeout)
+        self._drain_wake()
+        self._run_calls()
+
     def _run_calls(self) -> None:
         while True:
             try:
@@ -181,6 +202,7 @@ class Vmm:
             elif ex.reason == EXIT_KICKED:
                 self._drain_wake()
                 self._run_calls()
+                self._run_services()
             else:
                 self._crash(ex)
             if self.exit_code is not None:
@@ -223,7 +245,6 @@ class Vmm:
     def _wait_for_event(self, timeout_us: int) -> None:
         """The guest is idle: keep it stopped until a ring has news for it."""
         deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
-        fds = [self._wake_r] + ([self.net.fileno()] if self.net is not None else [])
         while True:
             if self.net is not None:
                 self.net.receive()
@@ -232,14 +253,28 @@ class Vmm:
             self._run_calls()
             if self._stop or self.exit_code is not None:
                 return
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if wait == 0.0:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 return
+            fds = [self._wake_r] + ([self.net.fileno()] if self.net is not None else [])
+            wakeups = [deadline] if deadline is not None else []
+            for svc in self.services:
+                fd, due = svc.fileno(), svc.deadline()
+                if fd is not None:
+                    fds.append(fd)
+                if due is not None:
+                    wakeups.append(due)
+            wait = max(0.0, min(wakeups) - now) if wakeups else None
             if self.net is not None and getattr(self.net.port, "has_pending", lambda: False)():
                 wait = 0.0
             readable, _, _ = select.select(fds, [], [], wait)
             if self._wake_r in readable:
                 self._drain_wake()
+            self._run_services()
+
+    def _run_services(self) -> None:
+        for svc in list(self.services):
+            svc.service()
 
     def _drain_wake(self) -> None:
         self.machine.clear_kick()

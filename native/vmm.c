@@ -47,8 +47,10 @@ struct kvmm {
 
 /* The blob: a fixed header, kernel structs in restore order, MSR entries. */
 struct kvmm_state_hdr {
-    uint32_t magic, version, total_len, nmsrs, xsave_len, reserved[3];
+    uint32_t magic, version, total_len, nmsrs, xsave_len, kind, reserved[2];
 };
+
+#define MSR_IA32_TSC 0x10
 
 static __thread char err_buf[256];
 
@@ -390,6 +392,28 @@ int64_t kvmm_state_size(struct kvmm *vm)
     X(KVM_GET_REGS, KVM_SET_REGS, struct kvm_regs) \
     X(KVM_GET_XCRS, KVM_SET_XCRS, struct kvm_xcrs)
 
+/* sregs, regs, xsave, the TSC: what a CPL-3 guest changes (see vmm.h). */
+static int get_fast_pieces(struct kvmm *vm, uint8_t *p)
+{
+    if (ioctl(vm->vcpu, KVM_GET_SREGS, p) < 0)
+        return fail(errno, "KVM_GET_SREGS");
+    p += sizeof(struct kvm_sregs);
+    if (ioctl(vm->vcpu, KVM_GET_REGS, p) < 0)
+        return fail(errno, "KVM_GET_REGS");
+    p += sizeof(struct kvm_regs);
+    unsigned long xreq = vm->xsave_len > sizeof(struct kvm_xsave) ? KVM_GET_XSAVE2 : KVM_GET_XSAVE;
+    if (ioctl(vm->vcpu, xreq, p) < 0)
+        return fail(errno, "KVM_GET_XSAVE");
+    p += vm->xsave_len;
+    struct { struct kvm_msrs h; struct kvm_msr_entry e; } tsc = {
+        .h.nmsrs = 1, .e.index = MSR_IA32_TSC,
+    };
+    if (ioctl(vm->vcpu, KVM_GET_MSRS, &tsc) != 1)
+        return fail(errno, "KVM_GET_MSRS(TSC)");
+    memcpy(p, &tsc.e, sizeof tsc.e);
+    return 0;
+}
+
 int64_t kvmm_get_state(struct kvmm *vm, uint8_t *buf, uint64_t len)
 {
     int64_t need = kvmm_state_size(vm);
@@ -399,7 +423,7 @@ int64_t kvmm_get_state(struct kvmm *vm, uint8_t *buf, uint64_t len)
     memset(buf, 0, need);
     struct kvmm_state_hdr *h = (struct kvmm_state_hdr *)buf;
     *h = (struct kvmm_state_hdr){ KVMM_STATE_MAGIC, KVMM_STATE_VERSION, (uint32_t)need,
-                                  vm->nmsrs, vm->xsave_len, {0} };
+                                  vm->nmsrs, vm->xsave_len, KVMM_STATE_FULL, {0} };
     uint8_t *p = buf + sizeof *h;
 #define GET(get, set, type) \
     if (ioctl(vm->vcpu, get, p) < 0) return fail(errno, #get); \
@@ -440,6 +464,50 @@ int64_t kvmm_get_state(struct kvmm *vm, uint8_t *buf, uint64_t len)
     return p - buf;
 }
 
+#define FAST_SIZE(xlen) (sizeof(struct kvmm_state_hdr) + sizeof(struct kvm_sregs) \
+    + sizeof(struct kvm_regs) + (xlen) + sizeof(struct kvm_msr_entry))
+
+int64_t kvmm_get_state_fast(struct kvmm *vm, uint8_t *buf, uint64_t len)
+{
+    uint64_t need = FAST_SIZE(vm->xsave_len);
+    if (len < need)
+        return fail(ENOSPC, "state buffer too small");
+    struct kvmm_state_hdr *h = (struct kvmm_state_hdr *)buf;
+    *h = (struct kvmm_state_hdr){ KVMM_STATE_MAGIC, KVMM_STATE_VERSION, (uint32_t)need,
+                                  1, vm->xsave_len, KVMM_STATE_FAST, {0} };
+    int r = get_fast_pieces(vm, buf + sizeof *h);
+    return r < 0 ? r : (int64_t)need;
+}
+
+static int set_state_fast(struct kvmm *vm, const struct kvmm_state_hdr *h, uint64_t len)
+{
+    if (h->nmsrs != 1 || h->xsave_len > 1u << 20 || len != FAST_SIZE(h->xsave_len)
+        || h->total_len != len)
+        return fail(0, "fast vCPU state blob is malformed");
+    const uint8_t *p = (const uint8_t *)(h + 1);
+    if (ioctl(vm->vcpu, KVM_SET_SREGS, p) < 0)
+        return fail(errno, "KVM_SET_SREGS");
+    p += sizeof(struct kvm_sregs);
+    if (ioctl(vm->vcpu, KVM_SET_REGS, p) < 0)
+        return fail(errno, "KVM_SET_REGS");
+    p += sizeof(struct kvm_regs);
+    uint32_t xlen = vm->xsave_len > h->xsave_len ? vm->xsave_len : h->xsave_len;
+    uint8_t *x = calloc(1, xlen);
+    if (!x)
+        return fail(ENOMEM, "xsave");
+    memcpy(x, p, h->xsave_len);
+    int r = ioctl(vm->vcpu, KVM_SET_XSAVE, x);
+    free(x);
+    if (r < 0)
+        return fail(errno, "KVM_SET_XSAVE");
+    p += h->xsave_len;
+    struct { struct kvm_msrs h; struct kvm_msr_entry e; } tsc = { .h.nmsrs = 1 };
+    memcpy(&tsc.e, p, sizeof tsc.e);
+    if (tsc.e.index != MSR_IA32_TSC || ioctl(vm->vcpu, KVM_SET_MSRS, &tsc) != 1)
+        return fail(errno, "KVM_SET_MSRS(TSC)");
+    return 0;
+}
+
 int kvmm_set_state(struct kvmm *vm, const uint8_t *buf, uint64_t len)
 {
     const struct kvmm_state_hdr *h = (const struct kvmm_state_hdr *)buf;
@@ -448,6 +516,10 @@ int kvmm_set_state(struct kvmm *vm, const uint8_t *buf, uint64_t len)
     if (h->version != KVMM_STATE_VERSION)
         return fail(0, "vCPU state version %u, this build reads %u", h->version,
                     KVMM_STATE_VERSION);
+    if (h->kind == KVMM_STATE_FAST)
+        return set_state_fast(vm, h, len);
+    if (h->kind != KVMM_STATE_FULL)
+        return fail(0, "vCPU state blob of unknown kind %u", h->kind);
     if (h->total_len != len || h->xsave_len > 1u << 20 || h->nmsrs > MAX_MSRS)
         return fail(0, "vCPU state blob is malformed (length %llu, header says %u)",
                     (unsigned long long)len, h->total_len);
@@ -533,8 +605,9 @@ void kvmm_mark_dirty(struct kvmm *vm, uint64_t gpa, uint64_t len)
     if (!len || gpa >= vm->mem_bytes)
         return;
     uint64_t last = gpa + len - 1 < vm->mem_bytes ? gpa + len - 1 : vm->mem_bytes - 1;
+    /* Atomic: a full-sync thread may harvest while the loop thread writes. */
     for (uint64_t pfn = gpa / KEMARI_PAGE_SIZE; pfn <= last / KEMARI_PAGE_SIZE; pfn++)
-        vm->vmm_bitmap[pfn / 64] |= 1ULL << (pfn % 64);
+        __atomic_fetch_or(&vm->vmm_bitmap[pfn / 64], 1ULL << (pfn % 64), __ATOMIC_RELAXED);
 }
 
 int kvmm_write(struct kvmm *vm, uint64_t gpa, const void *src, uint64_t len)
@@ -568,8 +641,8 @@ int64_t kvmm_dirty_harvest(struct kvmm *vm, uint64_t *pfns, uint64_t max)
     }
     uint64_t count = 0;
     for (uint64_t w = 0; w < vm->bitmap_words; w++) {
-        vm->pending_bitmap[w] |= vm->kvm_bitmap[w] | vm->vmm_bitmap[w];
-        vm->vmm_bitmap[w] = 0;
+        vm->pending_bitmap[w] |= vm->kvm_bitmap[w]
+            | __atomic_exchange_n(&vm->vmm_bitmap[w], 0, __ATOMIC_RELAXED);
         count += __builtin_popcountll(vm->pending_bitmap[w]);
     }
     if (count > max)

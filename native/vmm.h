@@ -41,6 +41,8 @@ struct kvmm_exit {
 
 #define KVMM_STATE_MAGIC        0x5550434b  /* "KCPU" */
 #define KVMM_STATE_VERSION      1
+#define KVMM_STATE_FULL         0
+#define KVMM_STATE_FAST         1
 
 struct kvmm *kvmm_create(uint64_t mem_bytes);
 const char *kvmm_error(void);
@@ -65,6 +67,12 @@ int kvmm_complete_pending(struct kvmm *vm);
 /* Full vCPU state as one versioned blob. */
 int64_t kvmm_state_size(struct kvmm *vm);
 int64_t kvmm_get_state(struct kvmm *vm, uint8_t *buf, uint64_t len);
+/* The part of the vCPU state a CPL-3 guest can change (GPRs, RIP, RFLAGS,
+ * segments, x87/SSE/AVX, TSC): a quarter of the cost of the full blob, for
+ * checkpoints. Applied on top of the last full blob it gives the full state,
+ * because everything else needs CPL 0 to change. */
+int64_t kvmm_get_state_fast(struct kvmm *vm, uint8_t *buf, uint64_t len);
+/* Takes a full or a fast blob. */
 int kvmm_set_state(struct kvmm *vm, const uint8_t *buf, uint64_t len);
 
 /* Dirty tracking: KVM's log (manual protect + clear) merged with the pages

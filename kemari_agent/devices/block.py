@@ -55,10 +55,11 @@ class BlockBackend:
 
     name = "blk"
 
-    def __init__(self, machine: Machine, path: Path, size_mib: int) -> None:
+    def __init__(self, machine: Machine, path: Path, size_mib: int, fd: int | None = None) -> None:
+        """`fd`: an image already opened (and locked) with open_disk_image."""
         self.machine = machine
         self.path = path
-        self.fd = open_disk_image(path, size_mib)
+        self.fd = fd if fd is not None else open_disk_image(path, size_mib)
         self.sectors = os.fstat(self.fd).st_size // SECTOR
         self.ring = BackendRing(machine, lib.KEMARI_BLK_RING_GPA, "struct kemari_blk_ring *")
         self.write_observer: WriteObserver | None = None

@@ -112,7 +112,16 @@ class Machine:
         n = _check(lib.kvmm_get_state(self._vm, buf, self._state_size), "saving vCPU state")
         return bytes(ffi.buffer(buf, n))
 
+    def get_vcpu_state_fast(self) -> bytes:
+        """Only what a CPL-3 guest can change (native/vmm.h): for checkpoints,
+        applied on top of a full blob."""
+        self.complete_pending()
+        buf = ffi.new("uint8_t[]", self._state_size)
+        n = _check(lib.kvmm_get_state_fast(self._vm, buf, self._state_size), "saving vCPU state")
+        return bytes(ffi.buffer(buf, n))
+
     def set_vcpu_state(self, blob: bytes) -> None:
+        """Load a full blob, or a fast one on top of the full one loaded before."""
         _check(lib.kvmm_set_state(self._vm, blob, len(blob)), "restoring vCPU state")
 
     # ---- dirty tracking ------------------------------------------------

@@ -8,10 +8,10 @@
 
 #define RING ((volatile struct kemari_blk_ring *)KEMARI_BLK_RING_GPA)
 
-static uint32_t rsp_cons;
-static uint64_t next_id = 1;
-static uint64_t nsectors;
-static int present;
+static HOT uint32_t rsp_cons;
+static HOT uint64_t last_id;
+static HOT uint64_t nsectors;
+static HOT int present;
 
 int blk_init(uint64_t sectors)
 {
@@ -42,7 +42,7 @@ static int blk_one(uint8_t op, uint64_t sector, void *buf, uint32_t nsec)
 {
 	volatile struct kemari_blk_request *req;
 	uint32_t prod = RING->hdr.req_prod;
-	uint64_t id = next_id++;
+	uint64_t id = ++last_id;
 	int status = KEMARI_STATUS_EIO;
 
 	req = &RING->slot[prod % KEMARI_RING_SIZE].req;

@@ -6,7 +6,8 @@
 
 const volatile struct kemari_boot_info *boot_info =
 	(const volatile struct kemari_boot_info *)KEMARI_BOOT_INFO_GPA;
-struct netif guest_nif;
+HOT struct netif guest_nif;
+struct guest_stats guest_stats __attribute__((section(".bss.stats")));
 
 static uint8_t *nif_tx_alloc(void *ctx)
 {

@@ -7,9 +7,9 @@
 #include "net.h"
 #include "../kemari_abi.h"
 
-/* Fixed statistics block (free guest page between the rings and the page
- * tables). Little-endian u64s after the magic; read it from a snapshot or
- * from guest memory. */
+/* Fixed statistics block (a free guest page between the rings and the page
+ * tables; the hot small variables follow it in the same page). Little-endian
+ * u64s after the magic; read it from a snapshot or from guest memory. */
 #define GUEST_STATS_GPA    0x6000
 #define GUEST_STATS_MAGIC  0x4154534bu     /* "KSTA" */
 
@@ -24,7 +24,9 @@ struct guest_stats {
 	uint64_t tx_frames;
 };
 
-#define STATS ((volatile struct guest_stats *)GUEST_STATS_GPA)
+/* the block itself (link.ld places it at GUEST_STATS_GPA) */
+extern struct guest_stats guest_stats;
+#define STATS ((volatile struct guest_stats *)&guest_stats)
 
 extern const volatile struct kemari_boot_info *boot_info;
 extern struct netif guest_nif;

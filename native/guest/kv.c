@@ -84,9 +84,9 @@ static int snapshot(void *ctx, struct kvlog *log)
 		if (rc)
 			return rc;
 	}
-	first = s->nids > KV_ID_SLOTS ? s->nids - KV_ID_SLOTS : 0;
-	for (i = first; i < s->nids; i++) {         /* oldest first: same FIFO order */
-		const struct kv_id *e = &s->ids[i % KV_ID_SLOTS];
+	first = s->upd.n > KV_ID_SLOTS ? s->upd.n - KV_ID_SLOTS : 0;
+	for (i = first; i < s->upd.n; i++) {        /* oldest first: same FIFO order */
+		const struct kv_id *e = &s->upd.ids[i % KV_ID_SLOTS];
 
 		memset(&r, 0, sizeof(r));
 		r.op = e->op == KV_OP_INCR ? KVREC_INCR : KVREC_PUT;
@@ -164,6 +164,9 @@ static void do_get(struct kv_server *kv, const struct udp_peer *from, const stru
 		reply_id(kv, from, "VAL", r->id, r->id_len, e->val, e->val_len);
 	else
 		reply_id(kv, from, "NONE", r->id, r->id_len, 0, 0);
+	/* a retried GET id gets this same reply (memory only: a GET changes
+	 * nothing, so after a reboot executing it again is harmless) */
+	kvs_read_add(&kv->store, r->id, r->id_len, e ? e->val : 0, e ? e->val_len : 0);
 }
 
 static void do_update(struct kv_server *kv, const struct udp_peer *from, const struct kv_req *r)

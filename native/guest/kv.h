@@ -25,14 +25,15 @@ struct kv_stats {
 };
 
 struct kv_server {
-	struct kvstore store;
-	struct kvlog log;
+	/* written on every request: kept together, in front of the tables */
 	int have_disk;
 	int npend;
-	struct kv_pending pend[KV_BATCH_MAX];
 	void *ctx;
 	void (*send)(void *ctx, const struct udp_peer *to, const char *msg, size_t len);
 	struct kv_stats st;
+	struct kvlog log;
+	struct kv_pending pend[KV_BATCH_MAX];
+	struct kvstore store;
 };
 
 void kv_init(struct kv_server *kv, void *ctx,

@@ -39,6 +39,8 @@ static void publish_stats(void)
 
 int guest_main(void)
 {
+	uint64_t compactions = 0;
+
 	if (guest_boot("kv", 1))
 		return 1;
 	kv_init(&kv, 0, kv_send);
@@ -72,6 +74,14 @@ int guest_main(void)
 		int n = guest_net_poll(KEMARI_RING_SIZE);
 
 		kv_commit(&kv);
+		if (kv.log.compactions != compactions) {
+			compactions = kv.log.compactions;
+			con_puts("kv: log compacted into half ");
+			con_u64(kv.log.active);
+			con_puts(" (generation ");
+			con_u64(kv.log.gen);
+			con_puts(")\n");
+		}
 		net_tx_kick();
 		net_tx_reap();
 		publish_stats();

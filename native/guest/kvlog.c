@@ -257,10 +257,23 @@ done:
 
 /* ---- encoding into iobuf ------------------------------------------------ */
 
+/* Sectors are zeroed only as the encoder reaches them: a one-sector batch
+ * dirties one page of iobuf, not all 64 KiB (each dirty page is checkpoint
+ * cost under Kemari). */
 static void enc_reset(struct kvlog *log)
 {
-	memset(iobuf, 0, sizeof(iobuf));
 	log->enc_off = 0;
+	log->enc_zeroed = 0;
+}
+
+static void enc_zero_to(struct kvlog *log, size_t end)
+{
+	if (end > log->enc_zeroed) {
+		size_t to = (end + KVLOG_SECTOR - 1) / KVLOG_SECTOR * KVLOG_SECTOR;
+
+		memset(iobuf + log->enc_zeroed, 0, to - log->enc_zeroed);
+		log->enc_zeroed = to;
+	}
 }
 
 /* Place r (seq assigned here) in iobuf without straddling a sector. */
@@ -273,6 +286,7 @@ static int enc_add(struct kvlog *log, struct kvrec *r)
 		off = (off + KVLOG_SECTOR - 1) / KVLOG_SECTOR * KVLOG_SECTOR;
 	if (off + len > sizeof(iobuf))
 		return -1;
+	enc_zero_to(log, off + len);
 	r->seq = log->next_seq;
 	kvlog_encode(iobuf + off, r, &log->chain);
 	log->next_seq++;
@@ -328,8 +342,6 @@ int kvlog_snap_add(struct kvlog *log, const struct kvrec *rin)
 static int compact(struct kvlog *log, uint32_t batch_sectors, kvlog_snapshot_fn snap, void *ctx)
 {
 	struct sb s;
-	struct kvrec m;
-	char mbuf[20];
 	uint32_t n;
 	int rc;
 
@@ -338,12 +350,10 @@ static int compact(struct kvlog *log, uint32_t batch_sectors, kvlog_snapshot_fn 
 	log->snap_pos = 0;
 	log->snap_err = 0;
 	enc_reset(log);
+	/* The snapshot depends on the live state, start_seq and start_chain
+	 * only, so redoing it after a failed superblock write rewrites the
+	 * very same bytes over a snapshot that may already be in force. */
 	rc = snap ? snap(ctx, log) : 0;
-	if (!rc) {
-		/* the snapshot carries the mark counter forward */
-		mark_rec(log, &m, mbuf, log->marks);
-		rc = kvlog_snap_add(log, &m);
-	}
 	if (!rc) {
 		n = enc_sectors(log);
 		if (log->snap_pos + n + batch_sectors > log->half_sectors)

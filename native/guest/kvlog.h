@@ -64,7 +64,7 @@ struct kvlog {
 	int formatted;
 	/* compaction scratch */
 	uint64_t snap_pos;
-	size_t enc_off;
+	size_t enc_off, enc_zeroed;
 	int snap_err;
 };
 

@@ -64,29 +64,36 @@ int kvs_set(struct kvstore *s, const char *key, size_t klen, const char *val, si
 	return 0;
 }
 
-static uint32_t id_slot(const struct kvstore *s, const char *id, size_t idlen)
+static uint32_t id_slot(const struct kv_idtab *t, const char *id, size_t idlen)
 {
 	uint32_t i = hash(id, idlen) & IMASK;
 
 	for (;; i = (i + 1) & IMASK) {
-		uint16_t v = s->ihash[i];
+		uint16_t v = t->hash[i];
 
 		if (!v)
 			return i;
-		if (s->ids[v - 1].id_len == idlen && !memcmp(s->ids[v - 1].id, id, idlen))
+		if (t->ids[v - 1].id_len == idlen && !memcmp(t->ids[v - 1].id, id, idlen))
 			return i;
 	}
 }
 
+static const struct kv_id *idtab_find(const struct kv_idtab *t, const char *id, size_t idlen)
+{
+	uint16_t v = t->hash[id_slot(t, id, idlen)];
+
+	return v ? &t->ids[v - 1] : 0;
+}
+
 const struct kv_id *kvs_id_find(const struct kvstore *s, const char *id, size_t idlen)
 {
-	uint16_t v = s->ihash[id_slot(s, id, idlen)];
+	const struct kv_id *e = idtab_find(&s->upd, id, idlen);
 
-	return v ? &s->ids[v - 1] : 0;
+	return e ? e : idtab_find(&s->reads, id, idlen);
 }
 
 /* Linear-probing delete by backward shift: keeps every chain unbroken. */
-static void id_unhash(struct kvstore *s, uint32_t i)
+static void id_unhash(struct kv_idtab *t, uint32_t i)
 {
 	uint32_t j = i;
 
@@ -95,40 +102,40 @@ static void id_unhash(struct kvstore *s, uint32_t i)
 		uint16_t v;
 
 		j = (j + 1) & IMASK;
-		v = s->ihash[j];
+		v = t->hash[j];
 		if (!v)
 			break;
-		k = hash(s->ids[v - 1].id, s->ids[v - 1].id_len) & IMASK;
+		k = hash(t->ids[v - 1].id, t->ids[v - 1].id_len) & IMASK;
 		/* move v back to the hole at i unless its home k lies in (i, j] */
 		if (i <= j ? (k <= i || k > j) : (k <= i && k > j)) {
-			s->ihash[i] = v;
+			t->hash[i] = v;
 			i = j;
 		}
 	}
-	s->ihash[i] = 0;
+	t->hash[i] = 0;
 }
 
-void kvs_id_add(struct kvstore *s, const char *id, size_t idlen, int op, const char *val,
-		size_t vlen)
+static void idtab_add(struct kv_idtab *t, const char *id, size_t idlen, int op, const char *val,
+		      size_t vlen)
 {
-	uint32_t i = id_slot(s, id, idlen);
+	uint32_t i = id_slot(t, id, idlen);
 	uint32_t idx;
 	struct kv_id *e;
 
 	if (idlen == 0 || idlen > KV_ID_MAX || vlen > KV_VAL_MAX)
 		return;
-	if (s->ihash[i]) {              /* an id reused after eviction was re-executed */
-		e = &s->ids[s->ihash[i] - 1];
+	if (t->hash[i]) {               /* an id reused after eviction was re-executed */
+		e = &t->ids[t->hash[i] - 1];
 	} else {
-		idx = (uint32_t)(s->nids % KV_ID_SLOTS);
-		if (s->nids >= KV_ID_SLOTS) {
-			e = &s->ids[idx];
-			id_unhash(s, id_slot(s, e->id, e->id_len));
-			i = id_slot(s, id, idlen);
+		idx = (uint32_t)(t->n % KV_ID_SLOTS);
+		if (t->n >= KV_ID_SLOTS) {
+			e = &t->ids[idx];
+			id_unhash(t, id_slot(t, e->id, e->id_len));
+			i = id_slot(t, id, idlen);
 		}
-		s->nids++;
-		e = &s->ids[idx];
-		s->ihash[i] = (uint16_t)(idx + 1);
+		t->n++;
+		e = &t->ids[idx];
+		t->hash[i] = (uint16_t)(idx + 1);
 		e->id_len = (uint8_t)idlen;
 		memcpy(e->id, id, idlen);
 	}
@@ -138,20 +145,37 @@ void kvs_id_add(struct kvstore *s, const char *id, size_t idlen, int op, const c
 		memcpy(e->val, val, vlen);
 }
 
+void kvs_id_add(struct kvstore *s, const char *id, size_t idlen, int op, const char *val,
+		size_t vlen)
+{
+	idtab_add(&s->upd, id, idlen, op, val, vlen);
+}
+
+void kvs_read_add(struct kvstore *s, const char *id, size_t idlen, const char *val, size_t vlen)
+{
+	idtab_add(&s->reads, id, idlen, val ? KV_OP_GET : KV_REPLY_NONE, val, val ? vlen : 0);
+}
+
 size_t kvs_id_reply(const struct kv_id *e, char *out)
 {
-	size_t n = 0;
+	size_t n;
 
-	if (e->op == KV_OP_INCR) {
-		memcpy(out, "VAL ", 4);
-		n = 4;
-	} else {
+	switch (e->op) {
+	case KV_OP_PUT:
 		memcpy(out, "OK ", 3);
 		n = 3;
+		break;
+	case KV_REPLY_NONE:
+		memcpy(out, "NONE ", 5);
+		n = 5;
+		break;
+	default:                        /* INCR, GET */
+		memcpy(out, "VAL ", 4);
+		n = 4;
 	}
 	memcpy(out + n, e->id, e->id_len);
 	n += e->id_len;
-	if (e->op == KV_OP_INCR) {
+	if (e->op == KV_OP_INCR || e->op == KV_OP_GET) {
 		out[n++] = ' ';
 		memcpy(out + n, e->val, e->val_len);
 		n += e->val_len;

@@ -6,6 +6,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Small, often-written guest variables share one page with the stats
+ * block (link.ld: .bss.hot at GUEST_STATS_GPA), so a checkpoint after an
+ * event carries one page for all of them instead of one per file. */
+#ifdef HOST_TEST
+#define HOT
+#else
+#define HOT __attribute__((section(".bss.hot")))
+#endif
+
 #ifdef HOST_TEST
 #include <string.h>
 #else

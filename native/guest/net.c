@@ -93,7 +93,7 @@ static void arp_input(struct netif *nif, const uint8_t *a, size_t len)
 static uint8_t *ip_header(struct netif *nif, uint8_t *f, const uint8_t *dst_mac, uint32_t dst_ip,
 			  uint8_t proto, size_t payload_len)
 {
-	static uint16_t ident;
+	static HOT uint16_t ident;
 	uint8_t *ip = eth_header(f, dst_mac, nif->mac, ETH_P_IP);
 
 	ip[0] = 0x45;

@@ -11,11 +11,11 @@
 
 static uint8_t tx_buf[NBUF][KEMARI_NET_BUF_SIZE] __attribute__((aligned(4096)));
 static uint8_t rx_buf[NBUF][KEMARI_NET_BUF_SIZE] __attribute__((aligned(4096)));
-static uint32_t tx_rsp_cons, rx_rsp_cons;
-static uint32_t tx_pushed_unkicked;     /* req_prod when we last rang the doorbell */
-static uint8_t tx_free[NBUF];
-static int tx_nfree;
-static int present;
+static HOT uint32_t tx_rsp_cons, rx_rsp_cons;
+static HOT uint32_t tx_pushed_unkicked;         /* req_prod when we last rang the doorbell */
+static HOT uint8_t tx_free[NBUF];
+static HOT int tx_nfree;
+static HOT int present;
 
 static void rx_post(uint32_t idx)
 {

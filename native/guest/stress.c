@@ -13,7 +13,7 @@
 #include "lib.h"
 
 #define STACK_RESERVE   (1u << 20)
-#define PROGRESS_EVERY  100000
+#define PROGRESS_EVERY  50000
 #define ROTATE_SECTORS  2048
 #define DISCARD_PORT    9
 
@@ -129,10 +129,19 @@ int guest_main(void)
 			con_puts(" events\n");
 		}
 		if (rate && tpu) {
-			uint64_t due = t0 + n * (tpu * 1000000 / rate), now = rdtsc();
+			uint64_t period = tpu * 1000000 / rate, due = t0 + n * period, now = rdtsc();
 
-			if (now < due)
-				wait_events(0, (uint32_t)((due - now) / tpu) ? : 1);
+			if (now < due) {
+				uint64_t us = (due - now) / tpu;
+
+				/* the TSC may jump after a restore on another host:
+				 * never sleep more than two periods at a time */
+				if (us > 2 * 1000000 / rate)
+					us = 2 * 1000000 / rate;
+				wait_events(0, (uint32_t)(us ? us : 1));
+			} else if (now - due > tpu * 1000000) {
+				t0 = now - n * period;      /* > 1 s behind: rebase, no burst */
+			}
 		} else if (rate) {
 			wait_events(0, (uint32_t)(1000000 / rate) ? : 1);
 		}

@@ -7,7 +7,6 @@ import signal
 import time
 
 import pytest
-
 from helpers import KemariProcess, free_udp_port, kv_config, start_kv, write_config
 
 pytestmark = pytest.mark.kvm

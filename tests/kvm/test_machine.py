@@ -59,6 +59,22 @@ def test_state_moved_to_fresh_vm_continues_bit_identically(reference_digest, ste
         assert run_until(dst, None) == reference_digest
 
 
+def test_fast_blob_on_top_of_full_blob_continues_identically(reference_digest):
+    with compute_machine() as src:
+        run_until(src, 20)
+        full = src.get_vcpu_state()
+        run_until(src, 200)
+        fast = src.get_vcpu_state_fast()
+        assert len(fast) < len(full)
+        pfns = src.nonzero_pages()
+        pages = src.gather_pages(pfns)
+    with Machine(32 << 20) as dst:
+        dst.scatter_pages(pfns, pages)
+        dst.set_vcpu_state(full)
+        dst.set_vcpu_state(fast)
+        assert run_until(dst, None) == reference_digest
+
+
 def test_state_restored_in_another_process(tmp_path, reference_digest):
     with compute_machine() as src:
         run_until(src, 150)

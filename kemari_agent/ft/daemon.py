@@ -1,0 +1,238 @@
+"""The per-VM daemon behind `kemari start`: one process, one VM, two roles.
+
+secondary  a standby VM (RAM only) receiving checkpoints; holds none of the
+           guest's outward identity (no TAP, no forward socket)
+primary    the running guest, protected by a Protector
+
+Transitions happen in the main thread; the control socket's thread only
+asks for them and waits. promote: secondary -> primary (failover from the
+last checkpoint, or a cold boot when there is none); demote: primary ->
+secondary (final checkpoint + handover when a peer is in sync).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from .. import paths
+from ..config import VmConfig
+from ..control import ControlServer
+from ..devices.block import BlockBackend, open_disk_image
+from ..errors import KemariError
+from ..kvm.machine import Machine
+from ..standalone import STOP_SIGNALS, signals_to_main_thread, write_pid_file
+from .activation import open_devices, resume_from_checkpoint
+from .node import Node
+from .protector import Protector
+from .receiver import Receiver
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, config: VmConfig) -> None:
+        self.config = config
+        self.node = Node(paths.state_dir() / config.name)
+        self.role = "secondary"
+        self.machine: Machine | None = None
+        self.receiver: Receiver | None = None
+        self.vmm = None
+        self.protector: Protector | None = None
+        self.exit_code = 0
+        self._want: str | None = None          # "promote" | "demote" | "stop"
+        self._done = threading.Condition()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._failover_ms: float | None = None
+
+    # ---- control (control thread) ------------------------------------------------
+    def handle(self, req: dict) -> dict:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "checkpoint-digest":
+            return {"ok": True, **self._checkpoint_digest()}
+        if cmd in ("promote", "demote", "stop"):
+            target = {"promote": "primary", "demote": "secondary", "stop": "stopped"}[cmd]
+            if self.role == target:
+                return {"ok": True, **self.status()}
+            with self._done:
+                seen = self._transitions
+                self._request(cmd)
+                if not self._done.wait_for(lambda: self._transitions > seen, timeout=120):
+                    raise KemariError(f"{cmd} did not complete within 120 s")
+            if self.role != target and cmd != "stop":
+                raise KemariError(f"{cmd} failed: {self._last_transition_error}")
+            return {"ok": True, **self.status()}
+        raise KemariError(f"unknown command {cmd!r}")
+
+    _last_transition_error = "unknown error"
+    _transitions = 0
+
+    def _checkpoint_digest(self) -> dict:
+        """SHA-256 of guest memory: on the primary after a forced checkpoint, on the
+        secondary of its last applied checkpoint. Equal when replication is exact."""
+        import hashlib
+        if self.role == "primary" and self.vmm is not None:
+            def take() -> dict:
+                seq = self.protector.checkpoint_now()
+                return {"seq": seq, "sha256": hashlib.sha256(self.vmm.machine.mem).hexdigest()}
+            return self.vmm.call_in_loop(take)
+        if self.role == "secondary" and self.receiver is not None:
+            return {"seq": self.node.checkpoint_seq,
+                    "sha256": hashlib.sha256(self.machine.mem).hexdigest()}
+        raise KemariError("no guest memory here")
+
+    def _request(self, what: str) -> None:
+        self._want = what
+        if self.vmm is not None and self.role == "primary":
+            self.vmm.request_stop()
+        os.write(self._wake_w, b"!")
+
+    def status(self) -> dict:
+        base = {"name": self.config.name, "pid": os.getpid(), "role": self.role,
+                "generation": self.node.generation, "peer": None, "state": "standalone",
+                "checkpoint_seq": self.node.checkpoint_seq, "checkpoints": 0,
+                "last_checkpoint_age_ms": None, "bytes_sent": 0, "bytes_received": 0,
+                "latency_us": {"p50": None, "p99": None},
+                "replication_mode": self.config.replication.mode}
+        if self.role == "primary" and self.protector is not None:
+            base.update(self.protector.status())
+            base["checkpoint_seq"] = self.protector.last_seq
+            if self.vmm is not None:
+                base["vm"] = self.vmm.stats()
+                base["console_tail"] = self.vmm.console.tail(5)
+            if self._failover_ms is not None:
+                base["activation_ms"] = self._failover_ms
+        elif self.role == "secondary" and self.receiver is not None:
+            base.update(self.receiver.status())
+        base["generation"] = self.node.generation
+        return base
+
+    # ---- main thread -----------------------------------------------------------------
+    def serve(self, role: str) -> int:
+        with signals_to_main_thread():
+            server = ControlServer(paths.socket_path(self.config.name), self.handle)
+        pid_file = write_pid_file(self.config.name)
+        previous = {s: signal.signal(s, lambda *_: self._request("stop")) for s in STOP_SIGNALS}
+        try:
+            with signals_to_main_thread():
+                self._become_secondary()
+            if role == "primary":
+                self._want = "promote"
+            while self.role != "stopped":
+                if self.role == "secondary":
+                    self.receiver.serve(lambda: self._want is not None, self._wake_r)
+                else:
+                    code = self.vmm.run()
+                    if self._want is None:      # the guest powered off by itself
+                        log.info("%s: guest stopped with code %d", self.config.name, code)
+                        self.exit_code = code
+                        self._want = "stop"
+                self._transition()
+            return self.exit_code
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            self._teardown()
+            server.close()
+            pid_file.unlink(missing_ok=True)
+
+    def _transition(self) -> None:
+        want, self._want = self._want, None
+        try:
+            with signals_to_main_thread():
+                if want == "stop":
+                    self._teardown()
+                    self.role = "stopped"
+                elif want == "promote" and self.role == "secondary":
+                    self._promote()
+                elif want == "demote" and self.role == "primary":
+                    self._demote()
+        except KemariError as exc:
+            self._last_transition_error = str(exc)
+            log.error("%s: %s failed: %s", self.config.name, want, exc)
+        finally:
+            with self._done:
+                self._transitions += 1
+                self._done.notify_all()
+
+    def _become_secondary(self) -> None:
+        self.machine = Machine(self.config.memory_mib << 20)
+        disk_fd = None
+        disk = self.config.disk
+        if disk is not None and disk.mode == "replicated":
+            disk_fd = open_disk_image(disk.path, disk.size_mib)
+        try:
+            self.receiver = Receiver(self.config, self.machine, self.node, disk_fd)
+        except BaseException:
+            if disk_fd is not None:
+                os.close(disk_fd)
+            self.machine.close()
+            raise
+        self.role = "secondary"
+        log.info("%s: secondary, listening on %s:%d (generation %d)", self.config.name,
+                 *self.config.replication.listen, self.node.generation)
+
+    def _promote(self) -> None:
+        t0 = time.perf_counter()
+        receiver = self.receiver
+        failover = receiver.has_checkpoint
+        blobs = receiver.checkpoint_state() if failover else None
+        disk_fd = receiver.sink.disk_fd
+        receiver.close()
+        self.receiver = None
+        block = None
+        if disk_fd is not None:
+            block = BlockBackend(self.machine, self.config.disk.path, self.config.disk.size_mib,
+                                 fd=disk_fd)
+        vmm = open_devices(self.config, self.machine, block)
+        if failover:
+            resume_from_checkpoint(vmm, *blobs)
+        else:
+            vmm.cold_boot()
+        generation = self.node.new_generation()
+        self._failover_ms = round((time.perf_counter() - t0) * 1000, 2)
+        self.vmm = vmm
+        self.protector = Protector(vmm, self.config, self.node)
+        self.protector.start()
+        self.role = "primary"
+        log.info("%s: primary (generation %d): %s in %.1f ms", self.config.name, generation,
+                 "resumed from the last checkpoint" if failover else "cold boot",
+                 self._failover_ms)
+
+    def _demote(self) -> None:
+        """The loop has stopped the guest; hand over if a peer is in sync."""
+        seq = None
+        try:
+            seq = self.protector.handover()
+        except Exception as exc:   # a failed handover still stops the guest
+            log.warning("%s: handover failed: %s", self.config.name, exc)
+        log.info("%s: demoted%s", self.config.name,
+                 f" after final checkpoint {seq}" if seq is not None else " (no peer in sync)")
+        self._stop_primary()
+        self._become_secondary()
+
+    def _stop_primary(self) -> None:
+        if self.protector is not None:
+            self.protector.close()
+            self.protector = None
+        if self.vmm is not None:
+            self.vmm.close()
+            self.vmm = None
+            self.machine = None
+
+    def _teardown(self) -> None:
+        self._stop_primary()
+        if self.receiver is not None:
+            fd = self.receiver.sink.disk_fd
+            self.receiver.close()
+            if fd is not None:
+                os.close(fd)
+            self.receiver = None
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None

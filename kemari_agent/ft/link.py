@@ -1,0 +1,81 @@
+"""A replication session's I/O: an authenticated Channel driven together with
+its sans-I/O state machine (Primary or Secondary)."""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Callable
+
+from ..replication.errors import StreamError, TransportError
+from ..replication.events import Event
+from ..replication.transport import Channel, TransportTimeout
+
+
+class SessionLost(Exception):
+    """The peer is gone or broke the protocol; the reason says which."""
+
+
+class Link:
+    def __init__(self, channel: Channel, machine) -> None:
+        self.channel = channel
+        self.sm = machine
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.channel.fileno()
+
+    def flush(self) -> None:
+        data = self.sm.data_to_send()
+        if data:
+            try:
+                self.channel.send_all(data)
+            except TransportError as exc:
+                raise SessionLost(str(exc)) from exc
+
+    def read(self) -> list[Event]:
+        """Take what arrived (blocking until something does or the timeout passes)."""
+        try:
+            data = self.channel.recv_some()
+        except TransportTimeout:
+            return []
+        except TransportError as exc:
+            raise SessionLost(str(exc)) from exc
+        if not data:
+            raise SessionLost("the peer closed the connection")
+        try:
+            events = self.sm.receive_data(data, time.monotonic())
+        except StreamError as exc:
+            raise SessionLost(f"{type(exc).__name__}: {exc}") from exc
+        self.flush()
+        return events
+
+    def poll(self) -> list[Event]:
+        """Heartbeats due and dead-peer detection."""
+        events = self.sm.poll(time.monotonic())
+        self.flush()
+        return events
+
+    def drain(self) -> list[Event]:
+        """Whatever has arrived, without waiting."""
+        events: list[Event] = []
+        while select.select([self.channel.fileno()], [], [], 0)[0]:
+            events += self.read()
+        return events + self.poll()
+
+    def wait_for(self, done: Callable[[], bool], timeout: float) -> list[Event]:
+        """Read until done() or the timeout; raises SessionLost on timeout."""
+        events: list[Event] = []
+        end = time.monotonic() + timeout
+        while not done():
+            left = end - time.monotonic()
+            if left <= 0:
+                raise SessionLost(f"no answer from the peer within {timeout:.1f} s")
+            self.channel.settimeout(left)
+            events += self.read()
+        self.channel.settimeout(None)
+        return events
+
+    def close(self) -> None:
+        self.closed = True
+        self.channel.close()

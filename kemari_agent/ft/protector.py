@@ -1,0 +1,357 @@
+"""The primary side: keeps a running guest protected by its secondary.
+
+* A connector thread dials the peer until it answers, then runs the full
+  sync (pre-copy): dirty rounds while the guest keeps running, then the
+  closing checkpoint with the guest stopped, handed to the loop thread.
+* From then on the loop thread owns the session. Event-tapped mode: at every
+  doorbell (Vmm.tap_hook) the vCPU is already stopped; we send the pages
+  dirtied since the last checkpoint, the vCPU blob, the device state and,
+  for replicated disks, the writes in flight, and wait for the ACK before the
+  backend may perform the I/O (output commit). Epoch mode: the guest runs on,
+  a checkpoint is taken every epoch, and network output is held until the
+  checkpoint covering it is acknowledged (Remus).
+* Losing the peer: `continue` runs on unprotected and reconnects;
+  `suspend` keeps the guest stopped until a new secondary is in sync.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+
+from ..config import VmConfig
+from ..replication import transport
+from ..replication.codec import Device, DiskWrite, Vcpu
+from ..replication.errors import TransportError
+from ..replication.events import Acked, PeerDead, PeerGoodbye
+from ..replication.primary import Primary, PrimaryState
+from ..vmm import Vmm
+from .faults import Faults
+from .link import Link, SessionLost
+from .node import Node
+
+log = logging.getLogger(__name__)
+
+VCPU_FULL = 1          # Vcpu record versions: the whole vCPU ...
+VCPU_FAST = 2          # ... or what a CPL-3 guest can change (applied on top of a full one)
+FULL_VCPU_EVERY_S = 1.0
+DEVICE_BLOB_VERSION = 1
+SYNC_BATCH_PAGES = 512
+RECONNECT_S = 0.5
+
+
+class Protector:
+    def __init__(self, vmm: Vmm, config: VmConfig, node: Node) -> None:
+        self.vmm, self.config, self.node = vmm, config, node
+        self.machine = vmm.machine
+        repl = config.replication
+        self.epoch_mode = repl.mode == "epoch"
+        self.epoch_s = repl.epoch_ms / 1000
+        self.heartbeat_s = repl.heartbeat_ms / 1000
+        self.timeout_s = repl.peer_timeout_ms / 1000
+        self.suspend_on_loss = config.policy.on_peer_loss == "suspend"
+        self.replicated_disk = config.disk is not None and config.disk.mode == "replicated"
+        self.link: Link | None = None          # set once the pair is in sync (loop thread)
+        self.state = "standalone"
+        self.peer: str | None = None
+        self.was_protected = False
+        self.last_seq = node.checkpoint_seq
+        self.checkpoints = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.last_checkpoint_at: float | None = None
+        self.latencies: collections.deque[float] = collections.deque(maxlen=2000)
+        self.sync_progress: dict | None = None
+        self.last_error: str | None = None
+        self._next_epoch = time.monotonic() + self.epoch_s
+        self._last_full_vcpu = 0.0
+        self._held_frames: list[tuple[int, list[bytes]]] = []   # epoch mode: (seq, frames)
+        self.faults = Faults()
+        self._closing = threading.Event()
+        self._synced = threading.Event()
+        vmm.tap_hook = self.tap
+        vmm.services.append(self)
+        self._threads = [threading.Thread(target=self._connect_loop, name="connector",
+                                          daemon=True),
+                         threading.Thread(target=self._ticker, name="ticker", daemon=True)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._synced.set()
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+
+    # ---- status ------------------------------------------------------------
+    def status(self) -> dict:
+        lat = sorted(self.latencies)
+        pct = (lambda p: round(lat[min(len(lat) - 1, int(len(lat) * p))] * 1e6, 1)) \
+            if lat else (lambda p: None)
+        age = None
+        if self.last_checkpoint_at is not None:
+            age = round((time.monotonic() - self.last_checkpoint_at) * 1000, 1)
+        link = self.link
+        return {"state": self.state, "peer": self.peer, "checkpoint_seq": self.last_seq,
+                "checkpoints": self.checkpoints, "last_checkpoint_age_ms": age,
+                "bytes_sent": self.bytes_sent + (link.sm.bytes_sent if link else 0),
+                "bytes_received": self.bytes_received,
+                "latency_us": {"p50": pct(0.5), "p99": pct(0.99)},
+                "sync": self.sync_progress, "mode": self.config.replication.mode,
+                "last_error": self.last_error}
+
+    # ---- connecting and full sync (connector thread) -----------------------------
+    def _connect_loop(self) -> None:
+        repl = self.config.replication
+        while not self._closing.is_set():
+            if self.link is not None or repl.peer is None or repl.key_file is None:
+                self._synced.wait(RECONNECT_S)
+                self._synced.clear()
+                continue
+            try:
+                channel = transport.connect(str(repl.key_file), *repl.peer,
+                                            timeout=self.timeout_s)
+            except TransportError as exc:
+                self.last_error = str(exc)
+                self._closing.wait(RECONNECT_S)
+                continue
+            self.peer = f"{repl.peer[0]}:{repl.peer[1]}"
+            try:
+                self._full_sync(channel)
+            except (SessionLost, TransportError) as exc:
+                self.last_error = f"full sync failed: {exc}"
+                log.warning("%s: %s", self.config.name, self.last_error)
+                channel.close()
+                self.state = "standalone"
+                self._closing.wait(RECONNECT_S)
+
+    def _full_sync(self, channel) -> None:
+        now = time.monotonic()
+        sm = Primary(name=self.config.name, memory_size=self.machine.mem_bytes,
+                     generation=self.node.generation, checkpoint_seq=self.last_seq, now=now,
+                     heartbeat_interval=self.heartbeat_s, peer_timeout=self.timeout_s,
+                     force_full_sync=True)
+        link = Link(channel, sm)
+        link.flush()
+        link.wait_for(lambda: sm.state is not PrimaryState.HANDSHAKE, self.timeout_s)
+        if sm.state is not PrimaryState.SYNCING:
+            raise SessionLost(f"the peer did not accept a full sync (state {sm.state.value})")
+        self.state = "syncing"
+        log.info("%s: full sync to %s started", self.config.name, self.peer)
+        started = time.monotonic()
+        # Restarting the log makes every page dirty: round 0 sends all memory.
+        self.vmm.call_in_loop(self._restart_dirty_log)
+        pfns = self.machine.harvest_dirty()
+        total = len(pfns)
+        while True:
+            for i in range(0, len(pfns), SYNC_BATCH_PAGES):
+                sm.sync_pages(self.machine.mem, pfns[i : i + SYNC_BATCH_PAGES],
+                              now=time.monotonic())
+                link.flush()
+                self._check_peer_events(link.drain())
+            pfns = self.machine.harvest_dirty()
+            self.sync_progress = {"round": sm.sync_round, "pages_sent": sm.sync_pages_sent,
+                                  "pages_total": total, "pages_remaining": len(pfns)}
+            if not sm.end_sync_round(len(pfns), now=time.monotonic()):
+                break
+            link.flush()
+        leftover = pfns
+        self.vmm.call_in_loop(lambda: self._finish_sync(link, leftover), timeout=60)
+        log.info("%s: in sync with %s after %.2f s (%d rounds, %d pages): protected",
+                 self.config.name, self.peer, time.monotonic() - started, sm.sync_round,
+                 sm.sync_pages_sent)
+
+    def _restart_dirty_log(self) -> None:
+        if self.machine.tracking_dirty:
+            self.machine.stop_dirty_tracking()
+        self.machine.start_dirty_tracking()
+
+    def _finish_sync(self, link: Link, leftover: list[int]) -> None:
+        """Loop thread, vCPU stopped: the closing checkpoint, then tapped mode."""
+        pfns = sorted(set(leftover) | set(self.machine.harvest_dirty()))
+        seq = link.sm.checkpoint(self.machine.mem, pfns, self._state_records(full=True),
+                                 now=time.monotonic(), detect_zero=True)
+        link.flush()
+        link.wait_for(lambda: link.sm.is_acked(seq), self.timeout_s)
+        self.last_seq = seq
+        self.last_checkpoint_at = time.monotonic()
+        self.link = link
+        self.state = "synced"
+        self.was_protected = True
+        self.sync_progress = None
+        self.last_error = None
+        self._next_epoch = time.monotonic() + self.epoch_s
+        self._synced.set()
+
+    # ---- checkpoints (loop thread) --------------------------------------------------
+    def _state_records(self, full: bool = False) -> list:
+        now = time.monotonic()
+        if full or now - self._last_full_vcpu >= FULL_VCPU_EVERY_S:
+            vcpu = Vcpu(0, VCPU_FULL, self.machine.get_vcpu_state())
+            self._last_full_vcpu = now
+        else:
+            vcpu = Vcpu(0, VCPU_FAST, self.machine.get_vcpu_state_fast())
+        records: list = [
+            vcpu, Device(0, DEVICE_BLOB_VERSION, json.dumps(self.vmm.device_state()).encode()),
+        ]
+        if self.replicated_disk and self.vmm.block is not None:
+            records += [DiskWrite(0, sector, data)
+                        for sector, data in self.vmm.block.pending_writes()]
+        return records
+
+    def _checkpoint(self, wait: bool) -> int:
+        link = self.link
+        assert link is not None
+        t0 = time.perf_counter()
+        pfns = self.machine.harvest_dirty()
+        seq = link.sm.checkpoint(self.machine.mem, pfns, self._state_records(),
+                                 now=time.monotonic())
+        if self.faults.due("mid-send"):
+            data = link.sm.data_to_send()
+            link.channel.send_all(data[: len(data) // 2])
+            self.faults.die()
+        link.flush()
+        if wait:
+            self._check_peer_events(
+                link.wait_for(lambda: link.sm.is_acked(seq), self.timeout_s))
+            self.latencies.append(time.perf_counter() - t0)
+            if self.faults.due("after-ack"):
+                self.faults.die()
+            self.node.record(self.node.generation, seq)
+        self.last_seq = seq
+        self.checkpoints += 1
+        self.last_checkpoint_at = time.monotonic()
+        return seq
+
+    def tap(self, vmm: Vmm, device) -> None:
+        """The guest rang a doorbell: nothing leaves before its checkpoint is acknowledged."""
+        if self.link is None:
+            if self.suspend_on_loss and self.was_protected:
+                self._hold_until_protected()
+            if self.link is None:
+                return
+        try:
+            if self.epoch_mode:
+                if device is vmm.net:
+                    frames = device.pending_frames()
+                    device.process(send=False)
+                    self._held_frames.append((self.last_seq + 1, frames))
+                return
+            self._checkpoint(wait=True)
+        except SessionLost as exc:
+            self._lost(str(exc))
+            if self.link is None and self.suspend_on_loss:
+                self._hold_until_protected()
+
+    # ---- Vmm service: heartbeats, ACKs, epochs (loop thread) ----------------------------
+    def fileno(self) -> int | None:
+        return self.link.fileno() if self.link is not None else None
+
+    def deadline(self) -> float | None:
+        if self.link is None:
+            return None
+        due = self.link.sm.next_deadline()
+        if self.epoch_mode:
+            due = min(due, self._next_epoch)
+        return due
+
+    def service(self) -> None:
+        link = self.link
+        if link is None:
+            return
+        try:
+            self._check_peer_events(link.drain())
+            if self.epoch_mode:
+                self._release_acked_frames()
+                if time.monotonic() >= self._next_epoch:
+                    if link.sm.outstanding:          # one epoch in flight at a time
+                        self._check_peer_events(
+                            link.wait_for(lambda: not link.sm.outstanding, self.timeout_s))
+                        self._release_acked_frames()
+                    self._checkpoint(wait=False)
+                    self._next_epoch = time.monotonic() + self.epoch_s
+        except SessionLost as exc:
+            self._lost(str(exc))
+
+    def _release_acked_frames(self) -> None:
+        link = self.link
+        while self._held_frames and link is not None and link.sm.is_acked(self._held_frames[0][0]):
+            _seq, frames = self._held_frames.pop(0)
+            for f in frames:
+                self.vmm.net.send_frame(f)
+
+    def _check_peer_events(self, events: list) -> None:
+        for ev in events:
+            if isinstance(ev, PeerDead):
+                raise SessionLost(f"peer silent for {ev.silent_for:.1f} s")
+            if isinstance(ev, PeerGoodbye):
+                raise SessionLost("the secondary said goodbye")
+            if isinstance(ev, Acked) and self.epoch_mode:
+                self.latencies.append(ev.rtt)
+
+    def _lost(self, reason: str) -> None:
+        log.warning("%s: lost the secondary (%s); %s", self.config.name, reason,
+                    "guest suspended until a peer is in sync" if self.suspend_on_loss
+                    else "running unprotected")
+        self.last_error = reason
+        if self.link is not None:
+            self.bytes_sent += self.link.sm.bytes_sent
+            self.link.close()
+        self.link = None
+        self.state = "standalone"
+        self.peer = None
+        if self.epoch_mode and not self.suspend_on_loss:
+            for _seq, frames in self._held_frames:   # unprotected now: let output go
+                for f in frames:
+                    self.vmm.net.send_frame(f)
+            self._held_frames.clear()
+        self._synced.set()
+
+    def _hold_until_protected(self) -> None:
+        """on_peer_loss = suspend: keep the vCPU stopped until a secondary is in sync."""
+        self.state = "suspended"
+        log.warning("%s: guest suspended, waiting for a secondary", self.config.name)
+        while self.link is None and not self._closing.is_set() and not self.vmm.stopping:
+            self.vmm.serve_calls(0.05)
+        if self.link is not None:
+            log.info("%s: secondary in sync, guest resumes", self.config.name)
+
+    def checkpoint_now(self) -> int | None:
+        """Loop thread: a checkpoint outside the event cycle (tests, handover)."""
+        if self.link is None:
+            return None
+        try:
+            if self.epoch_mode and self.link.sm.outstanding:
+                self.link.wait_for(lambda: not self.link.sm.outstanding, self.timeout_s)
+            return self._checkpoint(wait=True)
+        except SessionLost as exc:
+            self._lost(str(exc))
+            return None
+
+    # ---- handover ------------------------------------------------------------------
+    def handover(self) -> int | None:
+        """Loop thread: final checkpoint + GOODBYE(HANDOVER). Returns its seq, or None
+        when no secondary is in sync (nothing to hand over to)."""
+        if self.link is None:
+            return None
+        from ..replication.codec import GoodbyeReason
+        if self.epoch_mode and self.link.sm.outstanding:
+            self.link.wait_for(lambda: not self.link.sm.outstanding, self.timeout_s)
+        seq = self._checkpoint(wait=True)
+        self._release_acked_frames()
+        self.link.sm.goodbye(GoodbyeReason.HANDOVER, now=time.monotonic())
+        self.link.flush()
+        return seq
+
+    # ---- ticker: kicks the loop for heartbeats and epochs even when the guest computes ----
+    def _ticker(self) -> None:
+        period = min(self.heartbeat_s / 2, self.epoch_s if self.epoch_mode else 1.0)
+        while not self._closing.wait(period):
+            if self.link is not None:
+                self.vmm.wake()

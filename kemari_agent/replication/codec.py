@@ -1,0 +1,712 @@
+"""Records of the replication stream, their encoding, and an incremental decoder.
+
+Sans-I/O: nothing here touches a socket, a clock or a thread, so every byte
+path can be property-tested and fuzzed. The byte layouts are specified in
+docs/stream-format.md; change the two together.
+
+Decoding hands back memoryviews into the received chunk (or, for a record
+split across chunks, into one joined copy), so a page batch reaches the
+guest image with one copy on the receive side.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import ClassVar
+
+from .errors import (
+    MalformedRecord,
+    NotAKemariStream,
+    RecordTooLarge,
+    StreamError,
+    TruncatedStream,
+    UnknownRecordType,
+    UnsupportedVersion,
+)
+
+VERSION = 1
+MAGIC = b"KEMARIRS"
+PAGE_SIZE = 4096
+SECTOR_SIZE = 512
+HEADER = struct.Struct("<HHI")
+HEADER_SIZE = HEADER.size
+ALIGN = 8
+MAX_BODY = 64 << 20
+MAX_PAGES_PER_RECORD = 4096
+MAX_NAME = 255
+MAX_ERROR_MESSAGE = 4096
+PFN_MASK = (1 << 52) - 1
+ENTRY_ZERO = 1 << 63
+ENTRY_RESERVED = ((1 << 64) - 1) & ~(PFN_MASK | ENTRY_ZERO)
+ZERO_PAGE = bytes(PAGE_SIZE)
+
+Buffer = bytes | bytearray | memoryview
+
+
+class RecordType(IntEnum):
+    HELLO = 1
+    PAGES = 2
+    VCPU = 3
+    DEVICE = 4
+    DISK_WRITE = 5
+    CHECKPOINT_END = 6
+    ACK = 7
+    HEARTBEAT = 8
+    SYNC_PROGRESS = 9
+    ERROR = 10
+    GOODBYE = 11
+
+
+class RecordFlag(IntFlag):
+    # A receiver that does not know the record's type skips it instead of failing.
+    SKIPPABLE = 0x0001
+
+
+class Role(IntEnum):
+    PRIMARY = 1
+    SECONDARY = 2
+
+
+class HelloFlag(IntFlag):
+    # Primary: this session starts with a full copy of the guest (pre-copy).
+    FULL_SYNC = 0x01
+    # Secondary: it holds a complete checkpoint (generation, checkpoint_seq).
+    HAVE_CHECKPOINT = 0x02
+
+
+class Capability(IntFlag):
+    ZERO_PAGES = 0x01
+    DISK_WRITES = 0x02
+
+
+DEFAULT_CAPABILITIES = Capability.ZERO_PAGES | Capability.DISK_WRITES
+
+
+class GoodbyeReason(IntEnum):
+    SHUTDOWN = 1
+    # Primary: the checkpoint named in the GOODBYE is final; the guest is stopped
+    # and the secondary may be promoted with zero loss (switchover).
+    HANDOVER = 2
+
+
+# Plain ints: inverting a one-member IntFlag gives 0 on Python 3.11.
+_RECORD_FLAGS = int(RecordFlag.SKIPPABLE)
+_HELLO_FLAGS = int(HelloFlag.FULL_SYNC | HelloFlag.HAVE_CHECKPOINT)
+
+
+def _pad(length: int) -> int:
+    return -length % ALIGN
+
+
+_PADDING = bytes(ALIGN)
+_II = struct.Struct("<II")
+_IIQ = struct.Struct("<IIQ")
+_QQ = struct.Struct("<QQ")
+_HELLO = struct.Struct("<8sHBBIQQQQ")
+_END = struct.Struct("<QQIIQII")
+_SYNC = struct.Struct("<IIQQ")
+
+
+def _require(cond: bool, what: str) -> None:
+    if not cond:
+        raise MalformedRecord(what)
+
+
+def _u64(value: int, what: str) -> None:
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"{what} out of range: {value}")
+
+
+def _u32(value: int, what: str) -> None:
+    if not 0 <= value < 1 << 32:
+        raise ValueError(f"{what} out of range: {value}")
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First record each way: who speaks, which VM, and how far its state goes."""
+
+    TYPE: ClassVar[RecordType] = RecordType.HELLO
+    name: str
+    role: Role
+    generation: int
+    checkpoint_seq: int
+    memory_size: int
+    flags: HelloFlag = HelloFlag(0)
+    capabilities: int = int(DEFAULT_CAPABILITIES)
+    version: int = VERSION
+    page_size: int = PAGE_SIZE
+
+    def __post_init__(self) -> None:
+        raw = self.name.encode()
+        if not 1 <= len(raw) <= MAX_NAME:
+            raise ValueError(f"VM name must be 1..{MAX_NAME} bytes of UTF-8")
+        for what in ("generation", "checkpoint_seq", "memory_size", "capabilities"):
+            _u64(getattr(self, what), what)
+        if not 0 <= self.version < 1 << 16:
+            raise ValueError("version out of range")
+
+    def body_parts(self) -> list[Buffer]:
+        fixed = _HELLO.pack(
+            MAGIC, self.version, int(self.role), int(self.flags), self.page_size,
+            self.generation, self.checkpoint_seq, self.memory_size, self.capabilities,
+        )
+        return [fixed, self.name.encode()]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> Hello:
+        if len(body) < 10 or bytes(body[:8]) != MAGIC:
+            raise NotAKemariStream("HELLO without the Kemari magic: not a Kemari stream")
+        (version,) = struct.unpack_from("<H", body, 8)
+        if version != VERSION:
+            raise UnsupportedVersion(
+                f"peer speaks replication stream version {version}, this node speaks {VERSION}"
+            )
+        _require(len(body) > _HELLO.size, "HELLO too short")
+        _, _, role, flags, page_size, gen, seq, mem, caps = _HELLO.unpack_from(body)
+        _require(role in (Role.PRIMARY, Role.SECONDARY), f"HELLO with unknown role {role}")
+        _require(flags & ~_HELLO_FLAGS == 0,
+                 f"HELLO with unknown flags {flags:#x}")
+        _require(page_size == PAGE_SIZE, f"HELLO with page size {page_size}, expected 4096")
+        name_raw = bytes(body[_HELLO.size:])
+        _require(len(name_raw) <= MAX_NAME, "HELLO name too long")
+        try:
+            name = name_raw.decode()
+        except UnicodeDecodeError:
+            raise MalformedRecord("HELLO name is not UTF-8") from None
+        return cls(name, Role(role), gen, seq, mem, HelloFlag(flags), caps, version, page_size)
+
+
+@dataclass(frozen=True)
+class Pages:
+    """A batch of guest pages: `data` holds the pages of `pfns` in order;
+    `zero_pfns` are all-zero pages sent without payload."""
+
+    TYPE: ClassVar[RecordType] = RecordType.PAGES
+    pfns: Sequence[int]
+    data: Buffer
+    zero_pfns: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pfns", tuple(self.pfns))
+        object.__setattr__(self, "zero_pfns", tuple(self.zero_pfns))
+        if len(self.data) != PAGE_SIZE * len(self.pfns):
+            raise ValueError("PAGES data must hold exactly 4096 bytes per pfn")
+        count = len(self.pfns) + len(self.zero_pfns)
+        if count > MAX_PAGES_PER_RECORD:
+            raise ValueError(f"at most {MAX_PAGES_PER_RECORD} pages per PAGES record")
+        for seq in (self.pfns, self.zero_pfns):
+            if seq and (min(seq) < 0 or max(seq) > PFN_MASK):
+                raise ValueError("pfn out of range")
+
+    @property
+    def page_count(self) -> int:
+        return len(self.pfns) + len(self.zero_pfns)
+
+    def body_parts(self) -> list[Buffer]:
+        entries = (*self.pfns, *(pfn | ENTRY_ZERO for pfn in self.zero_pfns))
+        head = _II.pack(len(entries), 0) + struct.pack(f"<{len(entries)}Q", *entries)
+        return [head, self.data]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> Pages:
+        _require(len(body) >= 8, "PAGES too short")
+        count, reserved = _II.unpack_from(body)
+        _require(reserved == 0, "PAGES reserved field not zero")
+        _require(count <= MAX_PAGES_PER_RECORD, f"PAGES with {count} pages (max 4096)")
+        _require(len(body) >= 8 + 8 * count, "PAGES shorter than its page list")
+        entries = struct.unpack_from(f"<{count}Q", body, 8)
+        if entries and max(entries) > PFN_MASK:
+            pfns: list[int] = []
+            zeros: list[int] = []
+            for entry in entries:
+                _require(entry & ENTRY_RESERVED == 0, f"PAGES entry {entry:#x} uses reserved bits")
+                if entry & ENTRY_ZERO:
+                    zeros.append(entry & PFN_MASK)
+                else:
+                    pfns.append(entry)
+            data_pfns: Sequence[int] = pfns
+            zero_pfns: Sequence[int] = zeros
+        else:
+            data_pfns, zero_pfns = entries, ()
+        start = 8 + 8 * count
+        _require(len(body) == start + PAGE_SIZE * len(data_pfns),
+                 "PAGES payload length does not match its page list")
+        return cls(data_pfns, body[start:], zero_pfns)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Pages):
+            return NotImplemented
+        return (self.pfns == other.pfns and self.zero_pfns == other.zero_pfns
+                and bytes(self.data) == bytes(other.data))
+
+
+@dataclass(frozen=True)
+class _Blob:
+    """An opaque, versioned state blob owned by the hypervisor driver."""
+
+    ident: int
+    version: int
+    blob: Buffer
+
+    def __post_init__(self) -> None:
+        _u32(self.ident, "id")
+        _u32(self.version, "blob version")
+        if len(self.blob) > MAX_BODY - 8:
+            raise ValueError("blob too large")
+
+    def body_parts(self) -> list[Buffer]:
+        return [_II.pack(self.ident, self.version), self.blob]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> _Blob:
+        _require(len(body) >= 8, f"{cls.TYPE.name} too short")  # type: ignore[attr-defined]
+        ident, version = _II.unpack_from(body)
+        return cls(ident, version, body[8:])
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, _Blob)
+        return (self.ident, self.version, bytes(self.blob)) == (
+            other.ident, other.version, bytes(other.blob))
+
+
+@dataclass(frozen=True, eq=False)
+class Vcpu(_Blob):
+    """One vCPU's full register state, as the driver serialises it (`ident` = vCPU id)."""
+
+    TYPE: ClassVar[RecordType] = RecordType.VCPU
+
+
+@dataclass(frozen=True, eq=False)
+class Device(_Blob):
+    """One device's state (ring indexes, in-flight requests), `ident` = device id."""
+
+    TYPE: ClassVar[RecordType] = RecordType.DEVICE
+
+
+@dataclass(frozen=True)
+class DiskWrite:
+    """A guest write to a replicated disk, applied with the checkpoint that issued it."""
+
+    TYPE: ClassVar[RecordType] = RecordType.DISK_WRITE
+    disk_id: int
+    sector: int
+    data: Buffer
+
+    def __post_init__(self) -> None:
+        _u32(self.disk_id, "disk_id")
+        _u64(self.sector, "sector")
+        if not len(self.data) or len(self.data) % SECTOR_SIZE:
+            raise ValueError("DISK_WRITE payload must be a non-empty multiple of 512 bytes")
+        if len(self.data) > MAX_BODY - 16:
+            raise ValueError("DISK_WRITE payload too large")
+
+    def body_parts(self) -> list[Buffer]:
+        return [_IIQ.pack(self.disk_id, 0, self.sector), self.data]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> DiskWrite:
+        _require(len(body) >= 16, "DISK_WRITE too short")
+        disk_id, reserved, sector = _IIQ.unpack_from(body)
+        _require(reserved == 0, "DISK_WRITE reserved field not zero")
+        data = body[16:]
+        _require(len(data) > 0 and len(data) % SECTOR_SIZE == 0,
+                 "DISK_WRITE payload is not a non-empty multiple of 512 bytes")
+        return cls(disk_id, sector, data)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DiskWrite):
+            return NotImplemented
+        return (self.disk_id, self.sector, bytes(self.data)) == (
+            other.disk_id, other.sector, bytes(other.data))
+
+
+def _fixed(struct_: struct.Struct, name: str, body: memoryview) -> tuple[int, ...]:
+    _require(len(body) == struct_.size,
+             f"{name} body is {len(body)} bytes, expected {struct_.size}")
+    return struct_.unpack(body)
+
+
+@dataclass(frozen=True)
+class CheckpointEnd:
+    """Closes a checkpoint: the secondary applies it only if everything here matches."""
+
+    TYPE: ClassVar[RecordType] = RecordType.CHECKPOINT_END
+    seq: int
+    generation: int
+    record_count: int
+    page_count: int
+    byte_count: int
+    checksum: int
+
+    def __post_init__(self) -> None:
+        _u64(self.seq, "seq")
+        _u64(self.generation, "generation")
+        _u32(self.record_count, "record_count")
+        _u32(self.page_count, "page_count")
+        _u64(self.byte_count, "byte_count")
+        _u32(self.checksum, "checksum")
+
+    def body_parts(self) -> list[Buffer]:
+        return [_END.pack(self.seq, self.generation, self.record_count, self.page_count,
+                          self.byte_count, self.checksum, 0)]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> CheckpointEnd:
+        seq, gen, records, pages, nbytes, crc, reserved = _fixed(_END, "CHECKPOINT_END", body)
+        _require(reserved == 0, "CHECKPOINT_END reserved field not zero")
+        return cls(seq, gen, records, pages, nbytes, crc)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The secondary has applied checkpoint `seq` of `generation`."""
+
+    TYPE: ClassVar[RecordType] = RecordType.ACK
+    seq: int
+    generation: int
+
+    def __post_init__(self) -> None:
+        _u64(self.seq, "seq")
+        _u64(self.generation, "generation")
+
+    def body_parts(self) -> list[Buffer]:
+        return [_QQ.pack(self.seq, self.generation)]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> Ack:
+        return cls(*_fixed(_QQ, "ACK", body))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Sent when a side has been silent for the heartbeat interval."""
+
+    TYPE: ClassVar[RecordType] = RecordType.HEARTBEAT
+    counter: int
+    checkpoint_seq: int
+
+    def __post_init__(self) -> None:
+        _u64(self.counter, "counter")
+        _u64(self.checkpoint_seq, "checkpoint_seq")
+
+    def body_parts(self) -> list[Buffer]:
+        return [_QQ.pack(self.counter, self.checkpoint_seq)]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> Heartbeat:
+        return cls(*_fixed(_QQ, "HEARTBEAT", body))
+
+
+@dataclass(frozen=True)
+class SyncProgress:
+    """End of one pre-copy round of a full sync."""
+
+    TYPE: ClassVar[RecordType] = RecordType.SYNC_PROGRESS
+    round: int
+    pages_sent: int
+    pages_remaining: int
+
+    def __post_init__(self) -> None:
+        _u32(self.round, "round")
+        _u64(self.pages_sent, "pages_sent")
+        _u64(self.pages_remaining, "pages_remaining")
+
+    def body_parts(self) -> list[Buffer]:
+        return [_SYNC.pack(self.round, 0, self.pages_sent, self.pages_remaining)]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> SyncProgress:
+        rnd, reserved, sent, remaining = _fixed(_SYNC, "SYNC_PROGRESS", body)
+        _require(reserved == 0, "SYNC_PROGRESS reserved field not zero")
+        return cls(rnd, sent, remaining)
+
+
+@dataclass(frozen=True)
+class Error:
+    """The sender is about to close because of `code` (an errors.StreamError code)."""
+
+    TYPE: ClassVar[RecordType] = RecordType.ERROR
+    code: int
+    message: str
+
+    def __post_init__(self) -> None:
+        _u32(self.code, "code")
+        if len(self.message.encode()) > MAX_ERROR_MESSAGE:
+            raise ValueError("ERROR message too long")
+
+    def body_parts(self) -> list[Buffer]:
+        return [_II.pack(self.code, 0), self.message.encode()]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> Error:
+        _require(8 <= len(body) <= 8 + MAX_ERROR_MESSAGE, "ERROR length out of range")
+        code, reserved = _II.unpack_from(body)
+        _require(reserved == 0, "ERROR reserved field not zero")
+        return cls(code, bytes(body[8:]).decode(errors="replace"))
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """Orderly end of the session; HANDOVER names the final checkpoint."""
+
+    TYPE: ClassVar[RecordType] = RecordType.GOODBYE
+    reason: int
+    checkpoint_seq: int
+
+    def __post_init__(self) -> None:
+        _u32(self.reason, "reason")
+        _u64(self.checkpoint_seq, "checkpoint_seq")
+
+    def body_parts(self) -> list[Buffer]:
+        return [_IIQ.pack(self.reason, 0, self.checkpoint_seq)]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> Goodbye:
+        reason, reserved, seq = _fixed(_IIQ, "GOODBYE", body)
+        _require(reserved == 0, "GOODBYE reserved field not zero")
+        return cls(reason, seq)
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """A skippable record of a type this version does not know (kept for counting)."""
+
+    type: int
+    flags: int
+    body: Buffer
+
+    def body_parts(self) -> list[Buffer]:
+        return [self.body]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Unknown):
+            return NotImplemented
+        return (self.type, self.flags, bytes(self.body)) == (
+            other.type, other.flags, bytes(other.body))
+
+
+Record = (
+    Hello | Pages | Vcpu | Device | DiskWrite | CheckpointEnd | Ack | Heartbeat | SyncProgress
+    | Error | Goodbye | Unknown
+)
+
+_CLASSES: dict[int, type] = {
+    cls.TYPE: cls
+    for cls in (Hello, Pages, Vcpu, Device, DiskWrite, CheckpointEnd, Ack, Heartbeat,
+                SyncProgress, Error, Goodbye)
+}
+
+
+def encode_parts(record: Record) -> list[Buffer]:
+    """Header, body pieces and padding of one record, ready for b"".join."""
+    body = record.body_parts()
+    length = sum(len(part) for part in body)
+    if length > MAX_BODY:
+        raise ValueError(f"record body of {length} bytes exceeds {MAX_BODY}")
+    if isinstance(record, Unknown):
+        header = HEADER.pack(record.type, record.flags, length)
+    else:
+        header = HEADER.pack(record.TYPE, 0, length)
+    pad = _pad(length)
+    return [header, *body, _PADDING[:pad]] if pad else [header, *body]
+
+
+def encode(record: Record) -> bytes:
+    """The wire bytes of one record."""
+    return b"".join(encode_parts(record))
+
+
+def encode_error(exc: BaseException) -> bytes:
+    """An ERROR record telling the peer why this side is closing."""
+    code = exc.code if isinstance(exc, StreamError) else StreamError.code
+    message = f"{type(exc).__name__}: {exc}".encode()[:MAX_ERROR_MESSAGE]
+    return encode(Error(code, message.decode(errors="ignore")))
+
+
+def pages_parts(memory: Buffer, pfns: Sequence[int], *,
+                detect_zero: bool = False) -> tuple[list[Buffer], int, int]:
+    """Encode guest pages `pfns` of `memory` as PAGES records without building records.
+
+    Returns (parts, record_count, page_count). The parts reference `memory`
+    (unless zero detection copied them): join them before the guest resumes.
+    Consecutive pfns become one slice, so a full-memory round costs one
+    memcpy per run instead of one per page.
+    """
+    view = memory if isinstance(memory, memoryview) else memoryview(memory)
+    limit = len(view) // PAGE_SIZE
+    parts: list[Buffer] = []
+    records = 0
+    for start in range(0, len(pfns), MAX_PAGES_PER_RECORD):
+        batch = pfns[start:start + MAX_PAGES_PER_RECORD]
+        if batch and (min(batch) < 0 or max(batch) >= limit):
+            raise ValueError("pfn outside guest memory")
+        data: list[Buffer] = []
+        if detect_zero:
+            data_pfns: list[int] = []
+            zeros: list[int] = []
+            for pfn in batch:
+                page = view[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE].tobytes()
+                if page == ZERO_PAGE:
+                    zeros.append(pfn | ENTRY_ZERO)
+                else:
+                    data_pfns.append(pfn)
+                    data.append(page)
+            entries: Sequence[int] = data_pfns + zeros
+            ndata = len(data_pfns)
+        else:
+            entries = batch
+            ndata = len(batch)
+            run_start = run_end = -1
+            for pfn in batch:
+                if pfn == run_end:
+                    run_end += 1
+                    continue
+                if run_start >= 0:
+                    data.append(view[run_start * PAGE_SIZE:run_end * PAGE_SIZE])
+                run_start, run_end = pfn, pfn + 1
+            if run_start >= 0:
+                data.append(view[run_start * PAGE_SIZE:run_end * PAGE_SIZE])
+        count = len(entries)
+        length = 8 + 8 * count + PAGE_SIZE * ndata
+        parts.append(HEADER.pack(RecordType.PAGES, 0, length) + _II.pack(count, 0)
+                     + struct.pack(f"<{count}Q", *entries))
+        parts.extend(data)
+        records += 1
+    return parts, records, len(pfns)
+
+
+class Decoder:
+    """Incremental decoder: feed it whatever bytes arrived, get whole records back.
+
+    After any StreamError the decoder stays failed: the stream position is
+    unknown, so the only safe move is to close the connection.
+    """
+
+    def __init__(self, max_body: int = MAX_BODY) -> None:
+        self._chunks: deque[memoryview] = deque()
+        self._avail = 0
+        self._max_body = max_body
+        self._first = True
+        self._need = HEADER_SIZE  # bytes needed before parsing is worth trying again
+        self._error: StreamError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a returned record."""
+        return self._avail
+
+    def feed(self, data: Buffer) -> list[Record]:
+        """Records completed by `data` (may be empty)."""
+        return [record for record, _ in self.feed_raw(data)]
+
+    def feed_raw(self, data: Buffer) -> list[tuple[Record, memoryview]]:
+        """Like feed(), with each record's wire bytes (for checksums)."""
+        if self._error is not None:
+            raise self._error
+        if data:
+            # bytes are immutable, so views into them stay valid; copy anything else.
+            chunk = data if isinstance(data, bytes) else bytes(data)
+            self._chunks.append(memoryview(chunk))
+            self._avail += len(chunk)
+        if self._avail < self._need:  # the record in progress is still incomplete
+            return []
+        try:
+            return self._drain()
+        except StreamError as exc:
+            self._error = exc
+            self._chunks.clear()
+            self._avail = 0
+            raise
+
+    def eof(self) -> None:
+        """The peer closed: fail if it stopped in the middle of a record."""
+        if self._error is None and self._avail:
+            self._error = TruncatedStream(
+                f"stream ended inside a record ({self._avail} bytes of it received)")
+        if self._error is not None:
+            raise self._error
+
+    def _drain(self) -> list[tuple[Record, memoryview]]:
+        out: list[tuple[Record, memoryview]] = []
+        while self._avail >= HEADER_SIZE:
+            first = self._chunks[0]
+            if len(first) >= HEADER_SIZE:
+                rtype, flags, length = HEADER.unpack_from(first)
+            else:
+                rtype, flags, length = HEADER.unpack(self._peek(HEADER_SIZE))
+            if self._first and rtype not in (RecordType.HELLO, RecordType.ERROR):
+                raise NotAKemariStream(
+                    f"first record has type {rtype}, not HELLO: not a Kemari stream")
+            if flags & ~_RECORD_FLAGS:
+                raise MalformedRecord(f"record type {rtype} has unknown flags {flags:#x}")
+            if length > self._max_body:
+                raise RecordTooLarge(f"record type {rtype} announces {length} bytes "
+                                     f"(limit {self._max_body})")
+            total = HEADER_SIZE + length + (-length & 7)
+            if self._avail < total:
+                self._need = total
+                break
+            self._need = HEADER_SIZE
+            raw = self._take(total)
+            out.append((self._decode(rtype, flags, length, raw), raw))
+            self._first = False
+        return out
+
+    @staticmethod
+    def _decode(rtype: int, flags: int, length: int, raw: memoryview) -> Record:
+        end = HEADER_SIZE + length
+        if end != len(raw) and raw[end:] != _PADDING[:len(raw) - end]:
+            raise MalformedRecord(f"record type {rtype} has non-zero padding")
+        body = raw[HEADER_SIZE:end]
+        cls = _CLASSES.get(rtype)
+        if cls is None:
+            if flags & RecordFlag.SKIPPABLE:
+                return Unknown(rtype, flags, body)
+            raise UnknownRecordType(f"unknown record type {rtype} (not skippable)")
+        try:
+            return cls.from_body(body)  # type: ignore[no-any-return]
+        except ValueError as exc:  # a decoded field out of range for its record
+            raise MalformedRecord(f"{RecordType(rtype).name}: {exc}") from None
+
+    def _peek(self, size: int) -> bytes:
+        pieces = []
+        need = size
+        for chunk in self._chunks:
+            pieces.append(chunk[:need])
+            need -= len(pieces[-1])
+            if not need:
+                break
+        return b"".join(pieces)
+
+    def _take(self, size: int) -> memoryview:
+        self._avail -= size
+        first = self._chunks[0]
+        if len(first) >= size:
+            if len(first) == size:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = first[size:]
+            return first[:size]
+        pieces = []
+        need = size
+        while need:
+            chunk = self._chunks.popleft()
+            if len(chunk) > need:
+                self._chunks.appendleft(chunk[need:])
+                chunk = chunk[:need]
+            pieces.append(chunk)
+            need -= len(chunk)
+        return memoryview(b"".join(pieces))
+
+
+def crc32(data: Buffer, value: int = 0) -> int:
+    """The checksum CHECKPOINT_END carries (CRC-32/ISO-HDLC, as zlib computes it)."""
+    return zlib.crc32(data, value)

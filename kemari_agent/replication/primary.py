@@ -1,0 +1,333 @@
+"""The primary's side of a replication session, as a sans-I/O state machine.
+
+One `Primary` per connection. The driver feeds it received bytes and the
+current time, calls `checkpoint()` at each tapped event (guest paused), and
+sends whatever `data_to_send()` returns. The checkpoint's held I/O may be
+released once an `Acked` event (or `is_acked(seq)`) says so: that is the
+output-commit rule, and this class is where it is decided.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from enum import Enum
+
+from .codec import (
+    DEFAULT_CAPABILITIES,
+    Ack,
+    Buffer,
+    CheckpointEnd,
+    Decoder,
+    Device,
+    DiskWrite,
+    Error,
+    Goodbye,
+    GoodbyeReason,
+    Heartbeat,
+    Hello,
+    HelloFlag,
+    Pages,
+    Record,
+    Role,
+    SyncProgress,
+    Unknown,
+    Vcpu,
+    encode,
+    encode_parts,
+    pages_parts,
+)
+from .errors import (
+    GenerationError,
+    HandshakeError,
+    PeerError,
+    ProtocolError,
+    StreamError,
+    UnexpectedRecord,
+)
+from .events import Acked, Event, PeerDead, PeerGoodbye, PeerHello, SyncComplete
+from .liveness import Liveness
+
+_END_SLOT = bytes(len(encode(CheckpointEnd(0, 0, 0, 0, 0, 0))))
+
+
+class PrimaryState(Enum):
+    HANDSHAKE = "handshake"  # waiting for the secondary's HELLO
+    SYNCING = "syncing"  # full sync: pre-copy rounds, then the closing checkpoint
+    PROTECTED = "protected"  # event-tapped (or epoch) checkpoints
+    CLOSED = "closed"  # GOODBYE sent or received
+    FAILED = "failed"  # a StreamError was raised; close the connection
+
+
+class Primary:
+    """Builds checkpoints, tracks which are acknowledged, runs full-sync rounds."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        memory_size: int,
+        generation: int,
+        checkpoint_seq: int,
+        now: float,
+        capabilities: int = int(DEFAULT_CAPABILITIES),
+        heartbeat_interval: float = 0.5,
+        peer_timeout: float = 3.0,
+        max_outstanding: int = 1,
+        force_full_sync: bool = False,
+        sync_stop_pages: int = 256,
+        sync_max_rounds: int = 30,
+    ) -> None:
+        self.name = name
+        self.memory_size = memory_size
+        self.generation = generation
+        self.capabilities = capabilities
+        self.max_outstanding = max_outstanding
+        self.force_full_sync = force_full_sync
+        self.sync_stop_pages = sync_stop_pages
+        self.sync_max_rounds = sync_max_rounds
+        self.state = PrimaryState.HANDSHAKE
+        self.liveness = Liveness(now, heartbeat_interval, peer_timeout)
+        self.peer: Hello | None = None
+        self.last_sent = checkpoint_seq
+        # Nothing counts as acknowledged until this session's secondary says so:
+        # a checkpoint sent on a previous connection may never have arrived.
+        self.last_acked = 0
+        self.outstanding: OrderedDict[int, float] = OrderedDict()
+        self.bytes_sent = 0
+        self.checkpoints_sent = 0
+        # full-sync bookkeeping
+        self.sync_round = 0
+        self.sync_pages_sent = 0
+        self.sync_pages_remaining = memory_size // 4096
+        self.sync_seq: int | None = None
+        self._decoder = Decoder()
+        self._outbox: list[bytes | bytearray] = []
+        self._heartbeats = 0
+        self._reported_dead = False
+        self._reset_checkpoint()
+
+    # -- driver interface -------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Take bytes from the secondary; return what they mean."""
+        if self.state is PrimaryState.FAILED:
+            raise ProtocolError("session already failed")
+        if data:
+            self.liveness.received(now)
+            self._reported_dead = False
+        try:
+            events: list[Event] = []
+            for record in self._decoder.feed(data):
+                self._on_record(record, now, events)
+            return events
+        except StreamError:
+            self.state = PrimaryState.FAILED
+            raise
+
+    def data_to_send(self) -> bytes | bytearray:
+        """Everything queued for the secondary, oldest first."""
+        if not self._outbox:
+            return b""
+        out = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def poll(self, now: float) -> list[Event]:
+        """Queue a heartbeat if one is due; report a dead peer once per silence."""
+        if self.state in (PrimaryState.SYNCING, PrimaryState.PROTECTED) and \
+                self.liveness.heartbeat_due(now):
+            self._heartbeats += 1
+            self._queue(encode_parts(Heartbeat(self._heartbeats, self.last_sent)), 1, 0, now)
+        if self.liveness.peer_dead(now) and not self._reported_dead:
+            self._reported_dead = True
+            return [PeerDead(now - self.liveness.last_received)]
+        return []
+
+    def next_deadline(self) -> float:
+        return self.liveness.next_deadline()
+
+    # -- checkpoints ------------------------------------------------------
+
+    def checkpoint(
+        self,
+        memory: Buffer,
+        pfns: Sequence[int],
+        records: Sequence[Record] = (),
+        *,
+        now: float,
+        detect_zero: bool = False,
+    ) -> int:
+        """Queue one checkpoint: pages `pfns` of `memory`, then `records`
+        (Vcpu, Device, DiskWrite, or prebuilt Pages), then CHECKPOINT_END.
+
+        Called with the guest paused: the pages are copied here, so the guest
+        may run again as soon as this returns. Returns the sequence number.
+        In SYNCING state this is the stop-and-copy checkpoint that ends the sync.
+        """
+        if self.state not in (PrimaryState.SYNCING, PrimaryState.PROTECTED):
+            raise RuntimeError(f"cannot checkpoint in state {self.state.value}")
+        if self.state is PrimaryState.SYNCING and self.sync_seq is not None:
+            raise RuntimeError("the full sync's closing checkpoint is not acknowledged yet")
+        if len(self.outstanding) >= self.max_outstanding:
+            raise RuntimeError(f"{len(self.outstanding)} checkpoints already outstanding")
+        parts, nrecords, npages = pages_parts(memory, pfns, detect_zero=detect_zero)
+        for record in records:
+            if not isinstance(record, (Pages, Vcpu, Device, DiskWrite)):
+                raise TypeError(f"{type(record).__name__} cannot be part of a checkpoint")
+            parts.extend(encode_parts(record))
+            nrecords += 1
+            if isinstance(record, Pages):
+                npages += record.page_count
+        seq = self.last_sent + 1
+        # One copy out of guest memory into the send buffer, then the checksum
+        # over that (now cache-hot) buffer, then END written into its slot.
+        parts.append(_END_SLOT)
+        data = bytearray().join(parts)
+        body = memoryview(data)[:-len(_END_SLOT)]
+        crc = zlib.crc32(body, self._crc)
+        end = CheckpointEnd(seq, self.generation, self._records + nrecords,
+                            self._pages + npages, self._bytes + len(body), crc)
+        body.release()
+        data[-len(_END_SLOT):] = encode(end)
+        self._outbox.append(data)
+        self.bytes_sent += len(data)
+        self.liveness.sent(now)
+        self._reset_checkpoint()
+        self.last_sent = seq
+        self.outstanding[seq] = now
+        self.checkpoints_sent += 1
+        if self.state is PrimaryState.SYNCING:
+            self.sync_seq = seq
+        return seq
+
+    def is_acked(self, seq: int) -> bool:
+        """True once checkpoint `seq` (or a later one, or a resume HELLO or full
+        sync that covers it) is applied on the secondary: its output may go."""
+        return seq <= self.last_acked
+
+    # -- full sync --------------------------------------------------------
+
+    def sync_pages(self, memory: Buffer, pfns: Sequence[int], *, now: float,
+                   detect_zero: bool = True) -> None:
+        """Queue one batch of a pre-copy round (guest running). Send it before the
+        next batch so the outbox stays small."""
+        if self.state is not PrimaryState.SYNCING or self.sync_seq is not None:
+            raise RuntimeError("sync_pages is only allowed during a full sync's rounds")
+        parts, nrecords, npages = pages_parts(memory, pfns, detect_zero=detect_zero)
+        self._queue(parts, nrecords, npages, now)
+        self.sync_pages_sent += npages
+
+    def end_sync_round(self, pages_remaining: int, *, now: float) -> bool:
+        """Close a pre-copy round, `pages_remaining` being the pages dirtied during it.
+
+        Returns True if another live round is worth it, False when it is time
+        to pause the guest and send the closing checkpoint (few pages left,
+        too many rounds, or the dirty rate is not converging).
+        """
+        if self.state is not PrimaryState.SYNCING or self.sync_seq is not None:
+            raise RuntimeError("end_sync_round is only allowed during a full sync's rounds")
+        previous = self.sync_pages_remaining
+        self._queue(encode_parts(SyncProgress(self.sync_round, self.sync_pages_sent,
+                                              pages_remaining)), 1, 0, now)
+        self.sync_round += 1
+        self.sync_pages_remaining = pages_remaining
+        converging = self.sync_round < 3 or pages_remaining < previous
+        return (pages_remaining > self.sync_stop_pages
+                and self.sync_round < self.sync_max_rounds and converging)
+
+    def goodbye(self, reason: int = GoodbyeReason.SHUTDOWN, *, now: float) -> None:
+        """End the session in order. HANDOVER requires every checkpoint acknowledged."""
+        if reason == GoodbyeReason.HANDOVER and (self.outstanding or
+                                                 self.state is not PrimaryState.PROTECTED):
+            raise RuntimeError("handover needs a protected pair with no outstanding checkpoint")
+        if self.state is not PrimaryState.HANDSHAKE:
+            self._outbox.append(encode(Goodbye(reason, self.last_sent)))
+            self.liveness.sent(now)
+        self.state = PrimaryState.CLOSED
+
+    # -- internals --------------------------------------------------------
+
+    def _reset_checkpoint(self) -> None:
+        self._crc = 0
+        self._records = 0
+        self._pages = 0
+        self._bytes = 0
+
+    def _queue(self, parts: list[Buffer], nrecords: int, npages: int, now: float) -> None:
+        """Queue records that belong to the next checkpoint's checksum."""
+        data = b"".join(parts)
+        self._crc = zlib.crc32(data, self._crc)
+        self._records += nrecords
+        self._pages += npages
+        self._bytes += len(data)
+        self.bytes_sent += len(data)
+        self._outbox.append(data)
+        self.liveness.sent(now)
+
+    def _on_record(self, record: Record, now: float, events: list[Event]) -> None:
+        if self.state is PrimaryState.HANDSHAKE and not isinstance(record, Hello | Error):
+            raise UnexpectedRecord(f"{type(record).__name__} before the secondary's HELLO")
+        if isinstance(record, Ack):
+            self._on_ack(record, now, events)
+        elif isinstance(record, Heartbeat | Unknown):
+            pass
+        elif isinstance(record, Hello):
+            self._on_hello(record, now, events)
+        elif isinstance(record, Goodbye):
+            self.state = PrimaryState.CLOSED
+            events.append(PeerGoodbye(record.reason, record.checkpoint_seq))
+        elif isinstance(record, Error):
+            raise PeerError(record.code, record.message)
+        else:
+            raise UnexpectedRecord(f"primary received {type(record).__name__}")
+
+    def _on_hello(self, hello: Hello, now: float, events: list[Event]) -> None:
+        if self.state is not PrimaryState.HANDSHAKE:
+            raise UnexpectedRecord("second HELLO in one session")
+        if hello.role is not Role.SECONDARY:
+            raise HandshakeError("peer announces itself as primary: two primaries for "
+                                 f"{self.name!r}, refusing")
+        if hello.name != self.name:
+            raise HandshakeError(f"peer replicates VM {hello.name!r}, this is {self.name!r}")
+        if hello.memory_size != self.memory_size:
+            raise HandshakeError(f"peer expects {hello.memory_size} bytes of guest memory, "
+                                 f"this guest has {self.memory_size}")
+        has = bool(hello.flags & HelloFlag.HAVE_CHECKPOINT)
+        if hello.generation > self.generation or (
+                has and hello.generation == self.generation
+                and hello.checkpoint_seq > self.last_sent):
+            raise GenerationError(
+                f"secondary holds newer state (generation {hello.generation}, checkpoint "
+                f"{hello.checkpoint_seq}) than this primary (generation {self.generation}, "
+                f"checkpoint {self.last_sent}): refusing to overwrite it")
+        resume = (has and not self.force_full_sync and hello.generation == self.generation
+                  and hello.checkpoint_seq == self.last_sent)
+        self.peer = hello
+        flags = HelloFlag(0) if resume else HelloFlag.FULL_SYNC
+        self._outbox.append(encode(Hello(self.name, Role.PRIMARY, self.generation,
+                                         self.last_sent, self.memory_size, flags,
+                                         self.capabilities & hello.capabilities)))
+        self.liveness.sent(now)
+        if resume:  # the secondary holds everything up to last_sent
+            self.last_acked = self.last_sent
+        self.state = PrimaryState.PROTECTED if resume else PrimaryState.SYNCING
+        events.append(PeerHello(hello, full_sync=not resume))
+
+    def _on_ack(self, ack: Ack, now: float, events: list[Event]) -> None:
+        if ack.generation != self.generation:
+            raise GenerationError(f"ACK for generation {ack.generation}, "
+                                  f"this primary is generation {self.generation}")
+        if not self.outstanding:
+            raise ProtocolError(f"ACK for checkpoint {ack.seq} but none is outstanding")
+        oldest = next(iter(self.outstanding))
+        if ack.seq != oldest:
+            raise ProtocolError(f"ACK for checkpoint {ack.seq}, expected {oldest}")
+        sent_at = self.outstanding.pop(oldest)
+        self.last_acked = ack.seq
+        events.append(Acked(ack.seq, now - sent_at))
+        if self.sync_seq == ack.seq and self.state is PrimaryState.SYNCING:
+            self.state = PrimaryState.PROTECTED
+            self.sync_seq = None
+            events.append(SyncComplete(ack.seq))

@@ -1,0 +1,377 @@
+"""The secondary's side of a replication session, as a sans-I/O state machine.
+
+Records of a checkpoint are staged (as views into the receive buffers) and
+handed to the `CheckpointSink` only when a CHECKPOINT_END arrives whose
+sequence number, generation, counts and checksum all match. Anything else
+discards the staged checkpoint, logs why, and leaves the sink exactly as the
+last committed checkpoint left it. Only applied checkpoints are ACKed.
+
+The one exception is a full sync: there is no valid previous state to
+protect (the sink was told so by `begin_full_sync`), so pages are written
+through as they arrive and the image becomes valid only at the closing
+CHECKPOINT_END.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import zlib
+from collections.abc import Sequence
+from enum import Enum
+from typing import Protocol
+
+from .codec import (
+    DEFAULT_CAPABILITIES,
+    PAGE_SIZE,
+    Ack,
+    Buffer,
+    CheckpointEnd,
+    Decoder,
+    Device,
+    DiskWrite,
+    Error,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    HelloFlag,
+    Pages,
+    Record,
+    Role,
+    SyncProgress,
+    Unknown,
+    Vcpu,
+    encode,
+)
+from .errors import (
+    ChecksumMismatch,
+    GenerationError,
+    HandshakeError,
+    OutOfOrderCheckpoint,
+    PeerError,
+    ProtocolError,
+    ReplayedCheckpoint,
+    StreamError,
+    TruncatedStream,
+    UnexpectedRecord,
+)
+from .events import (
+    Committed,
+    Discarded,
+    Event,
+    PeerDead,
+    PeerGoodbye,
+    PeerHello,
+    SyncComplete,
+    SyncProgressed,
+)
+from .liveness import Liveness
+
+log = logging.getLogger("kemari.replication.secondary")
+
+# A checkpoint may rewrite every page plus this much of other state before its END.
+STAGING_SLACK = 64 << 20
+
+
+class CheckpointSink(Protocol):
+    """Where applied checkpoints go: the secondary's guest image (or a test image)."""
+
+    def begin_full_sync(self, generation: int) -> None:
+        """The image stops being a valid checkpoint until the next commit()."""
+
+    def apply_pages(self, pfns: Sequence[int], data: Buffer, zero_pfns: Sequence[int]) -> None:
+        """Write the pages of `pfns` (4096 bytes each, in order) and zero `zero_pfns`."""
+
+    def set_vcpu(self, vcpu_id: int, version: int, blob: Buffer) -> None:
+        """Replace one vCPU's state blob (copy it: `blob` views a receive buffer)."""
+
+    def set_device(self, device_id: int, version: int, blob: Buffer) -> None:
+        """Replace one device's state blob (copy it)."""
+
+    def write_disk(self, disk_id: int, sector: int, data: Buffer) -> None:
+        """Write a replicated-disk payload at `sector` (512-byte sectors)."""
+
+    def commit(self, generation: int, seq: int) -> None:
+        """Everything applied since the last commit forms checkpoint `seq`."""
+
+
+class SecondaryState(Enum):
+    HANDSHAKE = "handshake"  # HELLO sent, waiting for the primary's
+    SYNCING = "syncing"  # full sync in progress (image not valid)
+    PROTECTED = "protected"  # applying event-tapped checkpoints
+    CLOSED = "closed"  # GOODBYE received or connection lost
+    FAILED = "failed"  # a StreamError was raised; close the connection
+
+
+class Secondary:
+    """Stages checkpoints and applies each one whole, or not at all."""
+
+    def __init__(
+        self,
+        sink: CheckpointSink,
+        *,
+        name: str,
+        memory_size: int,
+        generation: int,
+        checkpoint_seq: int,
+        has_checkpoint: bool,
+        now: float,
+        capabilities: int = int(DEFAULT_CAPABILITIES),
+        heartbeat_interval: float = 0.5,
+        peer_timeout: float = 3.0,
+    ) -> None:
+        self.sink = sink
+        self.name = name
+        self.memory_size = memory_size
+        self.generation = generation
+        self.checkpoint_seq = checkpoint_seq
+        self.has_checkpoint = has_checkpoint
+        self.state = SecondaryState.HANDSHAKE
+        self.liveness = Liveness(now, heartbeat_interval, peer_timeout)
+        self.peer: Hello | None = None
+        self.checkpoints = 0
+        self.bytes_received = 0
+        self.sync_progress: SyncProgress | None = None
+        self._npages = memory_size // PAGE_SIZE
+        self._staging_limit = memory_size + STAGING_SLACK
+        self._session_generation = generation
+        self._expected_seq = checkpoint_seq + 1
+        self._decoder = Decoder()
+        self._outbox: list[bytes] = []
+        self._heartbeats = 0
+        self._reported_dead = False
+        self._reset_staging()
+        flags = HelloFlag.HAVE_CHECKPOINT if has_checkpoint else HelloFlag(0)
+        self._send(encode(Hello(name, Role.SECONDARY, generation, checkpoint_seq,
+                                memory_size, flags, capabilities)), now)
+
+    # -- driver interface -------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Take bytes from the primary; apply whatever checkpoints they complete."""
+        if self.state is SecondaryState.FAILED:
+            raise ProtocolError("session already failed")
+        if data:
+            self.liveness.received(now)
+            self._reported_dead = False
+            self.bytes_received += len(data)
+        events: list[Event] = []
+        try:
+            for record, raw in self._decoder.feed_raw(data):
+                self._on_record(record, raw, now, events)
+        except StreamError as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
+            raise
+        return events
+
+    def connection_lost(self) -> list[Event]:
+        """The transport closed or failed: a checkpoint in flight is torn."""
+        events: list[Event] = []
+        if self.state in (SecondaryState.CLOSED, SecondaryState.FAILED):
+            return events
+        partial = self._decoder.buffered  # bytes of a record that never completed
+        with contextlib.suppress(TruncatedStream):
+            self._decoder.eof()
+        torn = self._records or partial or self.state is SecondaryState.SYNCING
+        if torn and self.state is not SecondaryState.HANDSHAKE:
+            reason = (f"connection lost in the middle of checkpoint {self._expected_seq} "
+                      f"({self._records} records staged, {partial} bytes of a record)")
+            self._discard(reason)
+            events.append(Discarded(reason))
+        self.state = SecondaryState.CLOSED
+        return events
+
+    def data_to_send(self) -> bytes:
+        """ACKs and heartbeats queued for the primary."""
+        if not self._outbox:
+            return b""
+        out = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def poll(self, now: float) -> list[Event]:
+        """Queue a heartbeat if one is due; report a dead peer once per silence."""
+        if self.state not in (SecondaryState.CLOSED, SecondaryState.FAILED) and \
+                self.liveness.heartbeat_due(now):
+            self._heartbeats += 1
+            self._send(encode(Heartbeat(self._heartbeats, self.checkpoint_seq)), now)
+        if self.liveness.peer_dead(now) and not self._reported_dead:
+            self._reported_dead = True
+            return [PeerDead(now - self.liveness.last_received)]
+        return []
+
+    def next_deadline(self) -> float:
+        return self.liveness.next_deadline()
+
+    # -- records ----------------------------------------------------------
+
+    def _on_record(self, record: Record, raw: memoryview, now: float,
+                   events: list[Event]) -> None:
+        if self.state is SecondaryState.HANDSHAKE:
+            if isinstance(record, Error):
+                raise PeerError(record.code, record.message)
+            if not isinstance(record, Hello):
+                raise UnexpectedRecord(f"{type(record).__name__} before the primary's HELLO")
+            self._on_hello(record, events)
+            return
+        if self.state is SecondaryState.CLOSED:
+            raise UnexpectedRecord(f"{type(record).__name__} after GOODBYE")
+        if isinstance(record, CheckpointEnd):
+            self._on_end(record, events, now)
+            return
+        if isinstance(record, Error):
+            raise PeerError(record.code, record.message)
+        if isinstance(record, Goodbye):
+            if self._records or self.state is SecondaryState.SYNCING:
+                reason = (f"primary said goodbye in the middle of checkpoint "
+                          f"{self._expected_seq}")
+                self._discard(reason)
+                events.append(Discarded(reason))
+            self.state = SecondaryState.CLOSED
+            events.append(PeerGoodbye(record.reason, record.checkpoint_seq))
+            return
+        if isinstance(record, Hello | Ack):
+            raise UnexpectedRecord(f"secondary received {type(record).__name__} mid-session")
+        # Everything else belongs to the next checkpoint's counts and checksum.
+        self._crc = zlib.crc32(raw, self._crc)
+        self._records += 1
+        self._bytes += len(raw)
+        if self._bytes > self._staging_limit:
+            raise ProtocolError(f"checkpoint {self._expected_seq} exceeds {self._staging_limit} "
+                                "bytes without an END")
+        if isinstance(record, Pages):
+            self._check_pages(record)
+            self._pages += record.page_count
+            self._stage(record)
+        elif isinstance(record, Vcpu | Device | DiskWrite):
+            self._stage(record)
+        elif isinstance(record, SyncProgress):
+            if self.state is not SecondaryState.SYNCING:
+                raise UnexpectedRecord("SYNC_PROGRESS outside a full sync")
+            self.sync_progress = record
+            events.append(SyncProgressed(record.round, record.pages_sent,
+                                         record.pages_remaining))
+        else:
+            assert isinstance(record, Heartbeat | Unknown)
+
+    def _on_hello(self, hello: Hello, events: list[Event]) -> None:
+        if hello.role is not Role.PRIMARY:
+            raise HandshakeError(f"peer announces itself as secondary of {hello.name!r}: "
+                                 "nobody would send checkpoints")
+        if hello.name != self.name:
+            raise HandshakeError(f"peer replicates VM {hello.name!r}, this is {self.name!r}")
+        if hello.memory_size != self.memory_size:
+            raise HandshakeError(f"primary has {hello.memory_size} bytes of guest memory, "
+                                 f"this node expects {self.memory_size}")
+        if hello.generation < self.generation or (
+                self.has_checkpoint and hello.generation == self.generation
+                and hello.checkpoint_seq < self.checkpoint_seq):
+            raise GenerationError(
+                f"primary state (generation {hello.generation}, checkpoint "
+                f"{hello.checkpoint_seq}) is older than this node's (generation "
+                f"{self.generation}, checkpoint {self.checkpoint_seq}): a stale primary "
+                "must not overwrite newer state")
+        full = bool(hello.flags & HelloFlag.FULL_SYNC)
+        if not full and not (self.has_checkpoint and hello.generation == self.generation
+                             and hello.checkpoint_seq == self.checkpoint_seq):
+            raise HandshakeError(
+                f"primary resumes after checkpoint {hello.checkpoint_seq} of generation "
+                f"{hello.generation} without a full sync, but this node holds "
+                f"{self.checkpoint_seq if self.has_checkpoint else 'no checkpoint'} of "
+                f"generation {self.generation}")
+        self.peer = hello
+        self._session_generation = hello.generation
+        self._expected_seq = hello.checkpoint_seq + 1
+        if full:
+            self.sink.begin_full_sync(hello.generation)
+            self.has_checkpoint = False
+            self.state = SecondaryState.SYNCING
+        else:
+            self.state = SecondaryState.PROTECTED
+        events.append(PeerHello(hello, full_sync=full))
+
+    def _on_end(self, end: CheckpointEnd, events: list[Event], now: float) -> None:
+        if end.generation != self._session_generation:
+            raise GenerationError(f"checkpoint {end.seq} is of generation {end.generation}, "
+                                  f"the session is generation {self._session_generation}")
+        if end.seq < self._expected_seq:
+            raise ReplayedCheckpoint(f"checkpoint {end.seq} was already applied "
+                                     f"(expected {self._expected_seq}): replay refused")
+        if end.seq > self._expected_seq:
+            raise OutOfOrderCheckpoint(f"checkpoint {end.seq} arrived, expected "
+                                       f"{self._expected_seq}: a checkpoint went missing")
+        mine = (self._records, self._pages, self._bytes, self._crc)
+        theirs = (end.record_count, end.page_count, end.byte_count, end.checksum)
+        if mine != theirs:
+            raise ChecksumMismatch(
+                f"checkpoint {end.seq}: received records/pages/bytes/crc32 {mine[:3]} "
+                f"{mine[3]:#010x}, END says {theirs[:3]} {theirs[3]:#010x}")
+        for record in self._staged:
+            self._apply(record)
+        self.sink.commit(end.generation, end.seq)
+        was_syncing = self.state is SecondaryState.SYNCING
+        self.generation = end.generation
+        self.checkpoint_seq = end.seq
+        self.has_checkpoint = True
+        self.checkpoints += 1
+        self.state = SecondaryState.PROTECTED
+        self._send(encode(Ack(end.seq, end.generation)), now)
+        events.append(Committed(end.seq, end.generation, self._records, self._pages,
+                                self._bytes))
+        if was_syncing:
+            events.append(SyncComplete(end.seq))
+        self._expected_seq = end.seq + 1
+        self._reset_staging()
+
+    # -- staging ----------------------------------------------------------
+
+    def _check_pages(self, pages: Pages) -> None:
+        for pfns in (pages.pfns, pages.zero_pfns):
+            if pfns and max(pfns) >= self._npages:
+                raise ProtocolError(f"PAGES names pfn {max(pfns)}, guest memory has "
+                                    f"{self._npages} pages")
+
+    def _stage(self, record: Pages | Vcpu | Device | DiskWrite) -> None:
+        if self.state is SecondaryState.SYNCING:
+            self._apply(record)  # write-through: no valid state to protect
+        else:
+            self._staged.append(record)
+
+    def _apply(self, record: Record) -> None:
+        if isinstance(record, Pages):
+            self.sink.apply_pages(record.pfns, record.data, record.zero_pfns)
+        elif isinstance(record, Vcpu):
+            self.sink.set_vcpu(record.ident, record.version, record.blob)
+        elif isinstance(record, Device):
+            self.sink.set_device(record.ident, record.version, record.blob)
+        elif isinstance(record, DiskWrite):
+            self.sink.write_disk(record.disk_id, record.sector, record.data)
+
+    def _reset_staging(self) -> None:
+        self._staged: list[Pages | Vcpu | Device | DiskWrite] = []
+        self._crc = 0
+        self._records = 0
+        self._pages = 0
+        self._bytes = 0
+
+    def _discard(self, reason: str) -> None:
+        if self.state is SecondaryState.SYNCING:
+            log.warning("%s: full sync abandoned, no valid checkpoint: %s", self.name, reason)
+        else:
+            log.warning("%s: discarding staged checkpoint (%d records), keeping checkpoint "
+                        "%d of generation %d: %s", self.name, len(self._staged),
+                        self.checkpoint_seq, self.generation, reason)
+        self._reset_staging()
+
+    def _fail(self, reason: str) -> None:
+        if self._records or self.state is SecondaryState.SYNCING:
+            self._discard(reason)
+        else:
+            log.warning("%s: replication session failed, keeping checkpoint %d of "
+                        "generation %d: %s", self.name, self.checkpoint_seq,
+                        self.generation, reason)
+        self.state = SecondaryState.FAILED
+
+    def _send(self, data: bytes, now: float) -> None:
+        self._outbox.append(data)
+        self.liveness.sent(now)

@@ -1,0 +1,269 @@
+"""Two Kemari nodes on one machine (a primary and its secondary), for the
+failover tests: separate run/state directories, loopback replication ports,
+one shared user-mode forward address for the guest. Every daemon started is
+stopped (SIGKILL by PID) at close, even when a test fails."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from helpers import KEMARI, REPO, free_udp_port
+
+from kemari_agent.kvclient import KvClient, NoReply
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    def __init__(self, lab: FtLab, letter: str, listen: int, peer: int) -> None:
+        self.lab, self.letter = lab, letter
+        self.dir = lab.base / letter
+        self.env = dict(os.environ, KEMARI_RUN_DIR=str(self.dir / "run"),
+                        KEMARI_STATE_DIR=str(self.dir / "state"))
+        self.env.pop("KEMARI_FAULT", None)
+        disk = lab.base / ("shared-disk.img" if lab.disk_mode == "shared" else f"disk-{letter}.img")
+        self.config = lab.base / f"{letter}.toml"
+        self.config.write_text(f"""name = "{lab.name}"
+memory_mib = {lab.memory_mib}
+image = "kv"
+[disk]
+path = "{disk}"
+size_mib = 16
+mode = "{lab.disk_mode}"
+[net]
+forward = "127.0.0.1:{lab.forward_port}"
+[replication]
+listen = "127.0.0.1:{listen}"
+peer = "127.0.0.1:{peer}"
+key_file = "{lab.key}"
+mode = "{lab.mode}"
+epoch_ms = {lab.epoch_ms}
+heartbeat_ms = 100
+peer_timeout_ms = {lab.peer_timeout_ms}
+[policy]
+on_peer_loss = "{lab.on_peer_loss}"
+""")
+
+    def kemari(self, *args: str, check: bool = True, fault: str | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+        env = dict(self.env, KEMARI_FAULT=fault) if fault else self.env
+        r = subprocess.run(KEMARI + list(args), env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"node {self.letter}: kemari {' '.join(args)}: "
+                                 f"{r.stderr}\n--- log ---\n{self.log()}")
+        return r
+
+    def start(self, role: str = "secondary", fault: str | None = None) -> None:
+        self.kemari("start", str(self.config), "--role", role, fault=fault)
+        self.lab.pids.add(self.pid())
+
+    def status(self) -> dict:
+        r = self.kemari("status", self.lab.name, "--json", check=False)
+        return json.loads(r.stdout)
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.dir / "run" / f"{self.lab.name}.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def kill(self) -> None:
+        pid = self.pid()
+        assert pid is not None, f"node {self.letter} is not running"
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+
+    def log(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return (self.dir / "run" / f"{self.lab.name}.log").read_text(errors="replace")[-4000:]
+        return ""
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        # a zombie of ours? reap it (daemons are started detached, so normally not)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        with contextlib.suppress(FileNotFoundError):
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not die")
+
+
+class FtLab:
+    def __init__(self, base: Path, disk_mode: str = "shared", mode: str = "tap",
+                 on_peer_loss: str = "continue", epoch_ms: int = 25,
+                 peer_timeout_ms: int = 1000, memory_mib: int = 64) -> None:
+        self.base, self.name = base, "ftvm"
+        self.disk_mode, self.mode, self.on_peer_loss = disk_mode, mode, on_peer_loss
+        self.epoch_ms, self.peer_timeout_ms, self.memory_mib = epoch_ms, peer_timeout_ms, memory_mib
+        self.key = base / "ftvm.key"
+        self.forward_port = free_udp_port()
+        self.addr = ("127.0.0.1", self.forward_port)
+        self.pids: set[int] = set()
+        pa, pb = free_tcp_port(), free_tcp_port()
+        subprocess.run(KEMARI + ["keygen", str(self.key)], cwd=REPO, check=True,
+                       capture_output=True)
+        self.nodes = [Node(self, "a", pa, pb), Node(self, "b", pb, pa)]
+        self.primary, self.secondary = self.nodes
+
+    def start_pair(self) -> None:
+        self.secondary.start("secondary")
+        self.primary.start("primary")
+        self.wait_synced()
+
+    def wait_synced(self, timeout: float = 60) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            st = self.primary.status()
+            if st.get("role") == "primary" and st.get("state") == "synced":
+                return st
+            time.sleep(0.05)
+        raise AssertionError(f"pair never in sync: {self.primary.status()}\n"
+                             f"{self.primary.log()}\n{self.secondary.log()}")
+
+    def wait_protected(self, timeout: float = 60) -> None:
+        """Until the secondary holds a checkpoint of the current primary's generation
+        (the primary may already have died at an armed fault point)."""
+        end = time.monotonic() + timeout
+        gen = self.primary.status().get("generation")
+        while time.monotonic() < end:
+            st = self.secondary.status()
+            if st.get("has_checkpoint") and st.get("generation") == gen and \
+                    st.get("state") != "syncing":
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"secondary never in sync: {self.secondary.status()}\n"
+                             f"{self.primary.log()}\n{self.secondary.log()}")
+
+    def failover(self) -> float:
+        """Kill the primary (if still alive), promote the secondary; returns seconds
+        from the promote command to the first reply from the guest."""
+        if self.primary.pid() is not None:
+            self.primary.kill()
+        t0 = time.monotonic()
+        self.secondary.kemari("promote", self.name)
+        with KvClient(self.addr, timeout=0.2, attempts=50, prefix=f"pr{uuid.uuid4().hex[:8]}") as c:
+            c.get("probe")
+        elapsed = time.monotonic() - t0
+        self.primary, self.secondary = self.secondary, self.primary
+        return elapsed
+
+    def close(self) -> None:
+        for pid in list(self.pids) + [n.pid() for n in self.nodes]:
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(AssertionError):
+                    _wait_gone(pid)
+
+
+@dataclass
+class ClientRecord:
+    """What one client was told: the last acknowledged version of each of its keys,
+    the version in flight, and every INCR value it received."""
+
+    acked: dict[str, int] = field(default_factory=dict)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    incr_values: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Clients:
+    """Concurrent kv clients that keep going through failovers (retrying the same id)."""
+
+    KEYS = 16
+
+    def __init__(self, addr, n: int = 3) -> None:
+        self.addr, self.stop_flag = addr, threading.Event()
+        self.lock = threading.Lock()
+        self.records = [ClientRecord() for _ in range(n)]
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                        for i in range(n)]
+
+    def start(self) -> Clients:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def snapshot(self) -> list[dict[str, int]]:
+        with self.lock:
+            return [dict(r.acked) for r in self.records]
+
+    def _run(self, n: int) -> None:
+        rec = self.records[n]
+        with KvClient(self.addr, timeout=0.15, attempts=200, prefix=f"t{n}") as c:
+            version = 0
+            while not self.stop_flag.is_set():
+                version += 1
+                key = f"c{n}k{version % self.KEYS}"
+                try:
+                    with self.lock:
+                        rec.in_flight[key] = version
+                    r = c.put(key, str(version))
+                    if r.kind != "OK":
+                        rec.errors.append(f"PUT {key}: {r}")
+                        continue
+                    with self.lock:
+                        rec.acked[key] = version
+                    r = c.incr("shared")
+                    if r.kind != "VAL":
+                        rec.errors.append(f"INCR: {r}")
+                        continue
+                    with self.lock:
+                        rec.incr_values.append(int(r.value))
+                except NoReply as exc:
+                    rec.errors.append(str(exc))
+                    return
+
+
+def check_acked_puts(addr, acked_before: list[dict[str, int]]) -> list[str]:
+    """Every PUT acknowledged before the failover is still readable (or overwritten
+    by a newer version of the same client)."""
+    lost = []
+    with KvClient(addr, timeout=0.2, attempts=50, prefix=f"chk{uuid.uuid4().hex[:8]}") as c:
+        for snapshot in acked_before:
+            for key, version in snapshot.items():
+                got = c.get(key)
+                if got.kind != "VAL" or int(got.value) < version:
+                    lost.append(f"{key}: acknowledged version {version}, now {got}")
+    return lost
+
+
+def check_counter(addr, records: list[ClientRecord]) -> list[str]:
+    problems = []
+    values = [v for r in records for v in r.incr_values]
+    dupes = len(values) - len(set(values))
+    if dupes:
+        problems.append(f"{dupes} INCR values were handed out twice")
+    with KvClient(addr, timeout=0.2, attempts=50, prefix=f"cc{uuid.uuid4().hex[:8]}") as c:
+        now = int(c.get("shared").value or 0)
+    if values and now < max(values):
+        problems.append(f"counter went backwards: {now} < acknowledged {max(values)}")
+    return problems

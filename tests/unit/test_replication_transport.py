@@ -1,0 +1,271 @@
+"""TLS transport over real loopback TCP: only holders of the key file get a channel,
+and a primary and secondary exchange a full sync, a checkpoint and its ACK."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kemari_agent.replication import keys, transport
+from kemari_agent.replication.codec import (
+    PAGE_SIZE,
+    Hello,
+    HelloFlag,
+    Role,
+    Vcpu,
+    encode,
+    encode_error,
+)
+from kemari_agent.replication.errors import (
+    AuthenticationError,
+    PeerError,
+    StreamError,
+    UnsupportedVersion,
+)
+from kemari_agent.replication.events import Acked, Committed, Discarded, SyncComplete
+from kemari_agent.replication.image import ImageSink
+from kemari_agent.replication.primary import Primary
+from kemari_agent.replication.secondary import Secondary
+
+pytestmark = pytest.mark.unit
+
+MEM = 256 * PAGE_SIZE
+
+
+@pytest.fixture(scope="module")
+def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("keys")
+    keys.keygen(d / "vm.key")
+    keys.keygen(d / "other.key")
+    pem = (d / "vm.key").read_bytes()
+    (d / "vm.crt").write_bytes(pem[pem.index(b"-----BEGIN CERTIFICATE"):])
+    return d
+
+
+class Server:
+    """Runs `accept` (and then `then(channel)`) in a thread; keeps result or exception."""
+
+    def __init__(self, key: Path, then: Callable[[transport.Channel], Any] | None = None,
+                 **accept_kw: Any) -> None:
+        self.listener = transport.listen(str(key))
+        self.address = self.listener.address
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.received = b""
+
+        def run() -> None:
+            try:
+                ch = self.listener.accept(timeout=10, **accept_kw)
+                with ch:
+                    self.result = then(ch) if then else ch
+            except BaseException as exc:  # noqa: BLE001 - reported to the test
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive()
+        self.listener.close()
+
+
+def test_keygen_writes_one_private_file_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "kv1.key"
+    keys.keygen(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    pem = path.read_bytes()
+    assert pem.count(b"-----BEGIN PRIVATE KEY-----") == 1
+    assert pem.count(b"-----BEGIN CERTIFICATE-----") == 1
+    with pytest.raises(FileExistsError):
+        keys.keygen(path)
+    assert path.read_bytes() == pem
+    keys.keygen(path, overwrite=True)
+    assert path.read_bytes() != pem
+    assert os.listdir(path.parent) == ["kv1.key"]
+
+
+def test_key_file_checks_are_clear(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    keys.keygen(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(keys.KeyFileError, match="too open"):
+        transport.listen(str(path))
+    path.write_bytes(b"not a key")
+    os.chmod(path, 0o600)
+    with pytest.raises(keys.KeyFileError, match="not a Kemari key file"):
+        transport.connect(str(path), "127.0.0.1", 1)
+    with pytest.raises(keys.KeyFileError, match="cannot read"):
+        keys.check_key_file(tmp_path / "missing")
+
+
+def test_client_with_another_key_is_refused(keydir: Path) -> None:
+    server = Server(keydir / "vm.key")
+    with pytest.raises(AuthenticationError):
+        transport.connect(str(keydir / "other.key"), *server.address)
+    server.join()
+    assert isinstance(server.error, AuthenticationError)
+
+
+def test_client_that_trusts_the_server_but_lacks_the_key_is_refused(keydir: Path) -> None:
+    """An attacker with the (public) certificate but another private key."""
+    server = Server(keydir / "vm.key")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(str(keydir / "vm.crt"))
+    ctx.load_cert_chain(str(keydir / "other.key"))
+    with socket.create_connection(server.address, timeout=5) as raw, \
+            pytest.raises((ssl.SSLError, ConnectionError)):
+        tls = ctx.wrap_socket(raw)
+        tls.sendall(encode(Hello("kv1", Role.PRIMARY, 9, 0, MEM, HelloFlag.FULL_SYNC)))
+        data = tls.recv(100)  # no byte of the stream: an alert, or a plain close
+        raise ConnectionError(f"closed after {data!r}")
+    server.join()
+    assert isinstance(server.error, AuthenticationError)
+    assert "certificate" in str(server.error).lower() or "unknown ca" in str(server.error)
+
+
+def test_server_with_another_key_is_refused(keydir: Path) -> None:
+    server = Server(keydir / "other.key")
+    with pytest.raises(AuthenticationError, match="certificate verify failed"):
+        transport.connect(str(keydir / "vm.key"), *server.address)
+    server.join()
+    assert isinstance(server.error, AuthenticationError)
+
+
+def test_plain_tcp_client_sending_garbage_never_gets_a_channel(keydir: Path) -> None:
+    server = Server(keydir / "vm.key")
+    reply = b""
+    with socket.create_connection(server.address, timeout=5) as raw:
+        try:  # the server may hang up before all of it is sent
+            raw.sendall(encode(Hello("kv1", Role.PRIMARY, 9, 0, MEM, HelloFlag.FULL_SYNC)))
+            raw.sendall(os.urandom(4096))
+            while chunk := raw.recv(4096):
+                reply += chunk
+        except ConnectionError:
+            pass
+    server.join()
+    assert isinstance(server.error, AuthenticationError)
+    assert b"KEMARIRS" not in reply  # at most a TLS alert came back
+
+
+def test_silent_client_times_out_in_the_handshake(keydir: Path) -> None:
+    server = Server(keydir / "vm.key", handshake_timeout=0.3)
+    with socket.create_connection(server.address, timeout=5):
+        server.join()
+    assert isinstance(server.error, transport.TransportTimeout)
+
+
+def _run_secondary(sink: ImageSink) -> Callable[[transport.Channel], list]:
+    def run(ch: transport.Channel) -> list:
+        sec = Secondary(sink, name="kv1", memory_size=MEM, generation=0, checkpoint_seq=0,
+                        has_checkpoint=False, now=time.monotonic())
+        events: list = []
+        ch.send_all(sec.data_to_send())
+        while True:
+            data = ch.recv_some()
+            if not data:
+                return events + sec.connection_lost()
+            try:
+                events += sec.receive_data(data, time.monotonic())
+            except StreamError as exc:
+                ch.send_all(encode_error(exc))
+                return [*events, exc]
+            if out := sec.data_to_send():
+                ch.send_all(out)
+    return run
+
+
+def test_primary_and_secondary_exchange_a_checkpoint_and_ack(keydir: Path) -> None:
+    sink = ImageSink(MEM)
+    server = Server(keydir / "vm.key", then=_run_secondary(sink))
+    mem = bytearray(os.urandom(MEM))
+    with transport.connect(str(keydir / "vm.key"), *server.address) as ch:
+        prim = Primary(name="kv1", memory_size=MEM, generation=1, checkpoint_seq=0,
+                       now=time.monotonic())
+
+        def pump() -> list:
+            while True:
+                events = prim.receive_data(ch.recv_some(), time.monotonic())
+                if events:
+                    return events
+
+        assert pump()[0].full_sync
+        prim.sync_pages(mem, range(MEM // PAGE_SIZE), now=time.monotonic())
+        prim.end_sync_round(0, now=time.monotonic())
+        prim.checkpoint(mem, [], [Vcpu(0, 1, b"regs")], now=time.monotonic())
+        ch.send_all(prim.data_to_send())
+        events = pump()
+        assert [type(e) for e in events] == [Acked, SyncComplete]
+        mem[5 * PAGE_SIZE:37 * PAGE_SIZE] = os.urandom(32 * PAGE_SIZE)
+        seq = prim.checkpoint(mem, range(5, 37), now=time.monotonic())
+        ch.send_all(prim.data_to_send())
+        (acked,) = pump()
+        assert acked.seq == seq and prim.is_acked(seq)
+    server.join()
+    assert server.error is None
+    assert [type(e) for e in server.result][-3:] == [Committed, SyncComplete, Committed]
+    assert bytes(sink.memory) == bytes(mem)
+    assert sink.vcpus == {0: (1, b"regs")}
+
+
+def test_wrong_version_hello_is_rejected_with_a_clear_error(keydir: Path) -> None:
+    sink = ImageSink(MEM)
+    server = Server(keydir / "vm.key", then=_run_secondary(sink))
+    with transport.connect(str(keydir / "vm.key"), *server.address) as ch:
+        hello = bytearray(encode(Hello("kv1", Role.PRIMARY, 1, 0, MEM, HelloFlag.FULL_SYNC)))
+        struct.pack_into("<H", hello, 16, 2)  # a future stream version
+        ch.send_all(bytes(hello))
+        prim = Primary(name="kv1", memory_size=MEM, generation=1, checkpoint_seq=0, now=0.0)
+        data = b""
+        while chunk := ch.recv_some():
+            data += chunk
+        with pytest.raises(PeerError, match="version 2, this node speaks 1"):
+            prim.receive_data(data, 0.0)
+    server.join()
+    assert isinstance(server.result[-1], UnsupportedVersion)
+    assert sink.commits == 0
+
+
+def test_primary_dying_mid_checkpoint_leaves_the_secondary_intact(keydir: Path) -> None:
+    sink = ImageSink(MEM)
+    server = Server(keydir / "vm.key", then=_run_secondary(sink))
+    mem = bytearray(os.urandom(MEM))
+    with transport.connect(str(keydir / "vm.key"), *server.address) as ch:
+        prim = Primary(name="kv1", memory_size=MEM, generation=1, checkpoint_seq=0, now=0.0)
+        while not prim.receive_data(ch.recv_some(), 0.0):
+            pass
+        prim.end_sync_round(0, now=0.0)
+        prim.checkpoint(mem, range(MEM // PAGE_SIZE), now=0.0)
+        ch.send_all(prim.data_to_send())
+        while not prim.receive_data(ch.recv_some(), 0.0):
+            pass
+        synced = bytes(sink.memory)
+        mem[0:PAGE_SIZE * 8] = os.urandom(PAGE_SIZE * 8)
+        prim.checkpoint(mem, range(8), now=0.0)
+        data = prim.data_to_send()
+        ch.send_all(data[:len(data) // 2])  # then the primary "dies"
+    server.join()
+    assert isinstance(server.result[-1], Discarded)
+    assert bytes(sink.memory) == synced and sink.checkpoint_seq == 1
+
+
+def test_channel_reports_timeout_and_orderly_close(keydir: Path) -> None:
+    server = Server(keydir / "vm.key", then=lambda ch: ch.recv_some())
+    with transport.connect(str(keydir / "vm.key"), *server.address, timeout=0.2) as ch:
+        with pytest.raises(transport.TransportTimeout):
+            ch.recv_some()
+        ch.send_all(b"bye")
+        ch.settimeout(5)
+        server.join()
+        assert server.result == b"bye"
+        assert ch.recv_some() == b""  # the server closed its end

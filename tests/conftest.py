@@ -26,3 +26,13 @@ def netlab():
         yield lab
     finally:
         lab.close()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--torture-trials", type=int, default=50,
+                     help="failovers per torture test (default 50)")
+
+
+@pytest.fixture
+def torture_trials(request) -> int:
+    return request.config.getoption("--torture-trials")

@@ -35,7 +35,8 @@ class Node:
         self.env = dict(os.environ, KEMARI_RUN_DIR=str(self.dir / "run"),
                         KEMARI_STATE_DIR=str(self.dir / "state"))
         self.env.pop("KEMARI_FAULT", None)
-        disk = lab.base / ("shared-disk.img" if lab.disk_mode == "shared" else f"disk-{letter}.img")
+        self.disk = disk = lab.base / ("shared-disk.img" if lab.disk_mode == "shared"
+                                       else f"disk-{letter}.img")
         self.config = lab.base / f"{letter}.toml"
         self.config.write_text(f"""name = "{lab.name}"
 memory_mib = {lab.memory_mib}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import threading
 import time
 
@@ -40,6 +41,7 @@ VCPU_FAST = 2          # ... or what a CPL-3 guest can change (applied on top of
 FULL_VCPU_EVERY_S = 1.0
 DEVICE_BLOB_VERSION = 1
 SYNC_BATCH_PAGES = 512
+DISK_CHUNK_SECTORS = 128      # 64 KiB per DISK_WRITE record in a full sync
 RECONNECT_S = 0.5
 
 
@@ -68,6 +70,7 @@ class Protector:
         self.last_error: str | None = None
         self._next_epoch = time.monotonic() + self.epoch_s
         self._last_full_vcpu = 0.0
+        self._disk_dirty: set[int] | None = None     # disk chunks written during a sync
         self._held_frames: list[tuple[int, list[bytes]]] = []   # epoch mode: (seq, frames)
         self.faults = Faults()
         self._closing = threading.Event()
@@ -147,6 +150,8 @@ class Protector:
         started = time.monotonic()
         # Restarting the log makes every page dirty: round 0 sends all memory.
         self.vmm.call_in_loop(self._restart_dirty_log)
+        if self.replicated_disk and self.vmm.block is not None:
+            self._sync_disk(link)
         pfns = self.machine.harvest_dirty()
         total = len(pfns)
         while True:
@@ -171,11 +176,42 @@ class Protector:
         if self.machine.tracking_dirty:
             self.machine.stop_dirty_tracking()
         self.machine.start_dirty_tracking()
+        if self.replicated_disk and self.vmm.block is not None:
+            self._disk_dirty = set()
+            self.vmm.block.write_observer = self._note_disk_write
+
+    def _note_disk_write(self, sector: int, data: bytes) -> None:
+        """Loop thread, during a full sync: these sectors go again at its end."""
+        if self._disk_dirty is not None:
+            for chunk in range(sector // DISK_CHUNK_SECTORS,
+                               (sector + len(data) // 512 - 1) // DISK_CHUNK_SECTORS + 1):
+                self._disk_dirty.add(chunk)
+
+    def _sync_disk(self, link: Link) -> None:
+        """Connector thread: the whole replicated disk, while the guest runs."""
+        block = self.vmm.block
+        chunks = (block.sectors + DISK_CHUNK_SECTORS - 1) // DISK_CHUNK_SECTORS
+        for chunk in range(chunks):
+            link.sm.sync_disk([self._disk_chunk(chunk)], now=time.monotonic())
+            link.flush()
+            if chunk % 64 == 0:
+                self._check_peer_events(link.drain())
+
+    def _disk_chunk(self, chunk: int) -> DiskWrite:
+        block = self.vmm.block
+        sector = chunk * DISK_CHUNK_SECTORS
+        count = min(DISK_CHUNK_SECTORS, block.sectors - sector)
+        return DiskWrite(0, sector, os.pread(block.fd, count * 512, sector * 512))
 
     def _finish_sync(self, link: Link, leftover: list[int]) -> None:
         """Loop thread, vCPU stopped: the closing checkpoint, then tapped mode."""
         pfns = sorted(set(leftover) | set(self.machine.harvest_dirty()))
-        seq = link.sm.checkpoint(self.machine.mem, pfns, self._state_records(full=True),
+        records = self._state_records(full=True)
+        if self._disk_dirty is not None:
+            records += [self._disk_chunk(c) for c in sorted(self._disk_dirty)]
+            self._disk_dirty = None
+            self.vmm.block.write_observer = None
+        seq = link.sm.checkpoint(self.machine.mem, pfns, records,
                                  now=time.monotonic(), detect_zero=True)
         link.flush()
         link.wait_for(lambda: link.sm.is_acked(seq), self.timeout_s)

@@ -219,6 +219,17 @@ class Primary:
         self._queue(parts, nrecords, npages, now)
         self.sync_pages_sent += npages
 
+    def sync_disk(self, writes: Sequence[DiskWrite], *, now: float) -> None:
+        """Queue replicated-disk contents during a full sync's rounds (guest running).
+        Sectors the guest writes meanwhile must be sent again in the closing
+        checkpoint, like pages dirtied during a round."""
+        if self.state is not PrimaryState.SYNCING or self.sync_seq is not None:
+            raise RuntimeError("sync_disk is only allowed during a full sync's rounds")
+        parts: list[Buffer] = []
+        for write in writes:
+            parts.extend(encode_parts(write))
+        self._queue(parts, len(writes), 0, now)
+
     def end_sync_round(self, pages_remaining: int, *, now: float) -> bool:
         """Close a pre-copy round, `pages_remaining` being the pages dirtied during it.
 

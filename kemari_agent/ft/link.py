@@ -17,10 +17,13 @@ class SessionLost(Exception):
 
 
 class Link:
-    def __init__(self, channel: Channel, machine) -> None:
+    def __init__(self, channel: Channel, machine, io_timeout: float) -> None:
+        """`io_timeout`: the longest a read of a started TLS record may block."""
         self.channel = channel
         self.sm = machine
         self.closed = False
+        self.io_timeout = io_timeout
+        channel.settimeout(io_timeout)
 
     def fileno(self) -> int:
         return self.channel.fileno()
@@ -73,7 +76,7 @@ class Link:
                 raise SessionLost(f"no answer from the peer within {timeout:.1f} s")
             self.channel.settimeout(left)
             events += self.read()
-        self.channel.settimeout(None)
+        self.channel.settimeout(self.io_timeout)
         return events
 
     def close(self) -> None:

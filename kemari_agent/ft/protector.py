@@ -140,7 +140,7 @@ class Protector:
                      generation=self.node.generation, checkpoint_seq=self.last_seq, now=now,
                      heartbeat_interval=self.heartbeat_s, peer_timeout=self.timeout_s,
                      force_full_sync=True)
-        link = Link(channel, sm)
+        link = Link(channel, sm, self.timeout_s)
         link.flush()
         link.wait_for(lambda: sm.state is not PrimaryState.HANDSHAKE, self.timeout_s)
         if sm.state is not PrimaryState.SYNCING:

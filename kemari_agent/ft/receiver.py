@@ -115,7 +115,8 @@ class Receiver:
                 "bytes_received": self.bytes_received + (link.sm.bytes_received if link else 0),
                 "bytes_sent": 0, "latency_us": {"p50": None, "p99": None},
                 "sync": self.sync_progress,
-                "last_error": self.rejections[-1] if self.rejections else None}
+                "last_error": self.rejections[-1] if self.rejections else None,
+                "recent_errors": self.rejections[-5:]}
 
     def checkpoint_state(self) -> tuple[list[bytes], bytes]:
         """The last applied checkpoint's vCPU blobs (to load in order) and device state."""
@@ -173,7 +174,7 @@ class Receiver:
                        has_checkpoint=self.has_checkpoint, now=time.monotonic(),
                        heartbeat_interval=repl.heartbeat_ms / 1000,
                        peer_timeout=repl.peer_timeout_ms / 1000)
-        self.link = Link(channel, sm)
+        self.link = Link(channel, sm, repl.peer_timeout_ms / 1000)
         self.peer = f"{channel.peer[0]}:{channel.peer[1]}"
         self.handed_over = False
         try:

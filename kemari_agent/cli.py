@@ -20,12 +20,37 @@ def _run(args: argparse.Namespace) -> int:
     return run(config, restore=Path(args.restore).resolve() if args.restore else None)
 
 
-def _status(args: argparse.Namespace) -> int:
+def _get_status(name: str) -> dict:
     try:
-        reply = request(paths.socket_path(args.name), "status", timeout=10)
+        reply = request(paths.socket_path(name), "status", timeout=10)
     except NotRunning:
-        reply = {"name": args.name, "pid": None, "role": "stopped", "state": "stopped"}
+        reply = {"name": name, "pid": None, "role": "stopped", "state": "stopped"}
     reply.pop("ok", None)
+    return reply
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """Redraw one status line (with the full sync's progress bar) until synced or ^C."""
+    import time
+
+    from .progress import line
+    last = ""
+    while True:
+        st = _get_status(args.name)
+        text = line(st)
+        sys.stdout.write("\r" + text.ljust(len(last)))
+        sys.stdout.flush()
+        last = text
+        if st["role"] == "stopped" or (args.until_synced and st["state"] == "synced"):
+            sys.stdout.write("\n")
+            return 0 if st["role"] != "stopped" else 3
+        time.sleep(0.2)
+
+
+def _status(args: argparse.Namespace) -> int:
+    if args.watch or args.until_synced:
+        return _watch(args)
+    reply = _get_status(args.name)
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
     else:
@@ -115,6 +140,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show a VM's state")
     s.add_argument("name")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--watch", action="store_true",
+                   help="keep redrawing (progress bar during a full sync)")
+    s.add_argument("--until-synced", action="store_true",
+                   help="like --watch, and return once the pair is in sync")
     s.set_defaults(func=_status)
 
     st = sub.add_parser("stop", help="stop a VM's daemon")

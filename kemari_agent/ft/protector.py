@@ -318,6 +318,8 @@ class Protector:
     def _release_acked_frames(self) -> None:
         link = self.link
         while self._held_frames and link is not None and link.sm.is_acked(self._held_frames[0][0]):
+            if self.faults.due("after-ack"):
+                self.faults.die()
             _seq, frames = self._held_frames.pop(0)
             for f in frames:
                 self.vmm.net.send_frame(f)

@@ -9,8 +9,8 @@ import random
 import time
 
 import pytest
-
 from ftlab import FtLab
+
 from kemari_agent.control import request
 from kemari_agent.replication import transport
 from kemari_agent.replication.codec import Device, Hello, HelloFlag, Role, Vcpu, encode

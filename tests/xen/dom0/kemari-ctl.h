@@ -1,0 +1,48 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * Thin wrappers around XEN_DOMCTL_kemari and the few other hypercalls the
+ * dom0 test needs, issued through libxencall (privcmd).
+ */
+#ifndef KEMARI_CTL_H
+#define KEMARI_CTL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define KEMARI_MAX_PORTS 4096
+
+struct kemari_ctl;
+
+struct kemari_state {
+	uint32_t flags;		/* XEN_DOMCTL_KEMARI_F_* */
+	uint32_t nr_held;
+	uint8_t held[KEMARI_MAX_PORTS / 8];
+};
+
+struct kemari_ctl *kemari_open(void);
+void kemari_close(struct kemari_ctl *k);
+
+/* All return 0 or a negative errno; state may be NULL. */
+int kemari_arm(struct kemari_ctl *k, uint16_t dom, const uint32_t *ports,
+	       unsigned int nr, struct kemari_state *state);
+int kemari_simple_op(struct kemari_ctl *k, uint16_t dom, uint32_t op,
+		     struct kemari_state *state);
+int kemari_get_held(struct kemari_ctl *k, uint16_t dom,
+		    struct kemari_state *state);
+int kemari_alloc_unbound(struct kemari_ctl *k, uint16_t dom, uint32_t port,
+			 uint16_t remote);
+
+/* Whether the toolstack sees the domain as paused (XEN_DOMINF_paused). */
+int kemari_dom_paused(struct kemari_ctl *k, uint16_t dom, bool *paused);
+
+/* EVTCHNOP_status of dom's port: its state and, if interdomain, the peer. */
+int kemari_evtchn_status(struct kemari_ctl *k, uint16_t dom, uint32_t port,
+			 uint32_t *status, uint16_t *peer_dom,
+			 uint32_t *peer_port);
+
+static inline bool kemari_port_held(const struct kemari_state *s, uint32_t p)
+{
+	return p < KEMARI_MAX_PORTS && (s->held[p / 8] & (1u << (p % 8)));
+}
+
+#endif

@@ -1,0 +1,335 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * kemari-tap-test: exercise the Kemari event-channel tap of a running domU
+ * from dom0, printing one "KEMARI-CHECK <name> PASS|FAIL <detail>" line per
+ * check and a final "KEMARI-RESULT PASS|FAIL".
+ *
+ * usage: kemari-tap-test --domid N --port NAME=PORT... [--while-held CMD]
+ *                        [--max-cycles N] [--virq-timeout SEC]
+ *
+ * Each cycle: wait for VIRQ_KEMARI, check the domU is paused with only
+ * tapped ports held, run CMD (which checks the guest makes no progress),
+ * release, check it runs again.  Cycles repeat until every kind of port
+ * (the part of NAME before '-', e.g. vbd, vif) has been seen held.
+ */
+#define __XEN_TOOLS__ 1
+
+#include <errno.h>
+#include <getopt.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <xenevtchn.h>
+#include <xen/xen.h>
+#include <xen/domctl.h>
+#include <xen/event_channel.h>
+
+#include "kemari-ctl.h"
+
+#define MAX_TAPPED 16
+
+struct tapped {
+	char name[32];
+	uint32_t port;
+	bool seen_held;
+};
+
+static int failures;
+
+static bool check(bool ok, const char *name, const char *fmt, ...)
+{
+	va_list ap;
+
+	printf("KEMARI-CHECK %s %s ", name, ok ? "PASS" : "FAIL");
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf("\n");
+	fflush(stdout);
+	if (!ok)
+		failures++;
+	return ok;
+}
+
+static double now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* Wait for an event on our VIRQ port; returns 0, or -ETIMEDOUT. */
+static int wait_virq(xenevtchn_handle *xce, evtchn_port_t virq_port,
+		     int timeout_s)
+{
+	struct pollfd pfd = { .fd = xenevtchn_fd(xce), .events = POLLIN };
+	double deadline = now_ms() + timeout_s * 1e3;
+	xenevtchn_port_or_error_t p;
+
+	for (;;) {
+		int left = (int)(deadline - now_ms());
+
+		if (left <= 0 || poll(&pfd, 1, left) <= 0)
+			return -ETIMEDOUT;
+		p = xenevtchn_pending(xce);
+		if (p < 0)
+			continue;
+		xenevtchn_unmask(xce, p);
+		if ((evtchn_port_t)p == virq_port)
+			return 0;
+	}
+}
+
+static void describe_held(const struct kemari_state *s, char *buf, size_t len)
+{
+	size_t off = 0;
+	uint32_t p;
+
+	buf[0] = '\0';
+	for (p = 0; p < KEMARI_MAX_PORTS && off < len; p++)
+		if (kemari_port_held(s, p))
+			off += snprintf(buf + off, len - off, "%s%u",
+					off ? "," : "", p);
+}
+
+static bool kinds_all_seen(const struct tapped *t, unsigned int nr)
+{
+	unsigned int i, j;
+
+	for (i = 0; i < nr; i++) {
+		size_t klen = strcspn(t[i].name, "-");
+		bool seen = false;
+
+		for (j = 0; j < nr; j++)
+			if (!strncmp(t[i].name, t[j].name, klen) &&
+			    t[j].seen_held)
+				seen = true;
+		if (!seen)
+			return false;
+	}
+	return true;
+}
+
+static void run_cycle(struct kemari_ctl *k, xenevtchn_handle *xce,
+		      evtchn_port_t virq_port, uint16_t dom,
+		      struct tapped *t, unsigned int nr, int cycle,
+		      const char *while_held, int virq_timeout)
+{
+	struct kemari_state st;
+	char name[64], held[256], cmd[512];
+	double t0 = now_ms();
+	bool paused, only_tapped = true;
+	unsigned int i, n = 0;
+	int rc;
+
+	rc = wait_virq(xce, virq_port, virq_timeout);
+	snprintf(name, sizeof(name), "cycle%d.virq", cycle);
+	if (!check(rc == 0, name, "waited_ms=%.0f", now_ms() - t0))
+		return;
+
+	rc = kemari_get_held(k, dom, &st);
+	describe_held(&st, held, sizeof(held));
+	snprintf(name, sizeof(name), "cycle%d.paused_flag", cycle);
+	check(!rc && (st.flags & XEN_DOMCTL_KEMARI_F_PAUSED) &&
+	      (st.flags & XEN_DOMCTL_KEMARI_F_ARMED), name,
+	      "rc=%d flags=%#x", rc, st.flags);
+
+	for (i = 0; i < KEMARI_MAX_PORTS; i++) {
+		unsigned int j;
+		bool known = false;
+
+		if (!kemari_port_held(&st, i))
+			continue;
+		n++;
+		for (j = 0; j < nr; j++) {
+			if (t[j].port == i) {
+				known = true;
+				t[j].seen_held = true;
+				printf("KEMARI-HELD cycle=%d port=%u name=%s\n",
+				       cycle, i, t[j].name);
+			}
+		}
+		only_tapped &= known;
+	}
+	snprintf(name, sizeof(name), "cycle%d.held_ports", cycle);
+	check(n > 0 && n == st.nr_held && only_tapped, name,
+	      "held=%s nr_held=%u", held, st.nr_held);
+
+	rc = kemari_dom_paused(k, dom, &paused);
+	snprintf(name, sizeof(name), "cycle%d.domain_paused", cycle);
+	check(!rc && paused, name, "rc=%d xl_paused=%d", rc, paused);
+
+	if (while_held) {
+		snprintf(cmd, sizeof(cmd), "%s %d", while_held, cycle);
+		fflush(stdout);
+		rc = system(cmd);
+		snprintf(name, sizeof(name), "cycle%d.guest_stalled", cycle);
+		check(rc == 0, name, "cmd_status=%d", rc);
+	}
+
+	t0 = now_ms();
+	rc = kemari_simple_op(k, dom, XEN_DOMCTL_KEMARI_RELEASE, &st);
+	snprintf(name, sizeof(name), "cycle%d.release", cycle);
+	check(!rc && !(st.flags & XEN_DOMCTL_KEMARI_F_PAUSED) &&
+	      (st.flags & XEN_DOMCTL_KEMARI_F_ARMED), name,
+	      "rc=%d flags=%#x took_ms=%.2f", rc, st.flags, now_ms() - t0);
+
+	/* A new hold may follow at once; only require no stale held ports. */
+	rc = kemari_dom_paused(k, dom, &paused);
+	kemari_get_held(k, dom, &st);
+	snprintf(name, sizeof(name), "cycle%d.resumed", cycle);
+	check(!rc && (!paused || (st.flags & XEN_DOMCTL_KEMARI_F_PAUSED)),
+	      name, "xl_paused=%d tap_flags=%#x", paused, st.flags);
+}
+
+static void test_alloc_unbound(struct kemari_ctl *k, xenevtchn_handle *xce,
+			       uint16_t dom, uint32_t port)
+{
+	xenevtchn_port_or_error_t local;
+	uint32_t status = 0, peer_port = 0;
+	uint16_t peer_dom = 0xffff;
+	int rc;
+
+	rc = kemari_alloc_unbound(k, dom, port, 0);
+	check(rc == 0, "alloc_unbound", "port=%u rc=%d", port, rc);
+	rc = kemari_evtchn_status(k, dom, port, &status, &peer_dom, &peer_port);
+	check(!rc && status == EVTCHNSTAT_unbound && peer_dom == 0,
+	      "alloc_unbound.status", "rc=%d status=%u remote_dom=%u", rc,
+	      status, peer_dom);
+	rc = kemari_alloc_unbound(k, dom, port, 0);
+	check(rc == -EBUSY, "alloc_unbound.busy", "rc=%d", rc);
+
+	/* The backend side binds to it as on first connection. */
+	local = xenevtchn_bind_interdomain(xce, dom, port);
+	check(local >= 0, "alloc_unbound.bind", "dom0_port=%d", local);
+	if (local < 0)
+		return;
+	rc = kemari_evtchn_status(k, dom, port, &status, &peer_dom, &peer_port);
+	check(!rc && status == EVTCHNSTAT_interdomain && peer_dom == 0 &&
+	      peer_port == (uint32_t)local, "alloc_unbound.interdomain",
+	      "rc=%d status=%u peer=%u:%u", rc, status, peer_dom, peer_port);
+	xenevtchn_unbind(xce, local);
+}
+
+static void usage(void)
+{
+	fprintf(stderr, "usage: kemari-tap-test --domid N --port NAME=PORT... "
+		"[--while-held CMD] [--max-cycles N] [--virq-timeout SEC]\n");
+	exit(2);
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "domid", required_argument, NULL, 'd' },
+		{ "port", required_argument, NULL, 'p' },
+		{ "while-held", required_argument, NULL, 'w' },
+		{ "max-cycles", required_argument, NULL, 'm' },
+		{ "virq-timeout", required_argument, NULL, 't' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct tapped t[MAX_TAPPED];
+	uint32_t ports[MAX_TAPPED], max_port = 0;
+	unsigned int nr = 0, i;
+	const char *while_held = NULL;
+	int dom = -1, max_cycles = 8, virq_timeout = 30, c, rc, cycle;
+	struct kemari_state st;
+	struct kemari_ctl *k;
+	xenevtchn_handle *xce;
+	xenevtchn_port_or_error_t virq_port;
+	char *eq;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (c) {
+		case 'd':
+			dom = atoi(optarg);
+			break;
+		case 'p':
+			eq = strchr(optarg, '=');
+			if (!eq || nr == MAX_TAPPED || eq - optarg >= 32)
+				usage();
+			snprintf(t[nr].name, sizeof(t[nr].name), "%.*s",
+				 (int)(eq - optarg), optarg);
+			t[nr].port = strtoul(eq + 1, NULL, 0);
+			t[nr].seen_held = false;
+			ports[nr] = t[nr].port;
+			if (t[nr].port > max_port)
+				max_port = t[nr].port;
+			nr++;
+			break;
+		case 'w':
+			while_held = optarg;
+			break;
+		case 'm':
+			max_cycles = atoi(optarg);
+			break;
+		case 't':
+			virq_timeout = atoi(optarg);
+			break;
+		default:
+			usage();
+		}
+	}
+	if (dom <= 0 || !nr)
+		usage();
+
+	k = kemari_open();
+	xce = xenevtchn_open(NULL, 0);
+	if (!check(k && xce, "open", "privcmd=%d evtchn=%d", !!k, !!xce))
+		return 1;
+	virq_port = xenevtchn_bind_virq(xce, VIRQ_KEMARI);
+	if (!check(virq_port >= 0, "virq_bind", "virq=%d port=%d errno=%d",
+		   VIRQ_KEMARI, virq_port, virq_port < 0 ? errno : 0))
+		return 1;
+
+	/* The controller must not be able to tap itself (FLASK: -EACCES). */
+	rc = kemari_arm(k, 0, ports, nr, NULL);
+	check(rc == -EINVAL || rc == -EACCES, "refuse_dom0", "rc=%d", rc);
+
+	rc = kemari_arm(k, dom, ports, nr, &st);
+	if (!check(!rc && (st.flags & XEN_DOMCTL_KEMARI_F_ARMED), "arm",
+		   "rc=%d flags=%#x ports=%u", rc, st.flags, nr))
+		return 1;
+
+	for (cycle = 1; cycle <= max_cycles && !kinds_all_seen(t, nr); cycle++)
+		run_cycle(k, xce, virq_port, dom, t, nr, cycle, while_held,
+			  virq_timeout);
+
+	for (i = 0; i < nr; i++) {
+		char name[64];
+		size_t klen = strcspn(t[i].name, "-");
+		unsigned int j;
+		bool seen = false;
+
+		if (i != 0 && strcspn(t[i - 1].name, "-") == klen &&
+		    !strncmp(t[i - 1].name, t[i].name, klen))
+			continue;
+		for (j = 0; j < nr; j++)
+			if (!strncmp(t[i].name, t[j].name, klen) &&
+			    t[j].seen_held)
+				seen = true;
+		snprintf(name, sizeof(name), "held_kind.%.*s", (int)klen,
+			 t[i].name);
+		check(seen, name, "cycles=%d", cycle - 1);
+	}
+
+	rc = kemari_simple_op(k, dom, XEN_DOMCTL_KEMARI_DISARM, &st);
+	check(!rc && !(st.flags & (XEN_DOMCTL_KEMARI_F_ARMED |
+				   XEN_DOMCTL_KEMARI_F_PAUSED)),
+	      "disarm", "rc=%d flags=%#x", rc, st.flags);
+
+	test_alloc_unbound(k, xce, dom, max_port + 32);
+
+	xenevtchn_unbind(xce, virq_port);
+	xenevtchn_close(xce);
+	kemari_close(k);
+	printf("KEMARI-RESULT %s failures=%d\n", failures ? "FAIL" : "PASS",
+	       failures);
+	return failures ? 1 : 0;
+}

@@ -1,0 +1,188 @@
+"""linux-patches: Kemari attach mode for xen-blkback/xen-netback, built and run in real Xen.
+
+The modules are built out of tree against Debian's linux-headers for the
+kernel the lab's dom0 runs (tests/xen/linux/build-modules.sh), loaded in
+dom0 instead of Debian's, and tests/xen/linux/attach-test.sh checks that a
+domU's disk and network work through them and keep working when the
+backends are unbound under it and re-bound in attach mode.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import xen_lab
+
+pytestmark = pytest.mark.xen
+
+LINUX = xen_lab.HERE / "linux"
+PATCHES = xen_lab.REPO / "linux-patches"
+RESULT_RE = re.compile(r"^RESULT (\S+) (ok|FAIL|info) ?(.*)$", re.M)
+
+
+def series() -> list[str]:
+    """Patch names in order."""
+    lines = (PATCHES / "series").read_text().splitlines()
+    return [n for n in (ln.strip() for ln in lines) if n and not n.startswith("#")]
+
+
+def dom0_kernel() -> tuple[Path, str]:
+    """The lab's dom0 directory and kernel release (e.g. 6.1.0-56-amd64)."""
+    res = xen_lab.run([str(xen_lab.LAB / "build-dom0.sh")], timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    path = Path(res.stdout.strip().splitlines()[-1])
+    return path, re.sub(r"^dom0-(.*)-[0-9a-f]+$", r"\1", path.name)
+
+
+def build_modules(out: Path, patches: Path = PATCHES) -> subprocess.CompletedProcess[str]:
+    """Run build-modules.sh for the lab's dom0 kernel (cached under /var/cache/kemari-test)."""
+    abi = dom0_kernel()[1].removesuffix("-amd64")
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "KEMARI_LINUX_PATCHES": str(patches),
+        "KEMARI_LINUX_ABI": abi,
+    }
+    return xen_lab.run([str(LINUX / "build-modules.sh"), str(out)], timeout=1200, env=env)
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The patched xen-blkback.ko and xen-netback.ko."""
+    xen_lab.require_root()
+    out = tmp_path_factory.mktemp("linux-modules")
+    res = build_modules(out)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out
+
+
+def test_every_patch_is_described_and_signed() -> None:
+    names = series()
+    assert names, "empty series"
+    assert sorted(names) == sorted(p.name for p in PATCHES.glob("*.patch"))
+    for name in names:
+        head, _, diff = (PATCHES / name).read_text().partition("\n---\n")
+        assert re.search(r"^Subject: \[PATCH \d+/\d+\] xen-(blk|net)back: \S.{10,}$", head, re.M)
+        assert "Signed-off-by: Kemari developers <kemari@localhost>" in head, name
+        assert len(head.split("\n\n", 1)[1].split()) > 60, f"{name}: say why"
+        assert re.search(r"^\+\+\+ b/drivers/(block/xen-blkback|net/xen-netback)/", diff, re.M)
+
+
+def test_modules_match_the_dom0_kernel(modules: Path) -> None:
+    info = dict(ln.split("=", 1) for ln in (modules / "build-info").read_text().split())
+    assert info["kernel"] == dom0_kernel()[1]
+    # The kernel the machine's mirror serves now, as build-modules.sh finds it by itself.
+    served = subprocess.run(
+        ["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True
+    ).stdout
+    assert f"linux-image-{info['kernel']}" in served, "the lab's kernel is not the served one"
+    for name, words in {
+        "xen-blkback": ["kemari-attach", "kemari-attached", "unanswered requests"],
+        "xen-netback": ["kemari-attach", "kemari-attached", "unanswered tx requests"],
+    }.items():
+        ko = modules / f"{name}.ko"
+        vermagic = subprocess.run(
+            ["modinfo", "-F", "vermagic", str(ko)], capture_output=True, text=True, check=True
+        ).stdout
+        assert vermagic.split()[0] == info["kernel"], vermagic
+        assert "modversions" in vermagic.split()
+        strings = subprocess.run(["strings", str(ko)], capture_output=True, text=True).stdout
+        for word in words:
+            assert word in strings, f"{name}: {word!r} missing: not the patched source"
+
+
+def test_a_patch_that_no_longer_applies_is_refused(tmp_path: Path) -> None:
+    xen_lab.require_root()
+    bad = tmp_path / "patches"
+    shutil.copytree(PATCHES, bad)
+    first = bad / series()[0]
+    text = first.read_text()
+    # Change one context line (leading space) of the first hunk.
+    hunk = text.index("\n@@ ")
+    ctx = text.index("\n ", hunk + 4)
+    first.write_text(text[: ctx + 2] + "X" + text[ctx + 2 :])
+    res = build_modules(tmp_path / "out", bad)
+    assert res.returncode != 0
+    assert "does not apply cleanly" in res.stderr
+    assert not (tmp_path / "out" / "xen-blkback.ko").exists()
+
+
+def boot_attach_test(tmp_path: Path, modules: Path | None, expect: str) -> dict[str, tuple]:
+    """Boot the lab, run attach-test.sh in dom0; RESULT name -> (status, detail)."""
+    files = tmp_path / "files"
+    files.mkdir()
+    for f in ("attach-test.sh", "vif-kemari-test", "block-kemari-test"):
+        shutil.copy2(LINUX / f, files / f)
+    dom0_dir, kver = dom0_kernel()
+    res = xen_lab.run(
+        [
+            str(LINUX / "make-domu.sh"),
+            str(dom0_dir / "kernel/lib/modules" / kver),
+            str(files / "domu.cpio.gz"),
+        ],
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    logs = Path(os.environ.get("KEMARI_TEST_CACHE", "/var/cache/kemari-test")) / "linux" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"attach-{expect}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    cmd = [
+        str(xen_lab.LAB / "boot.sh"),
+        "--run",
+        str(LINUX / "run-attach.sh"),
+        "--files",
+        str(files),
+        "--log",
+        str(log),
+        "--timeout",
+        "900",
+        "--env",
+        f"KEMARI_EXPECT={expect}",
+    ]
+    if modules is not None:
+        cmd += ["--modules", str(modules)]
+    boot = xen_lab.run(cmd, timeout=2700)
+    text = log.read_text(errors="replace").replace("\r", "") if log.exists() else ""
+    results = {m[1]: (m[2], m[3]) for m in RESULT_RE.finditer(text)}
+    verdict = "ATTACH-TEST PASS" in text
+    print(boot.stdout[-6000:])
+    assert boot.returncode == 0 and verdict, (boot.returncode, results, boot.stderr[-2000:])
+    return results
+
+
+def test_attach_mode_in_xen(modules: Path, tmp_path: Path) -> None:
+    results = boot_attach_test(tmp_path, modules, "patched")
+    for name in (
+        "load_xen-blkback",
+        "load_xen-netback",
+        "normal_io",
+        "frontends_connected",
+        "unbound",
+        "attach_vbd",
+        "attach_vif",
+        "io_continues",
+        "data_intact",
+        "frontends_stayed_connected",
+        "no_initwait",
+    ):
+        assert results.get(name, ("missing",))[0] == "ok", (name, results.get(name))
+    # The module that served the domU was ours (out-of-tree taint O).
+    assert "O" in results["load_xen-blkback"][1]
+    # The domU was unpaused with no backend, so its disk request was left unanswered.
+    picked = re.search(r"kemari-attached=(\d+)", results["attach_vbd"][1])
+    assert picked and int(picked[1]) >= 1, results["attach_vbd"]
+
+
+def test_stock_backends_publish_initwait_on_rebind(tmp_path: Path) -> None:
+    """Control: Debian's modules also resume I/O, but tell the frontend InitWait."""
+    xen_lab.require_root()
+    results = boot_attach_test(tmp_path, None, "stock")
+    assert results["io_continues"][0] == "ok", results
+    assert "taint=''" in results["load_xen-blkback"][1]
+    states = results["stock_backend_states"][1].split("(")[0].split()
+    assert "2" in states, results["stock_backend_states"]

@@ -1,0 +1,103 @@
+"""Drive the Xen lab scripts (tests/xen/lab) from pytest.
+
+The heavy lifting (fetching, building, booting) lives in the bash scripts so
+that it can be run by hand too; this module only runs them and parses the
+markers they print.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+LAB = HERE / "lab"
+DOM0 = HERE / "dom0"
+REPO = HERE.parent.parent
+PATCHES = REPO / "xen-patches"
+
+CHECK_RE = re.compile(r"^KEMARI-CHECK (\S+) (PASS|FAIL) ?(.*)$", re.M)
+
+
+def require_root() -> None:
+    """The lab installs packages, debootstraps and writes /var/cache: root only."""
+    if os.geteuid() != 0:
+        pytest.fail("the Xen lab needs root")
+
+
+def run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess[str]:
+    """Run a lab command, capturing its output (shown by pytest on failure)."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def series() -> list[str]:
+    """The patch file names, in order."""
+    lines = (PATCHES / "series").read_text().splitlines()
+    return [name for name in (line.strip() for line in lines) if name and not name.startswith("#")]
+
+
+def xen_build() -> Path:
+    """Build (or reuse from the cache) the patched hypervisor; its tree."""
+    res = run([str(LAB / "build-xen.sh")], timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+def build_tap_test(xen_tree: Path, out: Path) -> Path:
+    """Compile dom0/kemari-tap-test against the patched public headers."""
+    res = run([str(LAB / "deps.sh")], timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run(["make", "-s", "-C", str(DOM0), f"XEN_SRC={xen_tree}", f"OUT={out}"], timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out / "kemari-tap-test"
+
+
+@dataclass
+class Boot:
+    """What one boot of the lab produced."""
+
+    rc: int
+    stdout: str
+    log: str
+
+    def checks(self) -> dict[str, tuple[bool, str]]:
+        """KEMARI-CHECK name -> (passed, detail), from the serial log."""
+        return {m[1]: (m[2] == "PASS", m[3]) for m in CHECK_RE.finditer(self.log)}
+
+    def lines(self, prefix: str) -> list[str]:
+        return [ln for ln in self.log.splitlines() if ln.startswith(prefix)]
+
+
+def boot(
+    run_script: Path,
+    files: Path,
+    log: Path,
+    env: dict[str, str],
+    xen_cmdline: str = "",
+    timeout: int = 900,
+) -> Boot:
+    """Boot Xen + dom0 under QEMU, run run_script in dom0; never raises on failure."""
+    cmd = [
+        str(LAB / "boot.sh"),
+        "--run",
+        str(run_script),
+        "--files",
+        str(files),
+        "--log",
+        str(log),
+        "--timeout",
+        str(timeout),
+    ]
+    if xen_cmdline:
+        cmd += ["--cmdline", xen_cmdline]
+    for key, value in env.items():
+        cmd += ["--env", f"{key}={value}"]
+    res = run(cmd, timeout=timeout + 1800)
+    text = log.read_text(errors="replace") if log.exists() else ""
+    # The serial console ends lines with CR LF.
+    return Boot(res.returncode, res.stdout + res.stderr, text.replace("\r", ""))

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-sys.path.insert(0, str(REPO / "tests"))   # NetLab and process helpers live with the tests
 
 
 def percentile(values: list[float], p: float) -> float:

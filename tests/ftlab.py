@@ -38,7 +38,8 @@ class Node:
         self.config = lab.base / f"{letter}.toml"
         self.config.write_text(f"""name = "{lab.name}"
 memory_mib = {lab.memory_mib}
-image = "kv"
+image = "{lab.image}"
+{lab.extra}
 [disk]
 path = "{disk}"
 size_mib = 16
@@ -94,18 +95,21 @@ on_peer_loss = "{lab.on_peer_loss}"
 
 
 def _wait_gone(pid: int, timeout: float = 10) -> None:
+    """Until every thread of `pid` is gone or a zombie: only then are its files
+    (and the disk image's lock) released."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
             return
-        # a zombie of ours? reap it (daemons are started detached, so normally not)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        with contextlib.suppress(FileNotFoundError):
-            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-                return
+        states = []
+        for tid in tasks:
+            with contextlib.suppress(FileNotFoundError, IndexError):
+                states.append(Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                              .rsplit(")", 1)[1].split()[0])
+        if all(st in ("Z", "X") for st in states):
+            return
         time.sleep(0.01)
     raise AssertionError(f"process {pid} did not die")
 
@@ -113,7 +117,9 @@ def _wait_gone(pid: int, timeout: float = 10) -> None:
 class FtLab:
     def __init__(self, base: Path, disk_mode: str = "shared", mode: str = "tap",
                  on_peer_loss: str = "continue", epoch_ms: int = 25,
-                 peer_timeout_ms: int = 1000, memory_mib: int = 64) -> None:
+                 peer_timeout_ms: int = 1000, memory_mib: int = 64, image: str = "kv",
+                 extra: str = "") -> None:
+        self.image, self.extra = image, extra
         self.base, self.name = base, "ftvm"
         self.disk_mode, self.mode, self.on_peer_loss = disk_mode, mode, on_peer_loss
         self.epoch_ms, self.peer_timeout_ms, self.memory_mib = epoch_ms, peer_timeout_ms, memory_mib

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,18 +34,26 @@ OK, EIO, ENOSPC, EINVAL = (lib.KEMARI_STATUS_OK, lib.KEMARI_STATUS_EIO,
 WriteObserver = Callable[[int, bytes], None]
 
 
-def open_disk_image(path: Path, size_mib: int) -> int:
-    """Open (creating a sparse file of size_mib if absent) and lock the image."""
+def open_disk_image(path: Path, size_mib: int, wait_lock_s: float = 0.0) -> int:
+    """Open (creating a sparse file of size_mib if absent) and lock the image.
+
+    `wait_lock_s`: how long to wait for a lock held by another process, e.g. a
+    killed primary on this same machine whose exit is still releasing it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise KemariError(f"disk {path}: cannot open: {exc.strerror}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        raise KemariError(f"disk {path}: in use by another Kemari process") from exc
+    deadline = time.monotonic() + wait_lock_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise KemariError(f"disk {path}: in use by another Kemari process") from exc
+            time.sleep(0.01)
     if os.fstat(fd).st_size == 0:
         os.ftruncate(fd, size_mib << 20)
     return fd
@@ -55,11 +64,12 @@ class BlockBackend:
 
     name = "blk"
 
-    def __init__(self, machine: Machine, path: Path, size_mib: int, fd: int | None = None) -> None:
+    def __init__(self, machine: Machine, path: Path, size_mib: int, fd: int | None = None,
+                 wait_lock_s: float = 0.0) -> None:
         """`fd`: an image already opened (and locked) with open_disk_image."""
         self.machine = machine
         self.path = path
-        self.fd = fd if fd is not None else open_disk_image(path, size_mib)
+        self.fd = fd if fd is not None else open_disk_image(path, size_mib, wait_lock_s)
         self.sectors = os.fstat(self.fd).st_size // SECTOR
         self.ring = BackendRing(machine, lib.KEMARI_BLK_RING_GPA, "struct kemari_blk_ring *")
         self.write_observer: WriteObserver | None = None

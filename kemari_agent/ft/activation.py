@@ -21,6 +21,8 @@ from ..vmm import Vmm, open_net_port
 
 log = logging.getLogger(__name__)
 
+PROMOTE_LOCK_WAIT_S = 5.0
+
 
 def open_devices(config: VmConfig, machine: Machine,
                  block: BlockBackend | None = None) -> Vmm:
@@ -29,7 +31,9 @@ def open_devices(config: VmConfig, machine: Machine,
     net = None
     try:
         if block is None and config.disk is not None:
-            block = BlockBackend(machine, config.disk.path, config.disk.size_mib)
+            # A failed primary on this same machine may still be releasing the image.
+            block = BlockBackend(machine, config.disk.path, config.disk.size_mib,
+                                 wait_lock_s=PROMOTE_LOCK_WAIT_S)
         if config.net is not None:
             net = NetBackend(machine, open_net_port(config))
     except BaseException:

@@ -67,6 +67,7 @@ class Protector:
         self.last_checkpoint_at: float | None = None
         self.latencies: collections.deque[float] = collections.deque(maxlen=2000)
         self.sync_progress: dict | None = None
+        self.last_sync: dict | None = None
         self.last_error: str | None = None
         self._next_epoch = time.monotonic() + self.epoch_s
         self._last_full_vcpu = 0.0
@@ -107,6 +108,7 @@ class Protector:
                 "bytes_received": self.bytes_received,
                 "latency_us": {"p50": pct(0.5), "p99": pct(0.99)},
                 "sync": self.sync_progress, "mode": self.config.replication.mode,
+                "last_sync": self.last_sync,
                 "last_error": self.last_error}
 
     # ---- connecting and full sync (connector thread) -----------------------------
@@ -168,6 +170,10 @@ class Protector:
             link.flush()
         leftover = pfns
         self.vmm.call_in_loop(lambda: self._finish_sync(link, leftover), timeout=60)
+        elapsed = time.monotonic() - started
+        self.last_sync = {"seconds": round(elapsed, 4), "rounds": sm.sync_round,
+                          "pages": sm.sync_pages_sent, "bytes": sm.bytes_sent,
+                          "memory_bytes": self.machine.mem_bytes}
         log.info("%s: in sync with %s after %.2f s (%d rounds, %d pages): protected",
                  self.config.name, self.peer, time.monotonic() - started, sm.sync_round,
                  sm.sync_pages_sent)

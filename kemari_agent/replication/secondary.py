@@ -236,7 +236,9 @@ class Secondary:
         self._crc = zlib.crc32(raw, self._crc)
         self._records += 1
         self._bytes += len(raw)
-        if self._bytes > self._staging_limit:
+        # A full sync writes through (nothing staged), and its rounds may resend
+        # pages many times: only a staged checkpoint is bounded by memory.
+        if self._bytes > self._staging_limit and self.state is not SecondaryState.SYNCING:
             raise ProtocolError(f"checkpoint {self._expected_seq} exceeds {self._staging_limit} "
                                 "bytes without an END")
         if isinstance(record, Pages):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from helpers import KEMARI, REPO
 
 pytestmark = pytest.mark.kvm

@@ -1,0 +1,180 @@
+"""Replication benchmarks (issue 3), every ratio measured in the same run.
+
+1. checkpoint round trip tap -> release (p50/p99) for 1, 8, 32, 256 dirty
+   pages: the `stress` guest at 300 events/s, each event dirtying N pages
+   (+ a few of its own: stack, ring, counters);
+2. kv ops/s protected / unprotected, same clients, same user-mode forward;
+3. kv reply latency p50, event-tapped / epoch mode at 25 ms;
+4. activation time (promote -> first reply) of a 256 MiB guest;
+5. full-sync throughput of a 256 MiB guest whose memory is all in use, and
+   the secondary's memory (RSS) / guest RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from ftlab import FtLab
+from helpers import KemariProcess, free_udp_port, kv_config
+
+from bench.common import percentile, report
+from kemari_agent.control import request
+from kemari_agent.kvclient import KvClient
+from kemari_agent.kvload import Clients
+
+
+def tmpdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="kemari-bench-"))
+
+
+def checkpoint_latency(pages: int, seconds: float) -> dict:
+    lab = FtLab(tmpdir(), image="stress", extra=f"[stress]\npages = {pages}\nrate_hz = 300")
+    try:
+        lab.start_pair()
+        time.sleep(seconds)
+        st = lab.primary.status()
+        per = st["bytes_sent"] / max(1, st["checkpoints"])
+        return {"p50": st["latency_us"]["p50"], "p99": st["latency_us"]["p99"],
+                "checkpoints": st["checkpoints"], "bytes_per_checkpoint": per}
+    finally:
+        lab.close()
+
+
+def kv_throughput(addr, seconds: float) -> float:
+    clients = Clients(addr, n=4).start()
+    time.sleep(seconds)
+    clients.stop()
+    return sum(len(r.latencies) for r in clients.records) / seconds
+
+
+def unprotected_ops(seconds: float) -> float:
+    work = tmpdir()
+    (work / "run").mkdir()
+    (work / "state").mkdir()
+    port = free_udp_port()
+    cfg = kv_config(work, name="bench-u", net=f'[net]\nforward = "127.0.0.1:{port}"')
+    proc = KemariProcess(["run", str(cfg)], work)
+    try:
+        proc.wait_for_output("serving on")
+        return kv_throughput(("127.0.0.1", port), seconds)
+    finally:
+        proc.stop()
+
+
+def reply_latency(addr, n: int = 400) -> list[float]:
+    out = []
+    with KvClient(addr, timeout=1.0, prefix=f"lat{time.monotonic_ns()}") as c:
+        for i in range(n):
+            t0 = time.perf_counter()
+            c.put(f"lat{i % 32}", str(i))
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def protected(mode: str, seconds: float) -> tuple[float, list[float]]:
+    lab = FtLab(tmpdir(), mode=mode)
+    try:
+        lab.start_pair()
+        ops = kv_throughput(lab.addr, seconds) if mode == "tap" else 0.0
+        return ops, reply_latency(lab.addr)
+    finally:
+        lab.close()
+
+
+def fill_memory_then_sync(memory_mib: int) -> dict:
+    """Primary alone first, its guest dirtying all its memory; then the secondary
+    joins and the full sync is timed."""
+    pages = memory_mib * 256
+    lab = FtLab(tmpdir(), image="stress", memory_mib=memory_mib,
+                extra=f"[stress]\npages = 2048\nrate_hz = 50\nworking_set = {pages - 1024}")
+    try:
+        lab.primary.start("primary")
+        time.sleep(pages / 2048 / 50 + 1.5)       # every page of the working set written
+        lab.secondary.start("secondary")
+        st = lab.wait_synced(timeout=120)
+        sec = lab.secondary.status()
+        rss = _rss_kib(sec["pid"]) * 1024
+        # activation: promote -> first reply, through the control socket (no CLI start-up)
+        lab.primary.kill()
+        t0 = time.perf_counter()
+        request(lab.secondary.dir / "run" / f"{lab.name}.sock", "promote", timeout=60)
+        promoted = time.perf_counter() - t0
+        after = lab.secondary.status()
+        return {"sync": st["last_sync"], "secondary_rss": rss, "promote_s": promoted,
+                "activation_ms": after.get("activation_ms")}
+    finally:
+        lab.close()
+
+
+def kv_activation(memory_mib: int) -> tuple[float, float]:
+    """promote -> first kv reply for a kv guest of memory_mib, via the control socket."""
+    lab = FtLab(tmpdir(), memory_mib=memory_mib)
+    try:
+        lab.start_pair()
+        with KvClient(lab.addr) as c:
+            c.put("before", "failover")
+        lab.primary.kill()
+        sock = lab.secondary.dir / "run" / f"{lab.name}.sock"
+        t0 = time.perf_counter()
+        request(sock, "promote", timeout=60)
+        with KvClient(lab.addr, timeout=0.01, attempts=1000, prefix="act") as c:
+            assert c.get("before").value == "failover"
+        first = time.perf_counter() - t0
+        return first, lab.secondary.status().get("activation_ms")
+    finally:
+        lab.close()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main(quick: bool = False) -> dict:
+    secs = 2.0 if quick else 4.0
+    rows = []
+    lat = {}
+    for pages in (1, 8, 32, 256):
+        lat[pages] = checkpoint_latency(pages, secs)
+        rows.append((f"checkpoint tap->release p50, {pages} dirty pages", lat[pages]["p50"], "us"))
+        rows.append((f"checkpoint tap->release p99, {pages} dirty pages", lat[pages]["p99"], "us"))
+    unprot = unprotected_ops(secs)
+    prot, tap_lat = protected("tap", secs)
+    _none, epoch_lat = protected("epoch", secs)
+    rows += [
+        ("kv ops/s unprotected (4 clients, forward)", unprot, "ops/s"),
+        ("kv ops/s protected, event-tapped", prot, "ops/s"),
+        ("ratio protected / unprotected (goal >= 0.5)", prot / unprot, ""),
+        ("kv reply latency p50, event-tapped", percentile(tap_lat, 50) * 1e6, "us"),
+        ("kv reply latency p50, epoch 25 ms", percentile(epoch_lat, 50) * 1e6, "us"),
+        ("ratio tapped / epoch (goal <= 0.1)",
+         percentile(tap_lat, 50) / percentile(epoch_lat, 50), ""),
+    ]
+    first_reply, activation_ms = kv_activation(256)
+    rows += [("activation 256 MiB kv: promote -> first reply (goal <= 50)", first_reply * 1e3,
+              "ms"),
+             ("activation 256 MiB kv: inside the daemon", activation_ms, "ms")]
+    sync = fill_memory_then_sync(256)
+    s = sync["sync"]
+    rows += [
+        ("full sync 256 MiB (all pages in use): time", s["seconds"], "s"),
+        ("full sync throughput, guest memory / time (goal >= 1)",
+         s["memory_bytes"] / s["seconds"] / 2**30, "GiB/s"),
+        ("full sync pages sent / rounds", f"{s['pages']} / {s['rounds']}", ""),
+        ("secondary RSS / guest RAM (goal <= 1.1)", sync["secondary_rss"] / s["memory_bytes"],
+         ""),
+    ]
+    return report("replication", rows, {"checkpoint_latency": lat,
+                                        "sync": sync, "raw": {"tap_lat_n": len(tap_lat)}})
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    print(json.dumps(main(ap.parse_args().quick)["metrics"], indent=1)[:0])

@@ -13,6 +13,16 @@ from kemari_agent.kvload import Clients, check_acked_puts, check_counter
 pytestmark = pytest.mark.kvm
 
 
+def wait_state(node, state: str, timeout: float = 5.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = node.status()
+        if st.get("state") == state:
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"node {node.letter} never {state}: {node.status()}")
+
+
 def test_switchover_loses_nothing_and_reprotects(tmp_path):
     lab = FtLab(tmp_path)
     clients = None
@@ -69,8 +79,7 @@ def test_peer_loss_continue_runs_unprotected_then_reprotects(tmp_path):
             t0 = time.monotonic()
             assert c.put("b", "2").kind == "OK"      # within the peer timeout + retries
             assert time.monotonic() - t0 < 5
-            st = lab.primary.status()
-            assert st["state"] == "standalone" and "secondary" not in (st["peer"] or "")
+            wait_state(lab.primary, "standalone")
             for i in range(20):
                 assert c.incr("n").value == str(i + 1)
             lab.secondary.start("secondary")
@@ -94,7 +103,7 @@ def test_peer_loss_suspend_holds_the_guest_until_a_peer_is_back(tmp_path):
             lab.secondary.kill()
             with pytest.raises(NoReply):
                 c.put("b", "2", req_id="held-put")        # the guest is suspended
-            assert lab.primary.status()["state"] == "suspended"
+            wait_state(lab.primary, "suspended")
         lab.secondary.start("secondary")
         lab.wait_synced()
         with KvClient(lab.addr, timeout=0.3, attempts=20) as c:

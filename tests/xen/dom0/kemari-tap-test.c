@@ -5,12 +5,17 @@
  * check and a final "KEMARI-RESULT PASS|FAIL".
  *
  * usage: kemari-tap-test --domid N --port NAME=PORT... [--while-held CMD]
- *                        [--max-cycles N] [--virq-timeout SEC]
+ *                        [--ring-ref NAME=REF]... [--max-cycles N]
+ *                        [--virq-timeout SEC]
  *
  * Each cycle: wait for VIRQ_KEMARI, check the domU is paused with only
  * tapped ports held, run CMD (which checks the guest makes no progress),
  * release, check it runs again.  Cycles repeat until every kind of port
  * (the part of NAME before '-', e.g. vbd, vif) has been seen held.
+ * Then: the restore-side checks (a chosen unbound port, XEN_DOMCTL_KEMARI_
+ * ALLOC_UNBOUND) and, for each --ring-ref, that dom0 can read the frontend's
+ * grant entry for its ring (granted to dom0, read-write) from the domU's
+ * grant table, as a primary saving grant state would.
  */
 #define __XEN_TOOLS__ 1
 
@@ -27,7 +32,9 @@
 #include <xen/xen.h>
 #include <xen/domctl.h>
 #include <xen/event_channel.h>
+#include <xen/grant_table.h>
 
+#include "gnttab-read.h"
 #include "kemari-ctl.h"
 
 #define MAX_TAPPED 16
@@ -216,10 +223,30 @@ static void test_alloc_unbound(struct kemari_ctl *k, xenevtchn_handle *xce,
 	xenevtchn_unbind(xce, local);
 }
 
+static void test_ring_grant(uint16_t dom, const char *arg)
+{
+	struct gnttab_entry e = { 0 };
+	const char *eq = strchr(arg, '=');
+	char name[64];
+	uint32_t ref;
+	int rc;
+
+	if (!eq)
+		return;
+	ref = strtoul(eq + 1, NULL, 0);
+	snprintf(name, sizeof(name), "grant.%.*s", (int)(eq - arg), arg);
+	rc = gnttab_read_entry(dom, ref, &e);
+	check(!rc && (e.flags & GTF_type_mask) == GTF_permit_access &&
+	      !(e.flags & GTF_readonly) && e.domid == 0 && e.frame != 0,
+	      name, "ref=%u rc=%d flags=%#x domid=%u frame=%#x", ref, rc,
+	      e.flags, e.domid, e.frame);
+}
+
 static void usage(void)
 {
 	fprintf(stderr, "usage: kemari-tap-test --domid N --port NAME=PORT... "
-		"[--while-held CMD] [--max-cycles N] [--virq-timeout SEC]\n");
+		"[--while-held CMD] [--ring-ref NAME=REF]... [--max-cycles N] "
+		"[--virq-timeout SEC]\n");
 	exit(2);
 }
 
@@ -231,12 +258,14 @@ int main(int argc, char **argv)
 		{ "while-held", required_argument, NULL, 'w' },
 		{ "max-cycles", required_argument, NULL, 'm' },
 		{ "virq-timeout", required_argument, NULL, 't' },
+		{ "ring-ref", required_argument, NULL, 'r' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct tapped t[MAX_TAPPED];
 	uint32_t ports[MAX_TAPPED], max_port = 0;
 	unsigned int nr = 0, i;
-	const char *while_held = NULL;
+	const char *while_held = NULL, *ring_refs[MAX_TAPPED];
+	unsigned int nr_refs = 0;
 	int dom = -1, max_cycles = 8, virq_timeout = 30, c, rc, cycle;
 	struct kemari_state st;
 	struct kemari_ctl *k;
@@ -271,6 +300,11 @@ int main(int argc, char **argv)
 			break;
 		case 't':
 			virq_timeout = atoi(optarg);
+			break;
+		case 'r':
+			if (nr_refs == MAX_TAPPED)
+				usage();
+			ring_refs[nr_refs++] = optarg;
 			break;
 		default:
 			usage();
@@ -325,6 +359,8 @@ int main(int argc, char **argv)
 	      "disarm", "rc=%d flags=%#x", rc, st.flags);
 
 	test_alloc_unbound(k, xce, dom, max_port + 32);
+	for (i = 0; i < nr_refs; i++)
+		test_ring_grant(dom, ring_refs[i]);
 
 	xenevtchn_unbind(xce, virq_port);
 	xenevtchn_close(xce);

@@ -39,7 +39,11 @@ chmod +x /tmp/while-held
 
 ports=(--port "vbd=$vbd" --port "vif-tx=$vif_tx")
 [ "$vif_rx" != "$vif_tx" ] && ports+=(--port "vif-rx=$vif_rx")
-/kemari/files/kemari-tap-test --domid "$(xl domid domu)" "${ports[@]}" \
+# The grant references of the frontends' rings (grant state a checkpoint carries).
+refs=(--ring-ref "vbd=$(domu_port domu vbd/51712/ring-ref)"
+      --ring-ref "vif-tx=$(domu_port domu vif/0/tx-ring-ref)"
+      --ring-ref "vif-rx=$(domu_port domu vif/0/rx-ring-ref)")
+/kemari/files/kemari-tap-test --domid "$(xl domid domu)" "${ports[@]}" "${refs[@]}" \
     --while-held /tmp/while-held --max-cycles 8
 tap_rc=$?
 

@@ -154,6 +154,74 @@ if [ "$EXPECT" = stock ]; then
 else
     check no_initwait "backend states seen: ${be:-none}" [ "$(echo $be)" = 4 ]
 fi
+
+# 6. The secondary host's case: the backend devices are destroyed (their
+#    xenstore directories removed) and created afresh by the toolstack, in
+#    one transaction each, in attach mode (state 1 = Initialising).
+for p in "${WATCHERS[@]}"; do kill "$p" 2>/dev/null; done
+WATCHERS=()
+for n in fe-vbd fe-vif be-vbd be-vif; do rm -f "/tmp/$n.states2"; done
+state_watch "$FE_VBD/state" /tmp/fe-vbd.states2
+state_watch "$FE_VIF/state" /tmp/fe-vif.states2
+state_watch "$BE_VBD/state" /tmp/be-vbd.states2
+state_watch "$BE_VIF/state" /tmp/be-vif.states2
+snapshot() { # backend dir -> path/value lines, without the run-time keys
+    local k
+    for k in $(xenstore-list "$1"); do
+        case $k in state|hotplug-status|kemari-attach|kemari-attached) ;;
+        *) printf '%s\n%s\n' "$1/$k" "$(xenstore-read "$1/$k")" ;;
+        esac
+    done
+}
+sleep 2
+xl pause kemari-attach
+mapfile -t VBD_KEYS < <(snapshot "$BE_VBD")
+mapfile -t VIF_KEYS < <(snapshot "$BE_VIF")
+echo "vbd-$DOMID-51712" > /sys/bus/xen-backend/drivers/vbd/unbind
+echo "vif-$DOMID-0" > /sys/bus/xen-backend/drivers/vif/unbind
+xenstore-rm "$BE_VBD"; xenstore-rm "$BE_VIF"
+gone() { [ ! -e "/sys/bus/xen-backend/devices/vbd-$DOMID-51712" ] &&
+         [ ! -e "/sys/bus/xen-backend/devices/vif-$DOMID-0" ]; }
+wait_for 20 gone
+check destroyed "vbd and vif backend devices and directories removed" gone
+xl unpause kemari-attach
+sleep 6    # requests pile up again, with no backend device at all
+xl pause kemari-attach
+io0=$(last DOMU-IO); net0=$(last DOMU-NET)
+ta=$(date +%s%N)
+xenstore-write "${VBD_KEYS[@]}" "$BE_VBD/state" 1 "$BE_VBD/kemari-attach" 1
+xenstore-chmod -r "$BE_VBD" n0 "r$DOMID"
+xenstore-write "${VIF_KEYS[@]}" "$BE_VIF/state" 1 "$BE_VIF/kemari-attach" 1
+xenstore-chmod -r "$BE_VIF" n0 "r$DOMID"
+wait_for 20 ip link show "vif$DOMID.0" >/dev/null 2>&1
+vif="vif$DOMID.0" XENBUS_PATH="backend/vif/$DOMID/0" /etc/xen/scripts/vif-kemari-test online
+if [ "$EXPECT" != stock ]; then
+    wait_for 20 xenstore-read "$BE_VBD/kemari-attached" >/dev/null 2>&1
+    wait_for 20 xenstore-read "$BE_VIF/kemari-attached" >/dev/null 2>&1
+    check recreate_attach "vbd kemari-attached=$(xenstore-read "$BE_VBD/kemari-attached" \
+        2>/dev/null) vif kemari-attached=$(xenstore-read "$BE_VIF/kemari-attached" 2>/dev/null)" \
+        xenstore-read "$BE_VBD/kemari-attached" "$BE_VIF/kemari-attached"
+    echo "re-creation took $(( ($(date +%s%N) - ta) / 1000000 )) ms"
+fi
+xl unpause kemari-attach
+wait_for 90 gt DOMU-IO $((io0 + 3)) && wait_for 60 gt DOMU-NET $((net0 + 3))
+io=$(last DOMU-IO); net=$(last DOMU-NET)
+check recreate_io_continues "disk ops $io0 -> $io, net ops $net0 -> $net" \
+    [ "$io" -gt $((io0 + 3)) -a "$net" -gt $((net0 + 3)) ]
+bad=$(grep -ac 'DOMU-IO .* BAD' "$LOG")
+check recreate_data_intact "BAD reads=$bad" [ "$bad" = 0 ]
+sleep 1
+fe=$(sort -u /tmp/fe-vbd.states2 /tmp/fe-vif.states2 | tr '\n' ' ')
+check recreate_frontends_stayed_connected "frontend states seen: ${fe:-none}" [ "$(echo $fe)" = 4 ]
+be=$(sort -u /tmp/be-vbd.states2 /tmp/be-vif.states2 | tr '\n' ' ')
+if [ "$EXPECT" = stock ]; then
+    echo "RESULT stock_recreate_backend_states info ${be:-none} (2 = InitWait published)"
+else
+    # gone (removed), 1 (written by the toolstack), 4; never 2 (InitWait).
+    check recreate_no_initwait "backend states seen: ${be:-none}" \
+        [ -z "$(echo "$be" | tr ' ' '\n' | grep -vxE 'gone|1|4|')" ]
+fi
+
 echo "---- dom0 kernel log"
 dmesg | grep -aE 'kemari|unanswered|blkback|vif' | tail -12
 echo "---- domU console tail"

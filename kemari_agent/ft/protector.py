@@ -71,6 +71,7 @@ class Protector:
         self.last_error: str | None = None
         self._next_epoch = time.monotonic() + self.epoch_s
         self._last_full_vcpu = 0.0
+        self._last_device = b""
         self._disk_dirty: set[int] | None = None     # disk chunks written during a sync
         self._held_frames: list[tuple[int, list[bytes]]] = []   # epoch mode: (seq, frames)
         self.faults = Faults()
@@ -239,9 +240,11 @@ class Protector:
             self._last_full_vcpu = now
         else:
             vcpu = Vcpu(0, VCPU_FAST, self.machine.get_vcpu_state_fast())
-        records: list = [
-            vcpu, Device(0, DEVICE_BLOB_VERSION, json.dumps(self.vmm.device_state()).encode()),
-        ]
+        records: list = [vcpu]
+        device = json.dumps(self.vmm.device_state()).encode()
+        if full or device != self._last_device:      # the secondary keeps the last one
+            records.append(Device(0, DEVICE_BLOB_VERSION, device))
+            self._last_device = device
         if self.replicated_disk and self.vmm.block is not None:
             records += [DiskWrite(0, sector, data)
                         for sector, data in self.vmm.block.pending_writes()]

@@ -138,3 +138,40 @@ def test_status_reports_replication(tmp_path):
         assert p["generation"] == s["generation"] == 1
     finally:
         lab.close()
+
+
+def test_silent_primary_is_detected_and_never_replaced_by_itself(tmp_path):
+    import os
+    import signal
+    lab = FtLab(tmp_path, peer_timeout_ms=800)
+    try:
+        lab.start_pair()
+        pid = lab.primary.pid()
+        os.kill(pid, signal.SIGSTOP)                 # a hung host: no FIN, no RST, nothing
+        try:
+            t0 = time.monotonic()
+            st = wait_state(lab.secondary, "standalone", timeout=5)
+            assert time.monotonic() - t0 < 3
+            assert "silent" in (st["last_error"] or "")
+            assert st["has_checkpoint"]
+            time.sleep(1.5)                           # and it does not promote itself
+            assert lab.secondary.status()["role"] == "secondary"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        lab.close()
+
+
+def test_until_synced_shows_progress_and_returns(tmp_path):
+    lab = FtLab(tmp_path, memory_mib=128, image="stress",
+                extra="[stress]\npages = 512\nrate_hz = 100\nworking_set = 30000")
+    try:
+        lab.primary.start("primary")
+        time.sleep(1.0)
+        lab.secondary.start("secondary")
+        r = lab.primary.kemari("status", lab.name, "--until-synced", timeout=120)
+        assert r.returncode == 0
+        assert r.stdout.rstrip().splitlines()[-1].split("\r")[-1].startswith(
+            f"{lab.name}: primary, synced")
+    finally:
+        lab.close()

@@ -479,6 +479,20 @@ int64_t kvmm_get_state_fast(struct kvmm *vm, uint8_t *buf, uint64_t len)
     return r < 0 ? r : (int64_t)need;
 }
 
+/* KVM_SET_XSAVE takes a buffer of at least struct kvm_xsave; copy into one
+ * of the size this host uses so that a smaller blob is still safe. */
+static int set_xsave(struct kvmm *vm, const uint8_t *p, uint32_t len)
+{
+    uint32_t xlen = vm->xsave_len > len ? vm->xsave_len : len;
+    uint8_t *x = calloc(1, xlen);
+    if (!x)
+        return fail(ENOMEM, "xsave");
+    memcpy(x, p, len);
+    int r = ioctl(vm->vcpu, KVM_SET_XSAVE, x);
+    free(x);
+    return r < 0 ? fail(errno, "KVM_SET_XSAVE") : 0;
+}
+
 static int set_state_fast(struct kvmm *vm, const struct kvmm_state_hdr *h, uint64_t len)
 {
     if (h->nmsrs != 1 || h->xsave_len > 1u << 20 || len != FAST_SIZE(h->xsave_len)
@@ -491,15 +505,9 @@ static int set_state_fast(struct kvmm *vm, const struct kvmm_state_hdr *h, uint6
     if (ioctl(vm->vcpu, KVM_SET_REGS, p) < 0)
         return fail(errno, "KVM_SET_REGS");
     p += sizeof(struct kvm_regs);
-    uint32_t xlen = vm->xsave_len > h->xsave_len ? vm->xsave_len : h->xsave_len;
-    uint8_t *x = calloc(1, xlen);
-    if (!x)
-        return fail(ENOMEM, "xsave");
-    memcpy(x, p, h->xsave_len);
-    int r = ioctl(vm->vcpu, KVM_SET_XSAVE, x);
-    free(x);
+    int r = set_xsave(vm, p, h->xsave_len);
     if (r < 0)
-        return fail(errno, "KVM_SET_XSAVE");
+        return r;
     p += h->xsave_len;
     struct { struct kvm_msrs h; struct kvm_msr_entry e; } tsc = { .h.nmsrs = 1 };
     memcpy(&tsc.e, p, sizeof tsc.e);
@@ -536,17 +544,9 @@ int kvmm_set_state(struct kvmm *vm, const uint8_t *buf, uint64_t len)
     p += sizeof(type);
     BLOB_PIECES(SET)
 #undef SET
-    /* KVM_SET_XSAVE takes a buffer of at least struct kvm_xsave; copy into
-     * one of the size this host uses so a smaller blob is still safe. */
-    uint32_t xlen = vm->xsave_len > h->xsave_len ? vm->xsave_len : h->xsave_len;
-    uint8_t *x = calloc(1, xlen);
-    if (!x)
-        return fail(ENOMEM, "xsave");
-    memcpy(x, p, h->xsave_len);
-    int r = ioctl(vm->vcpu, KVM_SET_XSAVE, x);
-    free(x);
+    int r = set_xsave(vm, p, h->xsave_len);
     if (r < 0)
-        return fail(errno, "KVM_SET_XSAVE");
+        return r;
     p += h->xsave_len;
     struct kvm_msrs *m = malloc(sizeof *m + h->nmsrs * sizeof(struct kvm_msr_entry));
     if (!m)

@@ -114,13 +114,18 @@ class Daemon:
 
     # ---- main thread -----------------------------------------------------------------
     def serve(self, role: str) -> int:
+        # Listening before answering: once `kemari start` sees the daemon, its
+        # replication port is open too.
         with signals_to_main_thread():
-            server = ControlServer(paths.socket_path(self.config.name), self.handle)
+            self._become_secondary()
+            try:
+                server = ControlServer(paths.socket_path(self.config.name), self.handle)
+            except BaseException:
+                self._teardown()
+                raise
         pid_file = write_pid_file(self.config.name)
         previous = {s: signal.signal(s, lambda *_: self._request("stop")) for s in STOP_SIGNALS}
         try:
-            with signals_to_main_thread():
-                self._become_secondary()
             if role == "primary":
                 self._want = "promote"
             while self.role != "stopped":

@@ -36,8 +36,9 @@ class Link:
             except TransportError as exc:
                 raise SessionLost(str(exc)) from exc
 
-    def read(self) -> list[Event]:
-        """Take what arrived (blocking until something does or the timeout passes)."""
+    def read(self, flush: bool = True) -> list[Event]:
+        """Take what arrived (blocking until something does or the timeout passes).
+        flush=False leaves the replies queued (the caller flushes after acting)."""
         try:
             data = self.channel.recv_some()
         except TransportTimeout:
@@ -50,7 +51,8 @@ class Link:
             events = self.sm.receive_data(data, time.monotonic())
         except StreamError as exc:
             raise SessionLost(f"{type(exc).__name__}: {exc}") from exc
-        self.flush()
+        if flush:
+            self.flush()
         return events
 
     def poll(self) -> list[Event]:

@@ -150,9 +150,13 @@ class Receiver:
                 self._accept()
             if self.link is not None:
                 try:
-                    events = self.link.read() if self.link.fileno() in readable else []
-                    events += self.link.poll()
+                    # ACKs leave only after this node has recorded what they acknowledge
+                    events = self.link.read(flush=False) \
+                        if self.link.fileno() in readable else []
+                    events += self.link.sm.poll(time.monotonic())
                     self._handle(events)
+                    if self.link is not None:
+                        self.link.flush()
                 except SessionLost as exc:
                     self._session_failed(str(exc))
 

@@ -131,6 +131,7 @@ class FtLab:
         subprocess.run(KEMARI + ["keygen", str(self.key)], cwd=REPO, check=True,
                        capture_output=True)
         self.nodes = [Node(self, "a", pa, pb), Node(self, "b", pb, pa)]
+        self.generation = 1          # of the current primary
         self.primary, self.secondary = self.nodes
 
     def start_pair(self) -> None:
@@ -152,7 +153,7 @@ class FtLab:
         """Until the secondary holds a checkpoint of the current primary's generation
         (the primary may already have died at an armed fault point)."""
         end = time.monotonic() + timeout
-        gen = self.primary.status().get("generation")
+        gen = self.generation
         while time.monotonic() < end:
             st = self.secondary.status()
             if st.get("has_checkpoint") and st.get("generation") == gen and \
@@ -168,7 +169,8 @@ class FtLab:
         if self.primary.pid() is not None:
             self.primary.kill()
         t0 = time.monotonic()
-        self.secondary.kemari("promote", self.name)
+        out = self.secondary.kemari("promote", self.name).stdout
+        self.generation = int(out.rsplit("generation ", 1)[1].rstrip(")\n "))
         with KvClient(self.addr, timeout=0.2, attempts=50, prefix=f"pr{uuid.uuid4().hex[:8]}") as c:
             c.get("probe")
         elapsed = time.monotonic() - t0

@@ -185,7 +185,6 @@ struct kvmm *kvmm_create(uint64_t mem_bytes)
         fail(errno, "mmap guest memory");
         goto err;
     }
-    madvise(vm->mem, mem_bytes, MADV_MERGEABLE);
     if (set_slot(vm, 0) < 0)
         goto err;
     vm->kvm_bitmap = calloc(vm->bitmap_words, 8);

@@ -47,10 +47,18 @@ class StandbySink(ImageSink):
     def __init__(self, machine: Machine, disk_fd: int | None) -> None:
         super().__init__(machine.mem_bytes, memory=machine.mem,
                          disks={0: disk_fd} if disk_fd is not None else None)
+        self.machine = machine
         self.disk_fd = disk_fd
         self._disk_dirty = False
         self.vcpu_full: bytes | None = None
         self.vcpu_fast: bytes | None = None
+
+    def apply_pages(self, pfns, data, zero_pfns) -> None:
+        """Straight into the standby VM's RAM, copied in C."""
+        if pfns:
+            self.machine.scatter_pages(list(pfns), data)
+        if zero_pfns:
+            self.machine.zero_pages(list(zero_pfns))
 
     def set_vcpu(self, vcpu_id, version, blob) -> None:
         """A full blob replaces both; a fast one goes on top of the last full one."""

@@ -30,6 +30,9 @@ EXIT_NAMES = {
 }
 
 
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
 def _check(rc: int, what: str) -> int:
     if rc < 0:
         raise KvmError(f"{what}: {last_error()}")
@@ -154,6 +157,14 @@ class Machine:
             lib.kvmm_scatter_pages(self._vm, pfns, len(pfns), ffi.from_buffer(data)),
             "writing pages",
         )
+
+    def zero_pages(self, pfns: list[int]) -> None:
+        for pfn in pfns:
+            if not 0 <= pfn < self.npages:
+                raise KvmError(f"page {pfn} is outside guest memory")
+            self.mem[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = _ZERO_PAGE
+        for pfn in pfns:
+            self.mark_dirty(pfn * PAGE_SIZE, PAGE_SIZE)
 
     def nonzero_pages(self) -> list[int]:
         n = _check(lib.kvmm_nonzero_pages(self._vm, self._pfns, self.npages), "page scan")

@@ -44,8 +44,7 @@ image = "{lab.image}"
 path = "{disk}"
 size_mib = 16
 mode = "{lab.disk_mode}"
-[net]
-forward = "127.0.0.1:{lab.forward_port}"
+{lab.net_section}
 [replication]
 listen = "127.0.0.1:{listen}"
 peer = "127.0.0.1:{peer}"
@@ -61,8 +60,9 @@ on_peer_loss = "{lab.on_peer_loss}"
     def kemari(self, *args: str, check: bool = True, fault: str | None = None,
                timeout: float = 120) -> subprocess.CompletedProcess:
         env = dict(self.env, KEMARI_FAULT=fault) if fault else self.env
-        r = subprocess.run(KEMARI + list(args), env=env, cwd=REPO, capture_output=True,
-                           text=True, timeout=timeout)
+        prefix = ["ip", "netns", "exec", self.lab.netns] if self.lab.netns else []
+        r = subprocess.run(prefix + KEMARI + list(args), env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"node {self.letter}: kemari {' '.join(args)}: "
                                  f"{r.stderr}\n--- log ---\n{self.log()}")
@@ -118,14 +118,17 @@ class FtLab:
     def __init__(self, base: Path, disk_mode: str = "shared", mode: str = "tap",
                  on_peer_loss: str = "continue", epoch_ms: int = 25,
                  peer_timeout_ms: int = 1000, memory_mib: int = 64, image: str = "kv",
-                 extra: str = "") -> None:
-        self.image, self.extra = image, extra
+                 extra: str = "", net: str | None = None, netns: str | None = None) -> None:
+        """`net`: a [net] section replacing the default user-mode forward; `netns`:
+        run the daemons in that network namespace (TAP tests)."""
+        self.image, self.extra, self.netns = image, extra, netns
         self.base, self.name = base, "ftvm"
         self.disk_mode, self.mode, self.on_peer_loss = disk_mode, mode, on_peer_loss
         self.epoch_ms, self.peer_timeout_ms, self.memory_mib = epoch_ms, peer_timeout_ms, memory_mib
         self.key = base / "ftvm.key"
         self.forward_port = free_udp_port()
         self.addr = ("127.0.0.1", self.forward_port)
+        self.net_section = net or f'[net]\nforward = "127.0.0.1:{self.forward_port}"'
         self.pids: set[int] = set()
         pa, pb = free_tcp_port(), free_tcp_port()
         subprocess.run(KEMARI + ["keygen", str(self.key)], cwd=REPO, check=True,

@@ -105,7 +105,7 @@ def _wait_gone(pid: int, timeout: float = 10) -> None:
             return
         states = []
         for tid in tasks:
-            with contextlib.suppress(FileNotFoundError, IndexError):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError):
                 states.append(Path(f"/proc/{pid}/task/{tid}/stat").read_text()
                               .rsplit(")", 1)[1].split()[0])
         if all(st in ("Z", "X") for st in states):

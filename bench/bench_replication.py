@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
-from ftlab import FtLab
+from ftlab import MEM, FakePrimary, FtLab
 from helpers import KemariProcess, free_udp_port, kv_config
 
 from bench.common import percentile, report
@@ -40,6 +41,26 @@ def checkpoint_latency(pages: int, seconds: float) -> dict:
         per = st["bytes_sent"] / max(1, st["checkpoints"])
         return {"p50": st["latency_us"]["p50"], "p99": st["latency_us"]["p99"],
                 "checkpoints": st["checkpoints"], "bytes_per_checkpoint": per}
+    finally:
+        lab.close()
+
+
+def protocol_round_trip(pages: int, n: int = 400) -> dict:
+    """The stream alone: an in-process primary (no VMM, no guest) against a real
+    secondary daemon over TLS on loopback: what the VMM's own costs add to."""
+
+    lab = FtLab(tmpdir(), memory_mib=MEM >> 20)
+    try:
+        lab.secondary.start("secondary")
+        fake = FakePrimary(lab, bytearray(os.urandom(MEM)))
+        fake.full_sync()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fake.checkpoint(list(range(pages)))
+            times.append(time.perf_counter() - t0)
+        fake.close()
+        return {"p50": percentile(times, 50) * 1e6, "p99": percentile(times, 99) * 1e6}
     finally:
         lab.close()
 
@@ -144,6 +165,8 @@ def main(quick: bool = False) -> dict:
         lat[pages] = checkpoint_latency(pages, secs)
         rows.append((f"checkpoint tap->release p50, {pages} dirty pages", lat[pages]["p50"], "us"))
         rows.append((f"checkpoint tap->release p99, {pages} dirty pages", lat[pages]["p99"], "us"))
+        proto = protocol_round_trip(pages)
+        rows.append((f"  stream alone (no VMM) p50, {pages} pages", proto["p50"], "us"))
     unprot = unprotected_ops(secs)
     prot, tap_lat = protected("tap", secs)
     _none, epoch_lat = protected("epoch", secs)

@@ -9,71 +9,16 @@ import random
 import time
 
 import pytest
-from ftlab import FtLab
+from ftlab import MEM, FakePrimary, FtLab
 
 from kemari_agent.control import request
 from kemari_agent.replication import transport
-from kemari_agent.replication.codec import Device, Hello, HelloFlag, Role, Vcpu, encode
+from kemari_agent.replication.codec import Hello, HelloFlag, Role, encode
 from kemari_agent.replication.errors import AuthenticationError, GenerationError
 from kemari_agent.replication.keys import keygen
-from kemari_agent.replication.primary import Primary, PrimaryState
 
 pytestmark = pytest.mark.kvm
 
-MEM = 16 << 20
-VCPU = Vcpu(0, 1, b"not a real vcpu blob, never run")
-
-
-class FakePrimary:
-    """Speaks the stream over a real authenticated channel, with a fake guest memory."""
-
-    def __init__(self, lab: FtLab, memory: bytearray, seq: int = 0, full: bool = True,
-                 generation: int = 7) -> None:
-        port = int(lab.secondary.config.read_text().split('listen = "127.0.0.1:')[1][:5]
-                   .rstrip('"\n'))
-        self.ch = transport.connect(str(lab.key), "127.0.0.1", port)
-        self.sm = Primary(name=lab.name, memory_size=MEM, generation=generation,
-                          checkpoint_seq=seq, now=time.monotonic(), force_full_sync=full)
-        self.memory = memory
-        self.pump(lambda: self.sm.state is not PrimaryState.HANDSHAKE)
-
-    def send(self, data: bytes | None = None) -> None:
-        self.ch.send_all(self.sm.data_to_send() if data is None else data)
-
-    def pump(self, done, timeout: float = 5.0) -> list:
-        self.send()
-        events, end = [], time.monotonic() + timeout
-        while not done() and time.monotonic() < end:
-            self.ch.settimeout(max(0.01, end - time.monotonic()))
-            try:
-                data = self.ch.recv_some()
-            except Exception:
-                break
-            if not data:
-                break
-            events += self.sm.receive_data(data, time.monotonic())
-            self.send()
-        return events
-
-    def full_sync(self) -> int:
-        self.sm.sync_pages(self.memory, list(range(MEM // 4096)), now=time.monotonic())
-        self.sm.end_sync_round(0, now=time.monotonic())
-        return self.checkpoint([])
-
-    def build(self, pfns) -> tuple[int, bytes]:
-        seq = self.sm.checkpoint(self.memory, pfns, [VCPU, Device(0, 1, b"{}")],
-                                 now=time.monotonic())
-        return seq, self.sm.data_to_send()
-
-    def checkpoint(self, pfns) -> int:
-        seq, data = self.build(pfns)
-        self.send(data)
-        self.pump(lambda: self.sm.is_acked(seq))
-        assert self.sm.is_acked(seq), "secondary did not acknowledge a good checkpoint"
-        return seq
-
-    def close(self) -> None:
-        self.ch.close()
 
 
 def secondary_view(lab: FtLab) -> tuple[int, str, str | None]:

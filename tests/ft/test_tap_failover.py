@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-
 from ftlab import FtLab
+
 from kemari_agent.kvclient import KvClient
 
 pytestmark = pytest.mark.kvm

@@ -1,19 +1,24 @@
-"""ioemu-patches: apply to Debian 12's qemu source with no fuzz; the touched files compile.
+"""ioemu-patches: apply to Debian 12's qemu source with no fuzz, compile, and run.
 
 QEMU is configured the light way (x86_64-softmmu, Xen on, every optional
-feature off) and ninja builds only the objects of the touched files; the
-patched stub for builds without Xen is compiled with the flags of its
-neighbours.  Nothing here runs QEMU: see ioemu-patches/README.md.
+feature off); the touched objects are checked one by one (the stub for
+builds without Xen with the flags of its neighbours), then the whole
+qemu-system-x86_64 is linked (about 5 minutes on 2 cores, cached per
+series) and run under TCG, without Xen, to exercise the checkpoint
+command.  What is not run is listed in ioemu-patches/README.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
+import time
 from functools import cmp_to_key
 from pathlib import Path
 
@@ -34,6 +39,7 @@ BUILD_DEPS = {
     "/usr/include/pixman-1/pixman.h": "libpixman-1-dev",
     "/usr/include/libfdt.h": "libfdt-dev",
     "/usr/include/xenctrl.h": "libxen-dev",
+    "/usr/share/seabios/bios-256k.bin": "seabios",
 }
 CONFIGURE = [
     "--target-list=x86_64-softmmu",
@@ -156,6 +162,59 @@ def patched_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
+@pytest.fixture(scope="module")
+def qemu_build() -> Path:
+    """The patched tree, configured and fully built; cached per series and options."""
+    xen_lab.require_root()
+    ensure_build_deps()
+    pristine = pristine_source()
+    key = hashlib.sha256(
+        "\n".join(
+            [pristine.name, *CONFIGURE, *((PATCHES / n).read_text() for n in series())]
+        ).encode()
+    ).hexdigest()[:16]
+    root = CACHE / f"build-{key}"
+    if not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        sh(["cp", "-al", str(pristine), str(root / "src")])
+        for name in series():
+            sh(["patch", "-p1", "--fuzz=0", "--no-backup-if-mismatch", "-i", str(PATCHES / name)],
+               cwd=root / "src")  # fmt: skip
+        build = root / "src" / "build"
+        build.mkdir()
+        sh(["nice", "-n", "10", "../configure", *CONFIGURE], cwd=build, env=BUILD_ENV)
+        sh(["nice", "-n", "10", "ninja", "-j2", *OBJECTS.values()], cwd=build, env=BUILD_ENV)
+        sh(["nice", "-n", "10", "ninja", "-j2", "qemu-system-x86_64"], cwd=build,
+           env=BUILD_ENV, timeout=3600)  # fmt: skip
+        (root / ".complete").write_text(key + "\n")
+    return root / "src"
+
+
+class Qmp:
+    """A minimal QMP client that keeps the events it sees."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rw")
+        self.events: list[str] = []
+        self.greeting = self._read()
+        self.cmd("qmp_capabilities")
+
+    def _read(self) -> dict:
+        while True:
+            msg = json.loads(self.file.readline())
+            if "event" not in msg:
+                return msg
+            self.events.append(msg["event"])
+
+    def cmd(self, name: str, **args: object) -> dict:
+        self.file.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+        self.file.flush()
+        return self._read()
+
+
 def test_every_patch_is_described_and_signed() -> None:
     names = series()
     assert names, "empty series"
@@ -181,10 +240,9 @@ def test_series_applies_without_fuzz(patched_tree: Path) -> None:
         assert f"{{ 'command': '{command}'" in schema
 
 
-def test_touched_files_compile(patched_tree: Path) -> None:
+def test_touched_files_compile(qemu_build: Path) -> None:
+    patched_tree = qemu_build
     build = patched_tree / "build"
-    build.mkdir()
-    sh(["nice", "-n", "10", "../configure", *CONFIGURE], cwd=build, env=BUILD_ENV, timeout=900)
     target = (build / "x86_64-softmmu-config-target.h").read_text()
     assert "#define CONFIG_XEN 1" in target, "configure did not enable Xen"
     sh(["nice", "-n", "10", "ninja", "-j2", *OBJECTS.values()], cwd=build, env=BUILD_ENV)
@@ -223,3 +281,46 @@ def test_a_patch_with_changed_context_is_refused(patched_tree: Path, tmp_path: P
     )
     assert res.returncode != 0, res.stdout
     assert "FAILED" in res.stdout
+
+
+def test_patched_qemu_saves_device_state_without_stopping(qemu_build: Path, tmp_path: Path) -> None:
+    """Run the linked binary (TCG, no Xen): the checkpoint command works and never stops the VM."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    sock = tmp_path / "qmp.sock"
+    argv = [str(qemu_build / "build" / "qemu-system-x86_64"), "-M", "pc", "-accel", "tcg",
+            "-m", "64", "-display", "none", "-nodefaults", "-serial", "null",
+            "-L", "/usr/share/seabios", "-drive", f"if=ide,format=raw,file={disk}",
+            "-qmp", f"unix:{sock},server=on,wait=off"]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            if sock.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        qmp = Qmp(sock)
+        assert qmp.greeting["QMP"]["version"]["qemu"]["minor"] == 2
+        time.sleep(1)
+        for i in range(3):
+            reply = qmp.cmd("xen-kemari-save-devices-state", filename=str(tmp_path / f"k{i}"))
+            info = reply["return"]
+            assert info["size"] == (tmp_path / f"k{i}").stat().st_size > 0
+            assert 0 <= info["downtime-us"] < 1_000_000
+            assert info["dirty-index"] == -1  # no bitmap shared
+        assert qmp.cmd("query-status")["return"]["status"] == "running"
+        assert "STOP" not in qmp.events, qmp.events
+        # The stock command stops and restarts the VM around the same save.
+        assert qmp.cmd("xen-save-devices-state", filename=str(tmp_path / "stock"))["return"] == {}
+        assert "STOP" in qmp.events and "RESUME" in qmp.events, qmp.events
+        ours, stock = (tmp_path / "k0").read_bytes(), (tmp_path / "stock").read_bytes()
+        assert ours[:8] == stock[:8] == b"QEVM\0\0\0\x03" and len(ours) == len(stock)
+        # Without Xen there is no guest RAM layout to cover: refused, not crashed.
+        err = qmp.cmd("xen-kemari-share-dirty-bitmap", path=str(tmp_path / "bitmap"))
+        assert err["error"]["desc"] == "guest RAM is not set up", err
+        qmp.cmd("quit")
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stderr.read()

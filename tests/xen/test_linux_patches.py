@@ -169,6 +169,13 @@ def test_attach_mode_in_xen(modules: Path, tmp_path: Path) -> None:
         "data_intact",
         "frontends_stayed_connected",
         "no_initwait",
+        # The secondary host's case: backend directories removed and re-created.
+        "destroyed",
+        "recreate_attach",
+        "recreate_io_continues",
+        "recreate_data_intact",
+        "recreate_frontends_stayed_connected",
+        "recreate_no_initwait",
     ):
         assert results.get(name, ("missing",))[0] == "ok", (name, results.get(name))
     # The module that served the domU was ours (out-of-tree taint O).
@@ -178,11 +185,12 @@ def test_attach_mode_in_xen(modules: Path, tmp_path: Path) -> None:
     assert picked and int(picked[1]) >= 1, results["attach_vbd"]
 
 
-def test_stock_backends_publish_initwait_on_rebind(tmp_path: Path) -> None:
+def test_stock_backends_publish_initwait(tmp_path: Path) -> None:
     """Control: Debian's modules also resume I/O, but tell the frontend InitWait."""
     xen_lab.require_root()
     results = boot_attach_test(tmp_path, None, "stock")
-    assert results["io_continues"][0] == "ok", results
     assert "taint=''" in results["load_xen-blkback"][1]
-    states = results["stock_backend_states"][1].split("(")[0].split()
-    assert "2" in states, results["stock_backend_states"]
+    for step in ("", "recreate_"):
+        assert results[f"{step}io_continues"][0] == "ok", results
+        states = results[f"stock_{step}backend_states"][1].split("(")[0].split()
+        assert "2" in states, results[f"stock_{step}backend_states"]

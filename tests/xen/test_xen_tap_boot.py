@@ -46,7 +46,7 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     boot = xen_lab.boot(
         xen_lab.DOM0 / "tap-test.sh",
         files,
-        work / "serial.log",
+        xen_lab.log_path(f"tap-{request.param}"),
         env={"KEMARI_DOMU_TYPE": variant.domu_type},
         xen_cmdline=variant.xen_cmdline,
     )
@@ -112,14 +112,34 @@ def test_release_delivers_and_the_io_completes(run: xen_lab.Boot) -> None:
     passed(run, "disarm", "held_io_completed", "io_continues", "no_failed_io")
 
 
-def test_unbound_port_allocated_at_a_chosen_number(run: xen_lab.Boot) -> None:
+def test_restored_domain_gets_the_guests_port_numbers(run: xen_lab.Boot) -> None:
+    """Into a built-but-never-run domain: the domU's ports, bound by dom0."""
     passed(
         run,
+        "restore_target_created",
         "alloc_unbound",
         "alloc_unbound.status",
         "alloc_unbound.busy",
         "alloc_unbound.bind",
         "alloc_unbound.interdomain",
+        "restore.evtchn.vif-tx",
+        "restore.evtchn.vif-rx",
+    )
+    [ports_line] = run.lines("KEMARI-PORTS ")
+    vbd = dict(kv.split("=") for kv in ports_line.split()[1:])["vbd"]
+    assert f"port={vbd} " in run.checks()["alloc_unbound"][1] + " "
+
+
+def test_ring_grants_saved_and_restored(run: xen_lab.Boot) -> None:
+    """Grant entries of the frontends' rings: read from the domU, written into the copy."""
+    passed(
+        run,
+        "grant.vbd",
+        "grant.vif-tx",
+        "grant.vif-rx",
+        "restore.grant.vbd",
+        "restore.grant.vif-tx",
+        "restore.grant.vif-rx",
     )
 
 

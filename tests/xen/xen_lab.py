@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ DOM0 = HERE / "dom0"
 REPO = HERE.parent.parent
 PATCHES = REPO / "xen-patches"
 
+CACHE = Path(os.environ.get("KEMARI_XEN_CACHE", "/var/cache/kemari-test/xen"))
 CHECK_RE = re.compile(r"^KEMARI-CHECK (\S+) (PASS|FAIL) ?(.*)$", re.M)
 
 
@@ -71,6 +73,12 @@ class Boot:
 
     def lines(self, prefix: str) -> list[str]:
         return [ln for ln in self.log.splitlines() if ln.startswith(prefix)]
+
+
+def log_path(name: str) -> Path:
+    """Serial logs go to the cache (kept after pytest's temp dirs are gone)."""
+    (CACHE / "logs").mkdir(parents=True, exist_ok=True)
+    return CACHE / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 def boot(

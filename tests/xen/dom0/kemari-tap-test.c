@@ -5,17 +5,20 @@
  * check and a final "KEMARI-RESULT PASS|FAIL".
  *
  * usage: kemari-tap-test --domid N --port NAME=PORT... [--while-held CMD]
- *                        [--ring-ref NAME=REF]... [--max-cycles N]
- *                        [--virq-timeout SEC]
+ *                        [--ring-ref NAME=REF]... [--restore-into DOMID]
+ *                        [--max-cycles N] [--virq-timeout SEC]
  *
  * Each cycle: wait for VIRQ_KEMARI, check the domU is paused with only
  * tapped ports held, run CMD (which checks the guest makes no progress),
  * release, check it runs again.  Cycles repeat until every kind of port
  * (the part of NAME before '-', e.g. vbd, vif) has been seen held.
- * Then: the restore-side checks (a chosen unbound port, XEN_DOMCTL_KEMARI_
- * ALLOC_UNBOUND) and, for each --ring-ref, that dom0 can read the frontend's
- * grant entry for its ring (granted to dom0, read-write) from the domU's
- * grant table, as a primary saving grant state would.
+ * Then the restore side, into the (paused, never started) domain given with
+ * --restore-into, else into the domU itself: allocate unbound ports at chosen
+ * numbers (XEN_DOMCTL_KEMARI_ALLOC_UNBOUND) -- with --restore-into, at the
+ * domU's own port numbers -- and bind dom0 to them as a restored backend
+ * would; for each --ring-ref, read the frontend's grant entry for its ring
+ * from the domU's grant table (granted to dom0, read-write) and write it at
+ * the same reference into the restore target, as a checkpoint would carry it.
  */
 #define __XEN_TOOLS__ 1
 
@@ -34,7 +37,7 @@
 #include <xen/event_channel.h>
 #include <xen/grant_table.h>
 
-#include "gnttab-read.h"
+#include "gnttab.h"
 #include "kemari-ctl.h"
 
 #define MAX_TAPPED 16
@@ -223,9 +226,9 @@ static void test_alloc_unbound(struct kemari_ctl *k, xenevtchn_handle *xce,
 	xenevtchn_unbind(xce, local);
 }
 
-static void test_ring_grant(uint16_t dom, const char *arg)
+static void test_ring_grant(uint16_t dom, int restore_dom, const char *arg)
 {
-	struct gnttab_entry e = { 0 };
+	struct gnttab_entry e = { 0 }, back = { 0 };
 	const char *eq = strchr(arg, '=');
 	char name[64];
 	uint32_t ref;
@@ -236,17 +239,53 @@ static void test_ring_grant(uint16_t dom, const char *arg)
 	ref = strtoul(eq + 1, NULL, 0);
 	snprintf(name, sizeof(name), "grant.%.*s", (int)(eq - arg), arg);
 	rc = gnttab_read_entry(dom, ref, &e);
-	check(!rc && (e.flags & GTF_type_mask) == GTF_permit_access &&
-	      !(e.flags & GTF_readonly) && e.domid == 0 && e.frame != 0,
-	      name, "ref=%u rc=%d flags=%#x domid=%u frame=%#x", ref, rc,
-	      e.flags, e.domid, e.frame);
+	if (!check(!rc && (e.flags & GTF_type_mask) == GTF_permit_access &&
+		   !(e.flags & GTF_readonly) && e.domid == 0 && e.frame != 0,
+		   name, "ref=%u rc=%d flags=%#x domid=%u frame=%#x", ref, rc,
+		   e.flags, e.domid, e.frame) || restore_dom < 0)
+		return;
+
+	/* Xen's own in-use bits are not part of what the guest granted. */
+	e.flags &= ~(GTF_reading | GTF_writing);
+	snprintf(name, sizeof(name), "restore.grant.%.*s", (int)(eq - arg), arg);
+	rc = gnttab_write_entry(restore_dom, ref, &e);
+	if (!rc)
+		rc = gnttab_read_entry(restore_dom, ref, &back);
+	check(!rc && back.flags == e.flags && back.domid == e.domid &&
+	      back.frame == e.frame, name, "dom=%d ref=%u rc=%d flags=%#x",
+	      restore_dom, ref, rc, back.flags);
+}
+
+/* A restored backend binds to the port at the number the guest knows. */
+static void test_restore_port(struct kemari_ctl *k, xenevtchn_handle *xce,
+			      uint16_t dom, const struct tapped *t)
+{
+	xenevtchn_port_or_error_t local = -1;
+	uint32_t status = 0, peer_port = 0;
+	uint16_t peer_dom = 0xffff;
+	char name[64];
+	int rc;
+
+	rc = kemari_alloc_unbound(k, dom, t->port, 0);
+	if (!rc)
+		local = xenevtchn_bind_interdomain(xce, dom, t->port);
+	if (local >= 0)
+		rc = kemari_evtchn_status(k, dom, t->port, &status, &peer_dom,
+					  &peer_port);
+	snprintf(name, sizeof(name), "restore.evtchn.%s", t->name);
+	check(!rc && local >= 0 && status == EVTCHNSTAT_interdomain &&
+	      peer_dom == 0 && peer_port == (uint32_t)local, name,
+	      "dom=%u port=%u rc=%d dom0_port=%d status=%u", dom, t->port,
+	      rc, local, status);
+	if (local >= 0)
+		xenevtchn_unbind(xce, local);
 }
 
 static void usage(void)
 {
 	fprintf(stderr, "usage: kemari-tap-test --domid N --port NAME=PORT... "
-		"[--while-held CMD] [--ring-ref NAME=REF]... [--max-cycles N] "
-		"[--virq-timeout SEC]\n");
+		"[--while-held CMD] [--ring-ref NAME=REF]... "
+		"[--restore-into DOMID] [--max-cycles N] [--virq-timeout SEC]\n");
 	exit(2);
 }
 
@@ -259,6 +298,7 @@ int main(int argc, char **argv)
 		{ "max-cycles", required_argument, NULL, 'm' },
 		{ "virq-timeout", required_argument, NULL, 't' },
 		{ "ring-ref", required_argument, NULL, 'r' },
+		{ "restore-into", required_argument, NULL, 'R' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct tapped t[MAX_TAPPED];
@@ -266,7 +306,7 @@ int main(int argc, char **argv)
 	unsigned int nr = 0, i;
 	const char *while_held = NULL, *ring_refs[MAX_TAPPED];
 	unsigned int nr_refs = 0;
-	int dom = -1, max_cycles = 8, virq_timeout = 30, c, rc, cycle;
+	int dom = -1, restore_dom = -1, max_cycles = 8, virq_timeout = 30, c, rc, cycle;
 	struct kemari_state st;
 	struct kemari_ctl *k;
 	xenevtchn_handle *xce;
@@ -305,6 +345,9 @@ int main(int argc, char **argv)
 			if (nr_refs == MAX_TAPPED)
 				usage();
 			ring_refs[nr_refs++] = optarg;
+			break;
+		case 'R':
+			restore_dom = atoi(optarg);
 			break;
 		default:
 			usage();
@@ -358,9 +401,16 @@ int main(int argc, char **argv)
 				   XEN_DOMCTL_KEMARI_F_PAUSED)),
 	      "disarm", "rc=%d flags=%#x", rc, st.flags);
 
-	test_alloc_unbound(k, xce, dom, max_port + 32);
+	if (restore_dom > 0) {
+		/* The restored domain gets the domU's own port numbers. */
+		test_alloc_unbound(k, xce, restore_dom, t[0].port);
+		for (i = 1; i < nr; i++)
+			test_restore_port(k, xce, restore_dom, &t[i]);
+	} else {
+		test_alloc_unbound(k, xce, dom, max_port + 32);
+	}
 	for (i = 0; i < nr_refs; i++)
-		test_ring_grant(dom, ring_refs[i]);
+		test_ring_grant(dom, restore_dom, ring_refs[i]);
 
 	xenevtchn_unbind(xce, virq_port);
 	xenevtchn_close(xce);

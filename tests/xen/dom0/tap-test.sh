@@ -37,15 +37,22 @@ echo "$a" > /tmp/held-at-$1
 EOS
 chmod +x /tmp/while-held
 
+# A round makes several disk notifications (write, flush, read) before its
+# ping, hence up to 16 hold/release cycles until a vif one has been held.
 ports=(--port "vbd=$vbd" --port "vif-tx=$vif_tx")
 [ "$vif_rx" != "$vif_tx" ] && ports+=(--port "vif-rx=$vif_rx")
 # The grant references of the frontends' rings (grant state a checkpoint carries).
 refs=(--ring-ref "vbd=$(domu_port domu vbd/51712/ring-ref)"
       --ring-ref "vif-tx=$(domu_port domu vif/0/tx-ring-ref)"
       --ring-ref "vif-rx=$(domu_port domu vif/0/rx-ring-ref)")
+# A second domain, built but never started, stands in for the copy a
+# secondary restores: ports and grants are restored into it.
+sed -e 's/^name = .*/name = "restored"/' -e '/^disk\|^vif/d' /tmp/domu.cfg > /tmp/restored.cfg
+xl create -p /tmp/restored.cfg >/dev/null; check restore_target_created $? "paused domain"
 /kemari/files/kemari-tap-test --domid "$(xl domid domu)" "${ports[@]}" "${refs[@]}" \
-    --while-held /tmp/while-held --max-cycles 8
+    --restore-into "$(xl domid restored)" --while-held /tmp/while-held --max-cycles 16
 tap_rc=$?
+xl destroy restored
 
 # After release and disarm, the round that was held completes, and later ones too.
 last=$(ls /tmp/held-at-* 2>/dev/null | sort -t- -k3 -n | tail -1)

@@ -70,7 +70,8 @@ cp "$LAB_DIR/dom0-init" "$WORK/overlay/init"
 cat "$DOM0/base.cpio" "$WORK/overlay.cpio" > "$WORK/dom0.cpio"
 
 mkdir -p "$KEMARI_XEN_CACHE/logs"
-LOG=${LOG:-$KEMARI_XEN_CACHE/logs/boot-$(date +%Y%m%d-%H%M%S).log}
+find "$KEMARI_XEN_CACHE/logs" -name '*.log' -mtime +7 -delete   # keep a week of logs
+LOG=${LOG:-$KEMARI_XEN_CACHE/logs/boot-$(date +%Y%m%d-%H%M%S)-$$.log}
 log "booting $XEN_BUILD/xen/xen (log: $LOG)"
 START=$(date +%s)
 # NOT -cpu max: with SMAP emulated, PV dom0 crashes in create_bounce_frame.

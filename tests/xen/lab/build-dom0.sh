@@ -13,6 +13,8 @@ KV=$(kernel_version)
 PKGS=xen-utils-4.17,xenstore-utils,busybox,kmod,iproute2,procps,util-linux
 OUT=$KEMARI_XEN_CACHE/dom0-$KV-$(echo "$PKGS" | sha256sum | cut -c1-8)
 mkdir -p "$OUT"
+exec 9> "$OUT/.lock"
+flock 9   # concurrent callers wait for one build
 
 # 1. The kernel package, unpacked (vmlinuz + modules for dom0 and the domU).
 if [ ! -f "$OUT/kernel/boot/vmlinuz-$KV" ]; then

@@ -9,6 +9,9 @@ set -euo pipefail
 ensure_pkgs /usr/bin/flex:flex /usr/bin/bison:bison /usr/bin/checkpolicy:checkpolicy \
     /usr/bin/gcc:build-essential /usr/bin/python3:python3
 OUT=$KEMARI_XEN_CACHE/xen-build-$(series_hash)
+mkdir -p "$KEMARI_XEN_CACHE"
+exec 9> "$KEMARI_XEN_CACHE/.build-xen.lock"
+flock 9   # concurrent callers wait for one build
 if [ -f "$OUT/.complete" ]; then
     echo "$OUT"
     exit 0

@@ -28,6 +28,7 @@ def line(status: dict) -> str:
         text += " [" + "." * WIDTH + "] starting"
     elif status.get("role") == "primary" and status.get("state") == "synced":
         lat = status.get("latency_us") or {}
-        text += (f", checkpoint {status.get('checkpoint_seq')}, "
-                 f"p50 {lat.get('p50')} us, p99 {lat.get('p99')} us")
+        text += f", checkpoint {status.get('checkpoint_seq')}"
+        if lat.get("p50") is not None:
+            text += f", p50 {lat['p50']} us, p99 {lat['p99']} us"
     return text

@@ -26,3 +26,9 @@ def test_synced_primary_shows_latency():
 def test_secondary_line_has_no_bar():
     assert line({"name": "kv1", "role": "secondary", "state": "synced"}) == \
         "kv1: secondary, synced"
+
+
+def test_fresh_pair_has_no_latency_yet():
+    st = {"name": "kv1", "role": "primary", "state": "synced", "checkpoint_seq": 1,
+          "latency_us": {"p50": None, "p99": None}}
+    assert line(st) == "kv1: primary, synced, checkpoint 1"

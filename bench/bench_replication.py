@@ -131,6 +131,19 @@ def fill_memory_then_sync(memory_mib: int) -> dict:
         lab.close()
 
 
+def secondary_rss_ratio(memory_mib: int) -> float:
+    """Resident memory of an in-sync secondary of an idle kv guest / guest RAM."""
+    lab = FtLab(tmpdir(), memory_mib=memory_mib)
+    try:
+        lab.start_pair()
+        with KvClient(lab.addr) as c:
+            for i in range(200):
+                c.put(f"k{i}", "v")
+        return _rss_kib(lab.secondary.pid()) * 1024 / (memory_mib << 20)
+    finally:
+        lab.close()
+
+
 def kv_activation(memory_mib: int) -> tuple[float, float, dict]:
     """promote -> first kv reply for a kv guest of memory_mib, via the control socket;
     also the full sync of that (mostly idle, mostly zero) guest."""
@@ -198,6 +211,7 @@ def main(quick: bool = False) -> dict:
         ("full sync pages sent / rounds", f"{s['pages']} / {s['rounds']}", ""),
         ("secondary RSS / guest RAM (goal <= 1.1)", sync["secondary_rss"] / s["memory_bytes"],
          ""),
+        ("secondary RSS / guest RAM, 1 GiB kv guest", secondary_rss_ratio(1024), ""),
     ]
     return report("replication", rows, {"checkpoint_latency": lat,
                                         "sync": sync, "raw": {"tap_lat_n": len(tap_lat)}})

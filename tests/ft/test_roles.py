@@ -23,8 +23,9 @@ def wait_state(node, state: str, timeout: float = 5.0) -> dict:
     raise AssertionError(f"node {node.letter} never {state}: {node.status()}")
 
 
-def test_switchover_loses_nothing_and_reprotects(tmp_path):
-    lab = FtLab(tmp_path)
+@pytest.mark.parametrize("disk_mode", ["shared", "replicated"])
+def test_switchover_loses_nothing_and_reprotects(tmp_path, disk_mode):
+    lab = FtLab(tmp_path, disk_mode=disk_mode)
     clients = None
     try:
         lab.start_pair()
@@ -175,3 +176,18 @@ def test_until_synced_shows_progress_and_returns(tmp_path):
             f"{lab.name}: primary, synced")
     finally:
         lab.close()
+
+
+def test_start_without_replication_settings_fails_clearly(tmp_path):
+    from helpers import KEMARI, REPO, kv_config
+    cfg = kv_config(tmp_path, name="norepl", net='[net]\nforward = "127.0.0.1:7999"')
+    env = {"KEMARI_RUN_DIR": str(tmp_path / "run"), "KEMARI_STATE_DIR": str(tmp_path / "st")}
+    import os
+    import subprocess
+    r = subprocess.run(KEMARI + ["start", str(cfg)], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, **env}, timeout=60)
+    assert r.returncode == 1
+    assert "replication.listen" in r.stderr and "replication.key_file" in r.stderr
+    r = subprocess.run(KEMARI + ["promote", "norepl"], cwd=REPO, capture_output=True,
+                       text=True, env={**os.environ, **env}, timeout=60)
+    assert r.returncode == 1 and "no Kemari daemon" in r.stderr

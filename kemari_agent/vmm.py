@@ -131,6 +131,9 @@ class Vmm:
     def devices(self) -> list[Device]:
         return [d for d in (self.block, self.net) if d is not None]
 
+    def device_state_version(self) -> tuple[int, ...]:
+        return tuple(d.state_version for d in self.devices)
+
     def device_state(self) -> dict:
         return {d.name: d.state() for d in self.devices}
 

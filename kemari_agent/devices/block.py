@@ -81,6 +81,8 @@ class BlockBackend:
             self.fd = -1
 
     # Device interface -----------------------------------------------------
+    state_version = 0        # no state of its own
+
     def state(self) -> dict:
         return {}
 

@@ -47,6 +47,7 @@ class ForwardPort:
         self.next_vport = FIRST_VPORT
         self.ident = 0
         self.pending_frames: list[bytes] = []   # ARP replies owed to the guest
+        self.version = 0                          # bumped whenever state() would change
         self.dropped = 0
 
     def fileno(self) -> int:
@@ -81,6 +82,7 @@ class ForwardPort:
             self.next_vport = FIRST_VPORT if vport == LAST_VPORT else vport + 1
         self.clients[client] = vport
         self.by_vport[vport] = client
+        self.version += 1
         return vport
 
     # Guest -> host ---------------------------------------------------------
@@ -109,7 +111,9 @@ class ForwardPort:
 
     # Device state ------------------------------------------------------------
     def state(self) -> dict:
-        return {"clients": [[h, p, v] for (h, p), v in self.clients.items()],
+        """The client table (in vport order: the LRU order is not worth a checkpoint)."""
+        return {"clients": sorted([[h, p, v] for (h, p), v in self.clients.items()],
+                                  key=lambda c: c[2]),
                 "next_vport": self.next_vport}
 
     def restore_state(self, state: dict) -> None:
@@ -119,6 +123,7 @@ class ForwardPort:
             self.clients[(host, port)] = vport
             self.by_vport[vport] = (host, port)
         self.next_vport = state.get("next_vport", FIRST_VPORT)
+        self.version += 1
 
     def close(self) -> None:
         self.sock.close()

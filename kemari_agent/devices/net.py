@@ -54,6 +54,11 @@ class NetBackend:
     def restore_state(self, state: dict) -> None:
         self.port.restore_state(state.get("port", {}))
 
+    @property
+    def state_version(self) -> int:
+        """Changes whenever state() would: lets checkpoints skip unchanged state."""
+        return getattr(self.port, "version", 0)
+
     def attach(self) -> int:
         """Resend what the guest had queued when the snapshot was taken."""
         return self.process()

@@ -71,7 +71,7 @@ class Protector:
         self.last_error: str | None = None
         self._next_epoch = time.monotonic() + self.epoch_s
         self._last_full_vcpu = 0.0
-        self._last_device = b""
+        self._last_device_version: tuple[int, ...] | None = None
         self._disk_dirty: set[int] | None = None     # disk chunks written during a sync
         self._held_frames: list[tuple[int, list[bytes]]] = []   # epoch mode: (seq, frames)
         self.faults = Faults()
@@ -241,10 +241,11 @@ class Protector:
         else:
             vcpu = Vcpu(0, VCPU_FAST, self.machine.get_vcpu_state_fast())
         records: list = [vcpu]
-        device = json.dumps(self.vmm.device_state()).encode()
-        if full or device != self._last_device:      # the secondary keeps the last one
+        version = self.vmm.device_state_version()
+        if full or version != self._last_device_version:   # the secondary keeps the last
+            device = json.dumps(self.vmm.device_state()).encode()
             records.append(Device(0, DEVICE_BLOB_VERSION, device))
-            self._last_device = device
+            self._last_device_version = version
         if self.replicated_disk and self.vmm.block is not None:
             records += [DiskWrite(0, sector, data)
                         for sector, data in self.vmm.block.pending_writes()]

@@ -53,6 +53,7 @@ class Machine:
         self._exit = ffi.new("struct kvmm_exit *")
         self._pfns = ffi.new("uint64_t[]", self.npages)
         self._state_size = lib.kvmm_state_size(vm)
+        self._state_buf = ffi.new("uint8_t[]", self._state_size)   # reused per checkpoint
         self.io_pending = False   # stopped at an I/O exit not yet completed
 
     # ---- lifecycle -----------------------------------------------------
@@ -119,9 +120,9 @@ class Machine:
         """Only what a CPL-3 guest can change (native/vmm.h): for checkpoints,
         applied on top of a full blob."""
         self.complete_pending()
-        buf = ffi.new("uint8_t[]", self._state_size)
-        n = _check(lib.kvmm_get_state_fast(self._vm, buf, self._state_size), "saving vCPU state")
-        return bytes(ffi.buffer(buf, n))
+        n = _check(lib.kvmm_get_state_fast(self._vm, self._state_buf, self._state_size),
+                   "saving vCPU state")
+        return ffi.buffer(self._state_buf, n)[:]
 
     def set_vcpu_state(self, blob: bytes) -> None:
         """Load a full blob, or a fast one on top of the full one loaded before."""

@@ -136,6 +136,12 @@ class Protector:
                 channel.close()
                 self.state = "standalone"
                 self._closing.wait(RECONNECT_S)
+            except Exception as exc:   # a bug must not end protection for good
+                self.last_error = f"full sync failed: {exc!r}"
+                log.exception("%s: full sync failed", self.config.name)
+                channel.close()
+                self.state = "standalone"
+                self._closing.wait(RECONNECT_S)
 
     def _full_sync(self, channel) -> None:
         now = time.monotonic()

@@ -7,9 +7,9 @@ the protocol's replay table is for. Used by the demo, tests and benchmarks.
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 
 
@@ -38,7 +38,8 @@ class KvClient:
         self.addr = addr
         self.timeout, self.attempts = timeout, attempts
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.prefix = prefix or f"c{os.getpid()}x{id(self) & 0xFFFF:x}"
+        # ids must never repeat across clients: the guest replays a known id
+        self.prefix = prefix or f"c{uuid.uuid4().hex[:12]}"
         self._ids = itertools.count(1)
 
     def close(self) -> None:
@@ -66,8 +67,7 @@ class KvClient:
         """Send `VERB id args...`, retrying with the same id; returns the matching reply."""
         req_id = req_id or self.new_id()
         line = " ".join((verb, req_id, *args)).encode()
-        deadline_attempts = self.attempts
-        for _ in range(deadline_attempts):
+        for _ in range(self.attempts):
             self.sock.settimeout(self.timeout)
             self.sock.sendto(line, self.addr)
             end = time.monotonic() + self.timeout
@@ -80,7 +80,7 @@ class KvClient:
                 reply = Reply.parse(data.decode(errors="replace"))
                 if reply.req_id == req_id or (reply.kind == "ERR" and not reply.req_id):
                     return reply
-        raise NoReply(f"no reply to {line.decode()!r} after {deadline_attempts} attempts")
+        raise NoReply(f"no reply to {line.decode()!r} after {self.attempts} attempts")
 
     def put(self, key: str, value: str, req_id: str | None = None) -> Reply:
         return self.call("PUT", key, value, req_id=req_id)

@@ -18,7 +18,6 @@ import logging
 import os
 import queue
 import select
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -92,20 +91,31 @@ class Vmm:
 
     # ---- construction ----------------------------------------------------
     @classmethod
-    def create(cls, config: VmConfig, with_net: bool = True) -> Vmm:
-        """Machine and backends for `config`; with_net=False leaves the guest's
-        outward identity (TAP / forward) untouched, for a secondary."""
+    def create(cls, config: VmConfig) -> Vmm:
+        """A new machine with the backends of `config` (for `kemari run`)."""
         machine = Machine(config.memory_mib << 20)
-        block = net = None
         try:
-            if config.disk is not None:
-                block = BlockBackend(machine, config.disk.path, config.disk.size_mib)
-            if config.net is not None and with_net:
+            return cls.for_machine(config, machine)
+        except BaseException:
+            machine.close()
+            raise
+
+    @classmethod
+    def for_machine(cls, config: VmConfig, machine: Machine,
+                    block: BlockBackend | None = None, wait_lock_s: float = 0.0) -> Vmm:
+        """The backends of `config` on an existing machine (a standby VM being
+        promoted). `block`: a disk backend already open; `wait_lock_s`: how long
+        to wait for the disk image's lock."""
+        net = None
+        try:
+            if block is None and config.disk is not None:
+                block = BlockBackend(machine, config.disk.path, config.disk.size_mib,
+                                     wait_lock_s=wait_lock_s)
+            if config.net is not None:
                 net = NetBackend(machine, open_net_port(config))
         except BaseException:
             if block is not None:
                 block.close()
-            machine.close()
             raise
         return cls(config, machine, block, net)
 
@@ -268,7 +278,7 @@ class Vmm:
                 if due is not None:
                     wakeups.append(due)
             wait = max(0.0, min(wakeups) - now) if wakeups else None
-            if self.net is not None and getattr(self.net.port, "has_pending", lambda: False)():
+            if self.net is not None and self.net.port.has_pending():
                 wait = 0.0
             readable, _, _ = select.select(fds, [], [], wait)
             if self._wake_r in readable:
@@ -317,8 +327,3 @@ def open_net_port(config: VmConfig) -> TapPort | ForwardPort:
     assert net.forward is not None and net.address is not None
     return ForwardPort(net.forward, net.mac, net.address)
 
-
-def run_in_thread(target: Callable[[], None], name: str) -> threading.Thread:
-    t = threading.Thread(target=target, name=name, daemon=True)
-    t.start()
-    return t

@@ -112,12 +112,12 @@ class BlockBackend:
         if not batch:
             return 0
         statuses = [self._do(op, sector, n, gpa) for _i, _id, op, sector, n, gpa in batch]
-        if any(op == OP_WRITE and st == OK for (_i, _id, op, *_r), st in zip(batch, statuses,
-                                                                            strict=True)):
-            sync = self._sync()
-            if sync != OK:   # nothing in this batch is durable: say so for every write
-                statuses = [sync if b[2] in (OP_WRITE, OP_FLUSH) else st
-                            for b, st in zip(batch, statuses, strict=True)]
+        ops = [b[2] for b in batch]
+        wrote = any(op == OP_WRITE and st == OK for op, st in zip(ops, statuses, strict=True))
+        if wrote and (sync := self._sync()) != OK:
+            # nothing in this batch is durable: say so for every write and flush
+            statuses = [sync if op in (OP_WRITE, OP_FLUSH) else st
+                        for op, st in zip(ops, statuses, strict=True)]
         for (idx, req_id, op, *_rest), status in zip(batch, statuses, strict=True):
             rsp = self.ring.response_slot(idx)
             rsp.id, rsp.op, rsp.status = req_id, op, status

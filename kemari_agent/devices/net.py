@@ -21,7 +21,10 @@ FRAME_MAX = lib.KEMARI_NET_FRAME_MAX
 
 
 class NetPort(Protocol):
+    version: int                    # bumped whenever state() would change
+
     def fileno(self) -> int: ...
+    def has_pending(self) -> bool: ...
     def recv(self) -> bytes | None: ...
     def send(self, frame: bytes) -> None: ...
     def state(self) -> dict: ...
@@ -57,7 +60,7 @@ class NetBackend:
     @property
     def state_version(self) -> int:
         """Changes whenever state() would: lets checkpoints skip unchanged state."""
-        return getattr(self.port, "version", 0)
+        return self.port.version
 
     def attach(self) -> int:
         """Resend what the guest had queued when the snapshot was taken."""

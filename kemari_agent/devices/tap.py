@@ -58,6 +58,11 @@ class TapPort:
             if exc.errno != 5:  # EIO while the link is down: drop
                 raise
 
+    version = 0                     # no state of its own
+
+    def has_pending(self) -> bool:
+        return False
+
     def state(self) -> dict:
         return {}
 

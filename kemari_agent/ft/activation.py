@@ -12,35 +12,13 @@ from __future__ import annotations
 import json
 import logging
 
-from ..config import VmConfig
 from ..devices import netpkt
-from ..devices.block import BlockBackend
-from ..devices.net import NetBackend
-from ..kvm.machine import Machine
-from ..vmm import Vmm, open_net_port
+from ..vmm import Vmm
 
 log = logging.getLogger(__name__)
 
+# A failed primary on this same machine may still be releasing the disk image.
 PROMOTE_LOCK_WAIT_S = 5.0
-
-
-def open_devices(config: VmConfig, machine: Machine,
-                 block: BlockBackend | None = None) -> Vmm:
-    """A Vmm for `machine` with this node's devices (the block backend may be
-    handed over from a secondary that kept the disk open)."""
-    net = None
-    try:
-        if block is None and config.disk is not None:
-            # A failed primary on this same machine may still be releasing the image.
-            block = BlockBackend(machine, config.disk.path, config.disk.size_mib,
-                                 wait_lock_s=PROMOTE_LOCK_WAIT_S)
-        if config.net is not None:
-            net = NetBackend(machine, open_net_port(config))
-    except BaseException:
-        if block is not None:
-            block.close()
-        raise
-    return Vmm(config, machine, block, net)
 
 
 def resume_from_checkpoint(vmm: Vmm, vcpu_blobs: list[bytes], device_blob: bytes) -> None:

@@ -12,6 +12,7 @@ secondary (final checkpoint + handover when a peer is in sync).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -25,7 +26,8 @@ from ..devices.block import BlockBackend, open_disk_image
 from ..errors import KemariError
 from ..kvm.machine import Machine
 from ..standalone import STOP_SIGNALS, signals_to_main_thread, write_pid_file
-from .activation import open_devices, resume_from_checkpoint
+from ..vmm import Vmm
+from .activation import PROMOTE_LOCK_WAIT_S, resume_from_checkpoint
 from .node import Node
 from .protector import Protector
 from .receiver import Receiver
@@ -75,7 +77,6 @@ class Daemon:
     def _checkpoint_digest(self) -> dict:
         """SHA-256 of guest memory: on the primary after a forced checkpoint, on the
         secondary of its last applied checkpoint. Equal when replication is exact."""
-        import hashlib
         if self.role == "primary" and self.vmm is not None:
             def take() -> dict:
                 seq = self.protector.checkpoint_now()
@@ -194,7 +195,7 @@ class Daemon:
         if disk_fd is not None:
             block = BlockBackend(self.machine, self.config.disk.path, self.config.disk.size_mib,
                                  fd=disk_fd)
-        vmm = open_devices(self.config, self.machine, block)
+        vmm = Vmm.for_machine(self.config, self.machine, block, PROMOTE_LOCK_WAIT_S)
         if failover:
             resume_from_checkpoint(vmm, *blobs)
         else:

@@ -17,18 +17,28 @@ class Liveness:
         self.timeout = timeout
         self.last_sent = now
         self.last_received = now
+        self._reported = False
 
     def sent(self, now: float) -> None:
         self.last_sent = max(self.last_sent, now)
 
     def received(self, now: float) -> None:
         self.last_received = max(self.last_received, now)
+        self._reported = False
 
     def heartbeat_due(self, now: float) -> bool:
         return now - self.last_sent >= self.interval
 
     def peer_dead(self, now: float) -> bool:
         return now - self.last_received > self.timeout
+
+    def newly_dead(self, now: float) -> float | None:
+        """How long the peer has been silent, the first time it counts as dead
+        in a silence; None otherwise (each silence is reported once)."""
+        if self._reported or not self.peer_dead(now):
+            return None
+        self._reported = True
+        return now - self.last_received
 
     def next_deadline(self) -> float:
         """The next `now` at which heartbeat_due or peer_dead can change: a select timeout."""

@@ -105,7 +105,6 @@ class Primary:
         self._decoder = Decoder()
         self._outbox: list[bytes | bytearray] = []
         self._heartbeats = 0
-        self._reported_dead = False
         self._reset_checkpoint()
 
     # -- driver interface -------------------------------------------------
@@ -116,7 +115,6 @@ class Primary:
             raise ProtocolError("session already failed")
         if data:
             self.liveness.received(now)
-            self._reported_dead = False
         try:
             events: list[Event] = []
             for record in self._decoder.feed(data):
@@ -140,10 +138,8 @@ class Primary:
                 self.liveness.heartbeat_due(now):
             self._heartbeats += 1
             self._queue(encode_parts(Heartbeat(self._heartbeats, self.last_sent)), 1, 0, now)
-        if self.liveness.peer_dead(now) and not self._reported_dead:
-            self._reported_dead = True
-            return [PeerDead(now - self.liveness.last_received)]
-        return []
+        silent_for = self.liveness.newly_dead(now)
+        return [PeerDead(silent_for)] if silent_for is not None else []
 
     def next_deadline(self) -> float:
         return self.liveness.next_deadline()

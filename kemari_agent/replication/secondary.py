@@ -139,7 +139,6 @@ class Secondary:
         self._decoder = Decoder()
         self._outbox: list[bytes] = []
         self._heartbeats = 0
-        self._reported_dead = False
         self._reset_staging()
         flags = HelloFlag.HAVE_CHECKPOINT if has_checkpoint else HelloFlag(0)
         self._send(encode(Hello(name, Role.SECONDARY, generation, checkpoint_seq,
@@ -153,7 +152,6 @@ class Secondary:
             raise ProtocolError("session already failed")
         if data:
             self.liveness.received(now)
-            self._reported_dead = False
             self.bytes_received += len(data)
         events: list[Event] = []
         try:
@@ -195,10 +193,8 @@ class Secondary:
                 self.liveness.heartbeat_due(now):
             self._heartbeats += 1
             self._send(encode(Heartbeat(self._heartbeats, self.checkpoint_seq)), now)
-        if self.liveness.peer_dead(now) and not self._reported_dead:
-            self._reported_dead = True
-            return [PeerDead(now - self.liveness.last_received)]
-        return []
+        silent_for = self.liveness.newly_dead(now)
+        return [PeerDead(silent_for)] if silent_for is not None else []
 
     def next_deadline(self) -> float:
         return self.liveness.next_deadline()

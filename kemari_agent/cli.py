@@ -89,7 +89,10 @@ def _start(args: argparse.Namespace) -> int:
 
 def _role_change(verb: str):
     def run(args: argparse.Namespace) -> int:
-        reply = request(paths.socket_path(args.name), verb, timeout=150)
+        extra = {"force": True} if getattr(args, "force", False) else {}
+        reply = request(paths.socket_path(args.name), verb, timeout=150, **extra)
+        if verb == "promote" and reply.get("activation"):
+            print(f"{args.name}: {reply['activation']}")
         print(f"{args.name}: {reply['role']}, {reply['state']} (generation {reply['generation']})")
         return 0
     return run
@@ -130,6 +133,10 @@ def parser() -> argparse.ArgumentParser:
                        ("demote", "primary -> secondary (final sync + hand-over)")):
         v = sub.add_parser(verb, help=text)
         v.add_argument("name")
+        if verb == "promote":
+            v.add_argument("--force", action="store_true",
+                           help="promote even an inconsistent or outdated node: DATA-LOSING "
+                                "(resumes a mixed or older state)")
         v.set_defaults(func=_role_change(verb))
 
     k = sub.add_parser("keygen", help="write a new replication key file (mode 0600)")

@@ -230,12 +230,10 @@ class Receiver:
                              self.peer, ev.hello.generation)
                 elif resync:
                     log.info("%s: resync from %s: changes since checkpoint %d, staged; this "
-                             "node keeps that checkpoint until the resync commits",
-                             self.config.name, self.peer, self.node.checkpoint_seq)
-                if self.node.outdated:
-                    log.warning("%s: outdated: the primary went on without this node "
-                                "(generation %d, checkpoint %d)", self.config.name,
-                                ev.hello.generation, ev.hello.checkpoint_seq)
+                             "node keeps that checkpoint until the resync commits%s",
+                             self.config.name, self.peer, self.node.checkpoint_seq,
+                             " (outdated meanwhile: the primary ran on unprotected)"
+                             if self.node.outdated else "")
             elif isinstance(ev, SyncProgressed):
                 self.sync_progress = {"round": ev.round, "pages_sent": ev.pages_sent,
                                       "pages_remaining": ev.pages_remaining}

@@ -24,9 +24,22 @@ def _get_status(name: str) -> dict:
     try:
         reply = request(paths.socket_path(name), "status", timeout=10)
     except NotRunning:
-        reply = {"name": name, "pid": None, "role": "stopped", "state": "stopped"}
+        reply = {"name": name, "pid": None, "role": "stopped", "state": "stopped",
+                 **_stopped_promotability(name)}
     reply.pop("ok", None)
     return reply
+
+
+def _stopped_promotability(name: str) -> dict:
+    """What the node's state file says, so a cluster agent can score a stopped node."""
+    from .replication.state_store import StateFileCorrupt, StateStore
+    try:
+        state = StateStore(paths.state_dir() / name).load()
+    except (StateFileCorrupt, OSError) as exc:
+        return {"promotable": False, "promote_blocker": f"state file unreadable: {exc}"}
+    return {"generation": state.generation, "checkpoint_seq": state.checkpoint_seq,
+            "has_checkpoint": False, "consistent": state.consistent,
+            "outdated": state.outdated, "promotable": False, "promote_blocker": "not running"}
 
 
 def _watch(args: argparse.Namespace) -> int:

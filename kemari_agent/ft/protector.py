@@ -185,7 +185,8 @@ class Protector:
         """Checkpoints a secondary may hold for a resync to cover the gap, or why none."""
         if self._tracking_since is None:
             return range(0), "no checkpoint of this generation was sent since dirty tracking began"
-        chunks = len(self._disk_dirty or ()) + sum(len(c) for _p, c in self._unacked.values())
+        unacked = list(self._unacked.values())      # the loop thread may change the dict
+        chunks = len(self._disk_dirty or ()) + sum(len(c) for _p, c in unacked)
         if chunks * DISK_CHUNK_SECTORS * 512 > RESYNC_DISK_LIMIT:
             return range(0), (f"{chunks * DISK_CHUNK_SECTORS // 2048} MiB of disk written "
                               f"while disconnected exceeds the resync limit of "

@@ -148,17 +148,20 @@ class Protector:
             try:
                 self._sync(channel)
             except (SessionLost, TransportError) as exc:
-                self.last_error = f"{self.state} failed: {exc}"
+                self.last_error = f"{self._phase()} failed: {exc}"
                 log.warning("%s: %s", self.config.name, self.last_error)
                 channel.close()
                 self.state = "standalone"
                 self._closing.wait(RECONNECT_S)
             except Exception as exc:   # a bug must not end protection for good
-                self.last_error = f"{self.state} failed: {exc!r}"
-                log.exception("%s: %s failed", self.config.name, self.state)
+                self.last_error = f"{self._phase()} failed: {exc!r}"
+                log.exception("%s: %s failed", self.config.name, self._phase())
                 channel.close()
                 self.state = "standalone"
                 self._closing.wait(RECONNECT_S)
+
+    def _phase(self) -> str:
+        return {"syncing": "full sync", "resyncing": "resync"}.get(self.state, "handshake")
 
     def _sync(self, channel) -> None:
         now = time.monotonic()

@@ -39,8 +39,10 @@ def wait_for(what, timeout: float = 60.0, every: float = 0.05):
     raise AssertionError(f"timed out waiting for {what.__doc__ or what}")
 
 
-def test_link_cut_under_load_resyncs_and_failover_keeps_every_promise(tmp_path):
-    lab = FtLab(tmp_path, disk_mode="replicated", on_peer_loss="suspend")
+@pytest.mark.parametrize(("disk_mode", "mode"), [("replicated", "tap"), ("shared", "epoch")])
+def test_link_cut_under_load_resyncs_and_failover_keeps_every_promise(tmp_path, disk_mode,
+                                                                      mode):
+    lab = FtLab(tmp_path, disk_mode=disk_mode, mode=mode, on_peer_loss="suspend")
     relay = through_relay(lab)
     clients = None
     try:
@@ -64,7 +66,9 @@ def test_link_cut_under_load_resyncs_and_failover_keeps_every_promise(tmp_path):
                 else None
         st = wait_for(resynced)
         resync = st["last_sync"]
-        assert resync["bytes"] < full["bytes"] / 4, (resync, full)
+        # (a full sync of a mostly idle guest is small too: zero pages cost 8 bytes)
+        assert resync["bytes"] < full["bytes"], (resync, full)
+        assert resync["pages"] < full["pages"] / 4, (resync, full)
         assert resync["from_checkpoint"] >= seq_before - 1
         assert any(s["state"] == "standalone" for s in samples), "the cut was never seen"
         for s in samples:        # the secondary's checkpoint stayed usable throughout

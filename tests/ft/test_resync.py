@@ -110,7 +110,13 @@ def test_promote_refuses_an_inconsistent_or_outdated_secondary_unless_forced(tmp
         fake = FakePrimary(lab, memory)
         fake.sm.sync_pages(memory, list(range(64)), now=time.monotonic())
         fake.send()
-        st = wait_for(lambda: (s := node.status())["state"] == "syncing" and s)
+
+        def syncing():
+            fake.sm.poll(time.monotonic())      # heartbeats: the sync stays open
+            fake.send()
+            st = node.status()
+            return st if st["state"] == "syncing" else None
+        st = wait_for(syncing)
         assert not st["consistent"] and not st["promotable"], st
         assert st["promote_blocker"].startswith("inconsistent"), st
         r = promote(node)

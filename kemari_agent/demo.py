@@ -97,6 +97,7 @@ def main(args: argparse.Namespace) -> int:
 def _run(work: Path, a: DemoNode, b: DemoNode, addr, pids: list[int]) -> int:
     print(f"Kemari demo in {work}")
     a.checked("keygen", str(work / "kv-demo.key"))
+    a.checked("create-disk", str(a.config))       # the disk both nodes share
     print("  node B: secondary (standby VM, waiting for checkpoints)")
     b.checked("start", str(b.config))
     pids.append(b.status()["pid"])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from helpers import KEMARI, REPO, free_udp_port
 
+from kemari_agent.devices.block import create_disk_image
 from kemari_agent.kvclient import KvClient
 from kemari_agent.replication import transport
 from kemari_agent.replication.codec import Device, Vcpu
@@ -38,6 +39,8 @@ class Node:
         self.env.pop("KEMARI_FAULT", None)
         self.disk = disk = lab.base / ("shared-disk.img" if lab.disk_mode == "shared"
                                        else f"disk-{letter}.img")
+        if not disk.exists():
+            create_disk_image(disk, 16)
         self.config = lab.base / f"{letter}.toml"
         self.config.write_text(f"""name = "{lab.name}"
 memory_mib = {lab.memory_mib}

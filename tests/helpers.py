@@ -17,6 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
+from kemari_agent.devices.block import create_disk_image
+
 REPO = Path(__file__).resolve().parent.parent
 KEMARI = [sys.executable, "-m", "kemari_agent.cli"]
 TESTGUEST = REPO / "build" / "testguest" / "testguest.bin"
@@ -162,6 +164,8 @@ class NetLab:
 def kv_config(dirs: Path, name: str = "kv1", net: str = "", disk_mib: int = 16,
               memory_mib: int = 64, disk_path: Path | None = None) -> Path:
     disk_path = disk_path or dirs / f"{name}-disk.img"
+    if not disk_path.exists():
+        create_disk_image(disk_path, disk_mib)
     return write_config(dirs / f"{name}.toml", f"""
 name = "{name}"
 memory_mib = {memory_mib}

@@ -47,6 +47,10 @@ def test_a_crowd_at_the_replication_port_does_not_disturb_the_session(tmp_path):
         assert all(crowd.connections[k] > 0 for k in crowd.connections), crowd.connections
         sec = lab.secondary.status()
         assert sec["checkpoints"] > 0
+        # real figures: what it sent (ACKs, heartbeats), read -> ACK latency
+        assert sec["bytes_sent"] >= 16 * sec["checkpoints"], sec
+        lat = sec["latency_us"]
+        assert 0 < lat["p50"] <= lat["p99"] < 1e6, lat
         incoming = sec["incoming"]
         assert incoming["timed_out"] >= 1 and incoming["refused"] >= 1, incoming
         errors = " | ".join(sec["recent_errors"]) + lab.secondary.log()

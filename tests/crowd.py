@@ -7,13 +7,18 @@ slow_tls    a ClientHello dribbled one byte every 100 ms
 wrong_key   full TLS handshakes with another VM's key, one after another
 no_hello    authenticated with the right key, then silent
 old_primary authenticated, then a primary HELLO of an older generation
+
+Each of its members comes back `pause` seconds after its connection ended.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import socket
 import ssl
+import sys
 import threading
 from pathlib import Path
 
@@ -37,9 +42,11 @@ def client_hello() -> bytes:
 
 class Crowd:
     def __init__(self, address: tuple[str, int], key: Path, name: str, memory_size: int,
-                 old_generation: int, per_kind: int = 3) -> None:
+                 old_generation: int, per_kind: int = 3, pause: float = 0.5) -> None:
+        """`pause`: between one connection's end and the next of the same member."""
         self.address, self.key, self.name = address, str(key), name
         self.memory_size, self.old_generation = memory_size, old_generation
+        self.pause = pause
         self.other_key = str(Path(key).with_suffix(".other.key"))
         if not Path(self.other_key).exists():
             keys.keygen(Path(self.other_key))
@@ -70,7 +77,7 @@ class Crowd:
             with contextlib.suppress(OSError, TransportError):
                 getattr(self, f"_{kind}")()
             self._count(self.closed_by_peer, kind)
-            self.stop_flag.wait(0.05)
+            self.stop_flag.wait(self.pause)
 
     def _tcp(self, kind: str) -> socket.socket:
         sock = socket.create_connection(self.address, timeout=2)
@@ -136,3 +143,25 @@ class Crowd:
                 with contextlib.suppress(transport.TransportTimeout):
                     if not ch.recv_some():
                         return
+
+
+def main() -> None:
+    """Run a crowd in its own process (so its threads do not share the measuring
+    process's interpreter) until stdin closes; print its counts as JSON."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("port", type=int)
+    ap.add_argument("key")
+    ap.add_argument("name")
+    ap.add_argument("memory_size", type=int)
+    ap.add_argument("--old-generation", type=int, default=0)
+    ap.add_argument("--per-kind", type=int, default=3)
+    args = ap.parse_args()
+    crowd = Crowd(("127.0.0.1", args.port), Path(args.key), args.name, args.memory_size,
+                  args.old_generation, args.per_kind).start()
+    sys.stdin.read()
+    crowd.stop()
+    print(json.dumps({"connections": crowd.connections}))
+
+
+if __name__ == "__main__":
+    main()

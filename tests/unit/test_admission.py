@@ -17,7 +17,15 @@ from kemari_agent.ft import admission
 from kemari_agent.ft.admission import Admission
 from kemari_agent.ft.link import Link
 from kemari_agent.replication import keys, transport
-from kemari_agent.replication.codec import PAGE_SIZE, Hello, HelloFlag, Role, encode
+from kemari_agent.replication.codec import (
+    PAGE_SIZE,
+    Decoder,
+    Error,
+    Hello,
+    HelloFlag,
+    Role,
+    encode,
+)
 from kemari_agent.replication.errors import AuthenticationError
 from kemari_agent.replication.image import ImageSink
 from kemari_agent.replication.secondary import Secondary
@@ -137,6 +145,12 @@ def test_only_an_accepted_hello_is_admitted(key):
             if gen == 2:
                 assert admitted == [] and door.counts["refused"] == 1
                 assert "older than this node's" in rejected[-1]
+                decoder, records = Decoder(), []
+                chans[-1].settimeout(5)
+                while data := chans[-1].recv_some():       # our HELLO, then why it was closed
+                    records += decoder.feed(data)
+                assert [type(r) for r in records] == [Hello, Error]
+                assert "older than this node's" in records[1].message
             else:
                 assert len(admitted) == 1
                 link, events = admitted[0]

@@ -218,7 +218,9 @@ class Listener:
             raw, _ = self._sock.accept()
         except TimeoutError:
             raise TransportTimeout("no peer connected") from None
-        return self._handshake(raw, handshake_timeout).wait()
+        channel = self._handshake(raw, handshake_timeout).wait()
+        channel.settimeout(timeout)
+        return channel
 
     def accept_pending(self, handshake_timeout: float) -> Handshake | None:
         """A connection waiting in the backlog, its handshake begun but not run;

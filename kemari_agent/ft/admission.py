@@ -38,6 +38,9 @@ WAIT_S = 5.0            # for the TLS handshake, then again for the HELLO
 ACCEPTS_PER_TURN = 64   # drain the backlog without starving the session
 # An authenticated peer's partial TLS record may hold a read this long at most.
 READ_WAIT_S = 0.02
+# Strangers are reported at most once per this interval (with a count), so a
+# flood of them cannot fill the log (in /run: memory) or hide other errors.
+STRANGER_REPORT_S = 10.0
 
 
 @dataclass
@@ -57,6 +60,8 @@ class Admission:
         self._handshakes: list[Handshake] = []
         self._authenticated: list[_Authenticated] = []
         self.counts = {"refused": 0, "timed_out": 0, "evicted": 0}
+        self._quiet_until = 0.0
+        self._unreported = 0
 
     def status(self) -> dict:
         return {"waiting": len(self._handshakes) + len(self._authenticated), **self.counts}
@@ -122,11 +127,11 @@ class Admission:
         except AuthenticationError as exc:
             self._handshakes.remove(hs)
             self.counts["refused"] += 1
-            self._reject(f"refused a peer without this VM's key: {exc}")
+            self._report_stranger(f"refused a peer without this VM's key: {exc}", now, True)
             return
         except TransportError as exc:
             self._handshakes.remove(hs)
-            log.info("connection attempt failed: %s", exc)
+            self._report_stranger(f"connection attempt failed: {exc}", now)
             return
         if channel is None:
             return
@@ -160,13 +165,29 @@ class Admission:
         link.channel.settimeout(link.io_timeout)
         return link, events
 
+    def _report_stranger(self, what: str, now: float, refused: bool = False) -> None:
+        """Log (and for a refusal, record) one unauthenticated peer's fate, at most
+        once per STRANGER_REPORT_S; the rest are counted."""
+        if now < self._quiet_until:
+            self._unreported += 1
+            return
+        if self._unreported:
+            what += (f" (and {self._unreported} other unauthenticated connections since "
+                     "the last report)")
+        self._unreported = 0
+        self._quiet_until = now + STRANGER_REPORT_S
+        if refused:
+            self._reject(what)
+        else:
+            log.info("%s", what)
+
     def _expire(self, now: float) -> None:
         for hs in [h for h in self._handshakes if h.deadline <= now]:
             self._handshakes.remove(hs)
             hs.close()
             self.counts["timed_out"] += 1
-            log.info("closed connection from %s: no TLS handshake within %.0f s",
-                     hs.peer, WAIT_S)
+            self._report_stranger(f"closed connection from {hs.peer}: no TLS handshake "
+                                  f"within {WAIT_S:.0f} s", now)
         for waiting in [a for a in self._authenticated if a.deadline <= now]:
             self._authenticated.remove(waiting)
             waiting.link.close()

@@ -159,3 +159,19 @@ def test_only_an_accepted_hello_is_admitted(key):
         for ch in chans:
             ch.close()
         door.close()
+
+
+def test_strangers_are_reported_once_per_interval_and_counted(key):
+    rejected: list[str] = []
+    with transport.listen(str(key)) as listener:
+        door = Admission(listener, _secondary_session, rejected.append)
+        for n in range(1, 4):
+            t = threading.Thread(target=lambda: pytest.raises(
+                AuthenticationError, transport.connect, str(key.with_name("other.key")),
+                *listener.address))
+            t.start()
+            run_admission(door, lambda n=n: door.counts["refused"] == n, timeout=5)
+            t.join(5)
+        assert door.counts["refused"] == 3
+        assert len(rejected) == 1 and "without this VM's key" in rejected[0]
+        door.close()

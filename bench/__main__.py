@@ -1,8 +1,11 @@
-"""`make bench`: run every benchmark in turn."""
+"""`make bench`: run every benchmark that docs/benchmarks.md quotes, in turn;
+each prints its table and writes bench/results/NAME.json."""
 
-from bench import bench_codec, bench_kv, bench_resync
+from bench import bench_codec, bench_handshake_crowd, bench_kv, bench_replication, bench_resync
 
 if __name__ == "__main__":
     bench_kv.main()
     bench_codec.main()
+    bench_replication.main()
+    bench_handshake_crowd.main()
     bench_resync.main()

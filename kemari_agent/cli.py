@@ -121,6 +121,16 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _create_disk(args: argparse.Namespace) -> int:
+    from .devices.block import create_disk_image
+    config = load_config(args.config)
+    if config.disk is None:
+        raise KemariError(f"{args.config}: no [disk] section, no disk to create")
+    create_disk_image(config.disk.path, config.disk.size_mib)
+    print(f"created blank disk {config.disk.path} ({config.disk.size_mib} MiB, mode 0600)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
     return demo_main(args)
@@ -151,6 +161,11 @@ def parser() -> argparse.ArgumentParser:
                            help="promote even an inconsistent or outdated node: DATA-LOSING "
                                 "(resumes a mixed or older state)")
         v.set_defaults(func=_role_change(verb))
+
+    c = sub.add_parser("create-disk", help="create the config's disk image, blank (never "
+                       "overwrites; daemons refuse a missing disk)")
+    c.add_argument("config", help="VM config file (TOML)")
+    c.set_defaults(func=_create_disk)
 
     k = sub.add_parser("keygen", help="write a new replication key file (mode 0600)")
     k.add_argument("file")

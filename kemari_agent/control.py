@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import KemariError
+from .safefiles import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class ControlServer:
     def __init__(self, path: Path, handler: Handler) -> None:
         self.path = path
         self.handler = handler
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path.parent)
         if _alive(path):
             raise KemariError(f"{path}: another Kemari daemon is already serving this VM")
         path.unlink(missing_ok=True)

@@ -81,28 +81,32 @@ def main(args: argparse.Namespace) -> int:
     a = DemoNode(work, "a", pa, pb, forward)
     b = DemoNode(work, "b", pb, pa, forward)
     addr = ("127.0.0.1", forward)
-    pids: list[int] = []
+    daemons: dict[str, int] = {}      # node letter -> pidfd of its daemon
     try:
-        return _run(work, a, b, addr, pids)
+        return _run(work, a, b, addr, daemons)
     finally:
-        for pid in pids:
+        # pidfds: a daemon already reaped by init is no error, and its pid, reused
+        # by another process, is never signalled
+        for fd in daemons.values():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
         if args.keep:
             print(f"  work directory kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(work: Path, a: DemoNode, b: DemoNode, addr, pids: list[int]) -> int:
+def _run(work: Path, a: DemoNode, b: DemoNode, addr, daemons: dict[str, int]) -> int:
     print(f"Kemari demo in {work}")
     a.checked("keygen", str(work / "kv-demo.key"))
+    a.checked("create-disk", str(a.config))       # the disk both nodes share
     print("  node B: secondary (standby VM, waiting for checkpoints)")
     b.checked("start", str(b.config))
-    pids.append(b.status()["pid"])
+    daemons["b"] = os.pidfd_open(b.status()["pid"])
     print("  node A: primary (boots the kv guest, 64 MiB, then full sync to B)")
     a.checked("start", str(a.config), "--role", "primary")
-    pids.append(a.status()["pid"])
+    daemons["a"] = os.pidfd_open(a.status()["pid"])
     end = time.monotonic() + 60
     while (st := a.status())["state"] != "synced" and time.monotonic() < end:
         sys.stdout.write("\r  " + line(st))
@@ -116,7 +120,7 @@ def _run(work: Path, a: DemoNode, b: DemoNode, addr, pids: list[int]) -> int:
     run_for = random.uniform(2.0, 4.0)
     time.sleep(run_for)
     before = a.status()
-    os.kill(before["pid"], signal.SIGKILL)
+    signal.pidfd_send_signal(daemons["a"], signal.SIGKILL)
     killed_at = time.monotonic()
     print(f"  {run_for:.1f} s of load from {CLIENTS} clients, then SIGKILL of the primary "
           f"(pid {before['pid']}) at checkpoint {before['checkpoint_seq']}")

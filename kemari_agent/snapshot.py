@@ -7,16 +7,16 @@ a snapshot carries at once. Layout (little-endian):
     | vCPU blob | u64 pfn[page_count] | page_count * 4096 bytes
     | SHA-256 of everything before it
 
-Only non-zero pages are stored (fresh guest RAM is zero). The file is written
-to a temporary name, fsynced and renamed, so a crash never leaves a torn
-snapshot under the real name.
+Only non-zero pages are stored (fresh guest RAM is zero). The file holds all
+of guest memory: it is written 0600 to a new temporary name (O_EXCL, no
+symlink followed), fsynced and renamed, so a crash never leaves a torn
+snapshot under the real name and nobody else can read it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import time
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import SnapshotError
 from .kvm.machine import PAGE_SIZE
+from .safefiles import write_private
 
 MAGIC = b"KMRISNAP"
 VERSION = 1
@@ -62,22 +63,9 @@ def write(snap: Snapshot, path: Path) -> None:
     digest = hashlib.sha256()
     for p in parts:
         digest.update(p)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            for p in parts:
-                f.write(p)
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_private(path, [*parts, digest.digest()], durable=True)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SnapshotError(f"cannot write snapshot {path}: {exc.strerror}") from exc
 
 

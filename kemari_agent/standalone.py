@@ -16,6 +16,7 @@ from . import paths, snapshot
 from .config import VmConfig
 from .control import ControlServer
 from .errors import KemariError
+from .safefiles import private_dir, write_private
 from .vmm import Vmm
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ def signals_to_main_thread():
 
 def write_pid_file(name: str) -> Path:
     path = paths.pid_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.write_text(f"{os.getpid()}\n")
+    private_dir(path.parent)
+    write_private(path, [f"{os.getpid()}\n".encode()])
     return path
 
 

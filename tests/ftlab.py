@@ -15,8 +15,9 @@ import time
 import uuid
 from pathlib import Path
 
-from helpers import KEMARI, REPO, free_udp_port
+from helpers import KEMARI, REPO, Watched, free_udp_port
 
+from kemari_agent.devices.block import create_disk_image
 from kemari_agent.kvclient import KvClient
 from kemari_agent.replication import transport
 from kemari_agent.replication.codec import Device, Vcpu
@@ -38,6 +39,8 @@ class Node:
         self.env.pop("KEMARI_FAULT", None)
         self.disk = disk = lab.base / ("shared-disk.img" if lab.disk_mode == "shared"
                                        else f"disk-{letter}.img")
+        if not disk.exists():
+            create_disk_image(disk, 16)
         self.config = lab.base / f"{letter}.toml"
         self.config.write_text(f"""name = "{lab.name}"
 memory_mib = {lab.memory_mib}
@@ -73,7 +76,7 @@ on_peer_loss = "{lab.on_peer_loss}"
 
     def start(self, role: str = "secondary", fault: str | None = None) -> None:
         self.kemari("start", str(self.config), "--role", role, fault=fault)
-        self.lab.pids.add(self.pid())
+        self.lab.watch(self.pid())
 
     def status(self) -> dict:
         r = self.kemari("status", self.lab.name, "--json", check=False)
@@ -85,36 +88,18 @@ on_peer_loss = "{lab.on_peer_loss}"
         except (FileNotFoundError, ValueError):
             return None
 
-    def kill(self) -> None:
+    def process(self) -> Watched:
         pid = self.pid()
         assert pid is not None, f"node {self.letter} is not running"
-        os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid)
+        return self.lab.watch(pid)
+
+    def kill(self) -> None:
+        self.process().kill()
 
     def log(self) -> str:
         with contextlib.suppress(FileNotFoundError):
             return (self.dir / "run" / f"{self.lab.name}.log").read_text(errors="replace")[-4000:]
         return ""
-
-
-def _wait_gone(pid: int, timeout: float = 10) -> None:
-    """Until every thread of `pid` is gone or a zombie: only then are its files
-    (and the disk image's lock) released."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except FileNotFoundError:
-            return
-        states = []
-        for tid in tasks:
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError, IndexError):
-                states.append(Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-                              .rsplit(")", 1)[1].split()[0])
-        if all(st in ("Z", "X") for st in states):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"process {pid} did not die")
 
 
 class FtLab:
@@ -132,7 +117,7 @@ class FtLab:
         self.forward_port = free_udp_port()
         self.addr = ("127.0.0.1", self.forward_port)
         self.net_section = net or f'[net]\nforward = "127.0.0.1:{self.forward_port}"'
-        self.pids: set[int] = set()
+        self.processes: dict[int, Watched] = {}
         pa, pb = free_tcp_port(), free_tcp_port()
         subprocess.run(KEMARI + ["keygen", str(self.key)], cwd=REPO, check=True,
                        capture_output=True)
@@ -183,13 +168,24 @@ class FtLab:
         self.primary, self.secondary = self.secondary, self.primary
         return elapsed
 
+    def watch(self, pid: int) -> Watched:
+        """The daemon of `pid`, held by a pidfd (see helpers.Watched)."""
+        if pid not in self.processes:
+            self.processes[pid] = Watched(pid)
+        return self.processes[pid]
+
     def close(self) -> None:
-        for pid in list(self.pids) + [n.pid() for n in self.nodes]:
-            if pid:
+        for node in self.nodes:
+            pid = node.pid()
+            if pid and pid not in self.processes:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                with contextlib.suppress(AssertionError):
-                    _wait_gone(pid)
+                    self.watch(pid)
+        for proc in self.processes.values():
+            proc.signal(signal.SIGKILL)
+            with contextlib.suppress(AssertionError):
+                proc.wait_gone()
+            proc.close()
+        self.processes.clear()
 
 
 MEM = 16 << 20                     # the fake primary's guest memory

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+from kemari_agent.devices.block import create_disk_image
 
 REPO = Path(__file__).resolve().parent.parent
 KEMARI = [sys.executable, "-m", "kemari_agent.cli"]
@@ -87,6 +90,40 @@ class KemariProcess:
                 self.kill()
         self.log.close()
         return self.proc.returncode
+
+
+class Watched:
+    """A process this test did not fork (a detached daemon, reaped by init when it
+    dies), held by a pidfd from the moment its pid is known: a signal can
+    never hit another process that reused the pid, and a process already gone
+    is reported, not an error."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.pidfd_open(pid)
+
+    def signal(self, sig: int) -> bool:
+        """False when the process has already exited."""
+        try:
+            signal.pidfd_send_signal(self.fd, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def alive(self) -> bool:
+        return not select.select([self.fd], [], [], 0)[0]
+
+    def wait_gone(self, timeout: float = 10) -> None:
+        """Until every thread has exited (its files, and disk locks, are released)."""
+        if not select.select([self.fd], [], [], timeout)[0]:
+            raise AssertionError(f"process {self.pid} did not die")
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait_gone()
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -162,6 +199,8 @@ class NetLab:
 def kv_config(dirs: Path, name: str = "kv1", net: str = "", disk_mib: int = 16,
               memory_mib: int = 64, disk_path: Path | None = None) -> Path:
     disk_path = disk_path or dirs / f"{name}-disk.img"
+    if not disk_path.exists():
+        create_disk_image(disk_path, disk_mib)
     return write_config(dirs / f"{name}.toml", f"""
 name = "{name}"
 memory_mib = {memory_mib}

@@ -35,13 +35,17 @@ WriteObserver = Callable[[int, bytes], None]
 
 
 def open_disk_image(path: Path, size_mib: int, wait_lock_s: float = 0.0) -> int:
-    """Open (creating a sparse file of size_mib if absent) and lock the image.
+    """Open and lock an existing image. A missing or empty one is an error, never
+    a blank disk made in its place (a promoted guest would resume on top of
+    it): creating a disk is `kemari create-disk`.
 
     `wait_lock_s`: how long to wait for a lock held by another process, e.g. a
     killed primary on this same machine whose exit is still releasing it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KemariError(f"disk {path} does not exist (storage not mounted? a typo?); "
+                          "to make a new blank disk run `kemari create-disk CONFIG`") from None
     except OSError as exc:
         raise KemariError(f"disk {path}: cannot open: {exc.strerror}") from exc
     deadline = time.monotonic() + wait_lock_s
@@ -54,9 +58,31 @@ def open_disk_image(path: Path, size_mib: int, wait_lock_s: float = 0.0) -> int:
                 os.close(fd)
                 raise KemariError(f"disk {path}: in use by another Kemari process") from exc
             time.sleep(0.01)
-    if os.fstat(fd).st_size == 0:
-        os.ftruncate(fd, size_mib << 20)
+    if os.fstat(fd).st_size < SECTOR:
+        os.close(fd)
+        raise KemariError(f"disk {path} is empty; to make a new blank disk remove it and run "
+                          "`kemari create-disk CONFIG`")
     return fd
+
+
+def create_disk_image(path: Path, size_mib: int) -> None:
+    """A new sparse blank image of size_mib (mode 0600). Never touches an existing
+    file, never creates directories."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except FileExistsError:
+        raise KemariError(f"disk {path} already exists; left as it is") from None
+    except OSError as exc:
+        raise KemariError(f"disk {path}: cannot create: {exc.strerror}") from exc
+    try:
+        os.ftruncate(fd, size_mib << 20)
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        os.unlink(path)
+        raise KemariError(f"disk {path}: cannot create: {exc.strerror}") from exc
+    os.close(fd)
 
 
 class BlockBackend:

@@ -209,6 +209,10 @@ class Daemon:
 
     def _promote(self) -> None:
         t0 = time.perf_counter()
+        disk = self.config.disk
+        if disk is not None and disk.mode == "shared" and not disk.path.exists():
+            raise KemariError(f"disk {disk.path} does not exist (storage not mounted?): "
+                              "not promoting onto a blank disk")
         receiver = self.receiver
         failover = receiver.has_checkpoint
         blobs = receiver.checkpoint_state() if failover else None

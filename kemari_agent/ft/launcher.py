@@ -13,6 +13,7 @@ from .. import paths
 from ..config import VmConfig
 from ..control import NotRunning, request
 from ..errors import KemariError
+from ..safefiles import open_private_append, private_dir
 
 START_TIMEOUT_S = 30
 
@@ -30,8 +31,8 @@ def start(config: VmConfig, config_path: Path, role: str) -> dict:
     except NotRunning:
         pass
     log = log_path(config.name)
-    log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(log, "ab") as out:
+    private_dir(log.parent)
+    with open(open_private_append(log), "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kemari_agent.cli", "start", str(config_path), "--role", role,
              "--foreground"],

@@ -25,6 +25,7 @@ class Link:
         self.sm = machine
         self.closed = False
         self.io_timeout = io_timeout
+        self.bytes_sent = 0
         channel.settimeout(io_timeout)
 
     def fileno(self) -> int:
@@ -37,6 +38,7 @@ class Link:
                 self.channel.send_all(data)
             except TransportError as exc:
                 raise SessionLost(str(exc)) from exc
+            self.bytes_sent += len(data)
 
     def read(self, flush: bool = True) -> list[Event]:
         """Take what arrived (blocking until something does or the timeout passes).

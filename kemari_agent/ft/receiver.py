@@ -10,18 +10,20 @@ END record, or not at all.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import select
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ..config import VmConfig
 from ..errors import KemariError
 from ..kvm.machine import Machine
 from ..replication import transport
 from ..replication.codec import GoodbyeReason, HelloFlag
-from ..replication.errors import AuthenticationError, TransportError
 from ..replication.events import (
     Committed,
     Discarded,
@@ -33,6 +35,7 @@ from ..replication.events import (
 )
 from ..replication.image import ImageSink
 from ..replication.secondary import Secondary
+from .admission import Admission
 from .link import Link, SessionLost
 from .node import Node
 from .protector import VCPU_FAST, VCPU_FULL
@@ -42,20 +45,27 @@ log = logging.getLogger(__name__)
 
 
 class StandbySink(ImageSink):
-    """ImageSink into the standby VM's RAM; replicated disk writes are made durable
-    before the checkpoint is acknowledged."""
+    """ImageSink into the standby VM's RAM. Replicated disk writes are applied
+    first and made durable before the checkpoint touches memory; if one fails
+    (a full disk) the disk is put back as the last checkpoint left it, so
+    memory and disk still hold that checkpoint."""
 
-    def __init__(self, machine: Machine, disk_fd: int | None) -> None:
+    def __init__(self, machine: Machine, disk_fd: int | None,
+                 disk_path: Path | None = None) -> None:
         super().__init__(machine.mem_bytes, memory=machine.mem,
                          disks={0: disk_fd} if disk_fd is not None else None)
         self.machine = machine
         self.disk_fd = disk_fd
+        self.disk_path = disk_path
         self._disk_dirty = False
+        self._syncing = False    # a full sync writes through: nothing valid to keep
+        self._undo: list[tuple[int, bytes]] = []     # (offset, old bytes) of this checkpoint
         self.vcpu_full: bytes | None = None
         self.vcpu_fast: bytes | None = None
 
     def apply_pages(self, pfns, data, zero_pfns) -> None:
         """Straight into the standby VM's RAM, copied in C."""
+        self._settle_disk()
         if pfns:
             self.machine.scatter_pages(list(pfns), data)
         if zero_pfns:
@@ -63,6 +73,7 @@ class StandbySink(ImageSink):
 
     def set_vcpu(self, vcpu_id, version, blob) -> None:
         """A full blob replaces both; a fast one goes on top of the last full one."""
+        self._settle_disk()
         if version == VCPU_FULL:
             self.vcpu_full, self.vcpu_fast = bytes(blob), None
         elif version == VCPU_FAST:
@@ -70,19 +81,53 @@ class StandbySink(ImageSink):
         else:
             raise KemariError(f"vCPU record version {version} is unknown to this node")
 
+    def set_device(self, device_id, version, blob) -> None:
+        self._settle_disk()
+        super().set_device(device_id, version, blob)
+
     def begin_full_sync(self, generation: int) -> None:
         super().begin_full_sync(generation)
         self.vcpu_full = self.vcpu_fast = None
+        self._syncing = True
+        self._undo.clear()
 
     def write_disk(self, disk_id, sector, data) -> None:
-        super().write_disk(disk_id, sector, data)
+        if not self._syncing and self.disk_fd is not None:
+            offset = sector * 512
+            self._undo.append((offset, os.pread(self.disk_fd, len(data), offset)))
+        try:
+            super().write_disk(disk_id, sector, data)
+        except OSError as exc:
+            self._roll_back()
+            raise OSError(exc.errno, f"replicated disk {self.disk_path}: "
+                          f"{exc.strerror}") from exc
         self._disk_dirty = True
 
     def commit(self, generation: int, seq: int) -> None:
-        if self._disk_dirty and self.disk_fd is not None:
-            os.fdatasync(self.disk_fd)
-            self._disk_dirty = False
+        self._syncing = False
+        self._settle_disk()
+        self._undo.clear()
         super().commit(generation, seq)
+
+    def _settle_disk(self) -> None:
+        """The disk writes applied so far, durable (or undone, if that fails); a
+        full sync's are made durable only at its closing commit."""
+        if self._disk_dirty and self.disk_fd is not None and not self._syncing:
+            try:
+                os.fdatasync(self.disk_fd)
+            except OSError as exc:
+                self._roll_back()
+                raise OSError(exc.errno, f"replicated disk {self.disk_path}: "
+                              f"{exc.strerror}") from exc
+            self._disk_dirty = False
+
+    def _roll_back(self) -> None:
+        for offset, old in reversed(self._undo):
+            # rewriting blocks just written needs no new space
+            with contextlib.suppress(OSError):
+                os.pwrite(self.disk_fd, old, offset)
+        self._undo.clear()
+        self._disk_dirty = False
 
 
 class Receiver:
@@ -93,7 +138,8 @@ class Receiver:
             raise KemariError(f"{config.name}: a secondary needs 'replication.listen' and "
                               "'replication.key_file'")
         self.config, self.machine, self.node = config, machine, node
-        self.sink = StandbySink(machine, disk_fd)
+        self.sink = StandbySink(machine, disk_fd,
+                                config.disk.path if config.disk is not None else None)
         try:
             self.listener = transport.listen(str(repl.key_file), *repl.listen)
         except OSError as exc:
@@ -101,12 +147,16 @@ class Receiver:
                               f"{exc.strerror}") from exc
         except Exception as exc:   # key file problems
             raise KemariError(f"replication key {repl.key_file}: {exc}") from exc
+        self.admission = Admission(self.listener, self._new_session, self._reject)
         self.link: Link | None = None
         self.has_checkpoint = False
         self.state = "standalone"
         self.peer: str | None = None
         self.checkpoints = 0
         self.bytes_received = 0
+        self.bytes_sent = 0
+        # read that completed a checkpoint -> its ACK sent (apply, record, send)
+        self.ack_latencies: collections.deque[float] = collections.deque(maxlen=2000)
         self.last_commit_at: float | None = None
         self.sync_progress: dict | None = None
         self.rejections: list[str] = []
@@ -122,12 +172,17 @@ class Receiver:
         if self.last_commit_at is not None:
             age = round((time.monotonic() - self.last_commit_at) * 1000, 1)
         link = self.link
+        lat = sorted(self.ack_latencies)
+        pct = (lambda p: round(lat[min(len(lat) - 1, int(len(lat) * p))] * 1e6, 1)) \
+            if lat else (lambda p: None)
         return {"state": self.state, "peer": self.peer,
                 "checkpoint_seq": self.node.checkpoint_seq if self.has_checkpoint else 0,
                 "has_checkpoint": self.has_checkpoint, "checkpoints": self.checkpoints,
                 "last_checkpoint_age_ms": age,
                 "bytes_received": self.bytes_received + (link.sm.bytes_received if link else 0),
-                "bytes_sent": 0, "latency_us": {"p50": None, "p99": None},
+                "bytes_sent": self.bytes_sent + (link.bytes_sent if link else 0),
+                "latency_us": {"p50": pct(0.5), "p99": pct(0.99)},
+                "incoming": self.admission.status(),
                 "sync": self.sync_progress,
                 "last_error": self.rejections[-1] if self.rejections else None,
                 "recent_errors": self.rejections[-5:],
@@ -159,49 +214,50 @@ class Receiver:
 
     def close(self) -> None:
         self._drop("closing")
+        self.admission.close()
         self.listener.close()
 
     # ---- the loop ------------------------------------------------------------
     def serve(self, stop: Callable[[], bool], wake_fd: int) -> None:
-        """Receive until stop() is true (checked whenever wake_fd is readable)."""
+        """Receive until stop() is true (checked whenever wake_fd is readable).
+        Connections that are not (yet) the current session wait in `admission`,
+        which never blocks this loop."""
         while not stop():
-            fds = [self.listener.fileno(), wake_fd]
-            timeout = 1.0
+            fds = [wake_fd] + self.admission.read_fds()
+            deadline = min(time.monotonic() + 1.0, self.admission.next_deadline())
             if self.link is not None:
                 fds.append(self.link.fileno())
-                timeout = max(0.0, min(timeout, self.link.sm.next_deadline() - time.monotonic()))
-            readable, _, _ = select.select(fds, [], [], timeout)
+                deadline = min(deadline, self.link.sm.next_deadline())
+            readable, writable, _ = select.select(fds, self.admission.write_fds(), [],
+                                                  max(0.0, deadline - time.monotonic()))
             if wake_fd in readable:
                 try:
                     while os.read(wake_fd, 512):
                         pass
                 except BlockingIOError:
                     pass
-            if self.listener.fileno() in readable:
-                self._accept()
             if self.link is not None:
                 try:
                     # ACKs leave only after this node has recorded what they acknowledge
+                    started = time.monotonic()
                     events = self.link.read(flush=False) \
                         if self.link.fileno() in readable else []
                     events += self.link.sm.poll(time.monotonic())
                     self._handle(events)
                     if self.link is not None:
                         self.link.flush()
+                        acked = time.monotonic()
+                        self.ack_latencies.extend(acked - started for ev in events
+                                                  if isinstance(ev, Committed))
                 except SessionLost as exc:
                     self._session_failed(str(exc))
+            admitted = self.admission.service(set(readable) | set(writable), time.monotonic())
+            if admitted is not None:
+                self._replace_session(*admitted)
 
-    def _accept(self) -> None:
-        try:
-            channel = self.listener.accept(timeout=0, handshake_timeout=5.0)
-        except AuthenticationError as exc:
-            self._reject(f"refused a peer without this VM's key: {exc}")
-            return
-        except TransportError as exc:
-            log.info("%s: connection attempt failed: %s", self.config.name, exc)
-            return
-        if self.link is not None:
-            self._drop("a new primary connection replaces the old one")
+    def _new_session(self, channel: transport.Channel) -> Link:
+        """A session for an authenticated peer, our HELLO sent; it replaces the
+        current one only once its HELLO has been accepted."""
         repl = self.config.replication
         sm = Secondary(self.sink, name=self.config.name, memory_size=self.machine.mem_bytes,
                        generation=self.node.generation,
@@ -210,11 +266,20 @@ class Receiver:
                        heartbeat_interval=repl.heartbeat_ms / 1000,
                        peer_timeout=repl.peer_timeout_ms / 1000,
                        config=self.settings, outdated=self.node.outdated)
-        self.link = Link(channel, sm, repl.peer_timeout_ms / 1000)
-        self.peer = f"{channel.peer[0]}:{channel.peer[1]}"
+        link = Link(channel, sm, repl.peer_timeout_ms / 1000)
+        link.flush()
+        return link
+
+    def _replace_session(self, link: Link, events: list) -> None:
+        if self.link is not None:
+            self._drop("a newer primary session replaces this one")
+        self.link = link
+        self.peer = f"{link.channel.peer[0]}:{link.channel.peer[1]}"
         self.handed_over = False
         try:
-            self.link.flush()
+            self._handle(events)
+            if self.link is not None:
+                self.link.flush()
         except SessionLost as exc:
             self._session_failed(str(exc))
 
@@ -281,6 +346,7 @@ class Receiver:
     def _drop(self, reason: str) -> None:
         if self.link is not None:
             self.bytes_received += self.link.sm.bytes_received
+            self.bytes_sent += self.link.bytes_sent
             self.link.close()
             self.link = None
         self.node.save(durable=True)

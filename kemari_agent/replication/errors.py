@@ -101,6 +101,12 @@ class PeerError(StreamError):
         self.peer_message = message
 
 
+class ApplyError(StreamError):
+    """This node could not apply a checkpoint (an I/O error such as a full disk):
+    the session ends, the last applied checkpoint stays. Not the peer's fault,
+    so it carries no error code of its own."""
+
+
 class TransportError(Exception):
     """The encrypted channel failed (network, TLS, timeout)."""
 

@@ -82,6 +82,9 @@ def check_key_file(path: str | os.PathLike[str]) -> bytes:
         pem = path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read key file ({exc.strerror})") from None
+    if st.st_uid != os.geteuid():
+        raise KeyFileError(f"{path}: owned by uid {st.st_uid}, not by this user "
+                           f"(uid {os.geteuid()}): another user could replace it")
     if stat.S_IMODE(st.st_mode) & 0o077:
         raise KeyFileError(f"{path}: mode {stat.S_IMODE(st.st_mode):04o} is too open, "
                            "must be 0600 (chmod 600)")

@@ -48,6 +48,7 @@ from .codec import (
     encode,
 )
 from .errors import (
+    ApplyError,
     ChecksumMismatch,
     GenerationError,
     HandshakeError,
@@ -177,6 +178,11 @@ class Secondary:
         except StreamError as exc:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise
+        except OSError as exc:   # the sink's disk or memory: keep the daemon, end the session
+            error = ApplyError(f"cannot apply checkpoint {self._expected_seq}: "
+                               f"{exc.strerror or exc}")
+            self._fail(str(error))
+            raise error from exc
         return events
 
     def connection_lost(self) -> list[Event]:
@@ -335,7 +341,9 @@ class Secondary:
             raise ChecksumMismatch(
                 f"checkpoint {end.seq}: received records/pages/bytes/crc32 {mine[:3]} "
                 f"{mine[3]:#010x}, END says {theirs[:3]} {theirs[3]:#010x}")
-        for record in self._staged:
+        # Disk writes first (in order): when one fails (a full disk), guest memory
+        # still holds the last checkpoint.
+        for record in sorted(self._staged, key=lambda r: not isinstance(r, DiskWrite)):
             self._apply(record)
         self.sink.commit(end.generation, end.seq)
         was_syncing = self.state in (SecondaryState.SYNCING, SecondaryState.RESYNCING)

@@ -11,14 +11,19 @@ per connection; the stream's own sequence numbers and generations reject a
 checkpoint replayed across connections. See docs/crypto.md.
 
 Blocking sockets with timeouts; the daemon drives them with select() on
-`fileno()`. Heartbeats and dead-peer detection live in the state machines.
+`fileno()`. A server that must keep serving while strangers connect takes
+each new connection as a `Handshake` and advances it with `step()` only when
+its socket is ready, so a peer that stalls its handshake stalls nothing else.
+Heartbeats and dead-peer detection live in the state machines.
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
+import time
 from typing import Any
 
 from .codec import Buffer
@@ -120,10 +125,78 @@ def _check_peer(tls: ssl.SSLSocket, own_cert: bytes) -> None:
         raise AuthenticationError("peer certificate is not this VM's replication key")
 
 
+class Handshake:
+    """One incoming connection's server-side TLS handshake, advanced by `step()`
+    without blocking. Until it returns a Channel, no byte from the peer has
+    reached anything but OpenSSL."""
+
+    def __init__(self, raw: socket.socket, ctx: ssl.SSLContext, own_cert: bytes,
+                 deadline: float) -> None:
+        raw.setblocking(False)
+        try:
+            self.peer: Any = raw.getpeername()
+        except OSError:
+            self.peer = None
+        self.deadline = deadline
+        self.wants_write = False
+        self._own_cert = own_cert
+        self._tls = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+
+    def fileno(self) -> int:
+        return self._tls.fileno()
+
+    def step(self) -> Channel | None:
+        """Advance as far as the bytes at hand allow: a Channel once the peer proved
+        it holds the key, None while more bytes are needed. On failure the
+        connection is closed and AuthenticationError or TransportError raised."""
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self.wants_write = False
+            return None
+        except ssl.SSLWantWriteError:
+            self.wants_write = True
+            return None
+        except (ssl.SSLError, ConnectionError) as exc:
+            self.close()
+            raise AuthenticationError(f"peer {self.peer} failed the TLS handshake: "
+                                      f"{exc}") from exc
+        except OSError as exc:
+            self.close()
+            raise TransportError(f"peer {self.peer} went away in the handshake: {exc}") from exc
+        try:
+            _check_peer(self._tls, self._own_cert)
+            # A fresh connection's empty send buffer takes these few bytes at once.
+            self._tls.settimeout(1.0)
+            self._tls.sendall(ACCEPTED)
+        except (AuthenticationError, OSError) as exc:
+            self.close()
+            if isinstance(exc, AuthenticationError):
+                raise
+            raise TransportError(f"peer went away after the handshake: {exc}") from exc
+        return Channel(self._tls, None)
+
+    def wait(self) -> Channel:
+        """Run the handshake to its end or its deadline (blocking)."""
+        while (channel := self.step()) is None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.close()
+                raise TransportTimeout("peer did not complete the TLS handshake")
+            fd = [self.fileno()]
+            select.select([] if self.wants_write else fd, fd if self.wants_write else [], [],
+                          left)
+        return channel
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._tls.close()
+
+
 class Listener:
     """A listening TCP socket that hands out only authenticated channels."""
 
-    def __init__(self, key_file: str, host: str, port: int, backlog: int = 4) -> None:
+    def __init__(self, key_file: str, host: str, port: int, backlog: int = 64) -> None:
         self._ctx, self._own_cert = make_context(key_file, server=True)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
@@ -145,25 +218,23 @@ class Listener:
             raw, _ = self._sock.accept()
         except TimeoutError:
             raise TransportTimeout("no peer connected") from None
+        channel = self._handshake(raw, handshake_timeout).wait()
+        channel.settimeout(timeout)
+        return channel
+
+    def accept_pending(self, handshake_timeout: float) -> Handshake | None:
+        """A connection waiting in the backlog, its handshake begun but not run;
+        None when none waits. Never blocks."""
+        self._sock.setblocking(False)
+        try:
+            raw, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        return self._handshake(raw, handshake_timeout)
+
+    def _handshake(self, raw: socket.socket, handshake_timeout: float) -> Handshake:
         _tune(raw)
-        raw.settimeout(handshake_timeout)
-        try:
-            tls = self._ctx.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, ConnectionError) as exc:
-            raw.close()
-            raise AuthenticationError(f"peer failed the TLS handshake: {exc}") from exc
-        except TimeoutError:
-            raw.close()
-            raise TransportTimeout("peer did not complete the TLS handshake") from None
-        try:
-            _check_peer(tls, self._own_cert)
-            tls.sendall(ACCEPTED)
-        except (AuthenticationError, OSError) as exc:
-            tls.close()
-            if isinstance(exc, AuthenticationError):
-                raise
-            raise TransportError(f"peer went away after the handshake: {exc}") from exc
-        return Channel(tls, timeout)
+        return Handshake(raw, self._ctx, self._own_cert, time.monotonic() + handshake_timeout)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -178,7 +249,7 @@ class Listener:
         self.close()
 
 
-def listen(key_file: str, host: str = "127.0.0.1", port: int = 0, backlog: int = 4) -> Listener:
+def listen(key_file: str, host: str = "127.0.0.1", port: int = 0, backlog: int = 64) -> Listener:
     """Listen for the peer (port 0: the OS picks one, see `Listener.address`)."""
     return Listener(key_file, host, port, backlog)
 

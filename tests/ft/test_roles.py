@@ -142,13 +142,12 @@ def test_status_reports_replication(tmp_path):
 
 
 def test_silent_primary_is_detected_and_never_replaced_by_itself(tmp_path):
-    import os
     import signal
     lab = FtLab(tmp_path, peer_timeout_ms=800)
     try:
         lab.start_pair()
-        pid = lab.primary.pid()
-        os.kill(pid, signal.SIGSTOP)                 # a hung host: no FIN, no RST, nothing
+        primary = lab.primary.process()
+        primary.signal(signal.SIGSTOP)               # a hung host: no FIN, no RST, nothing
         try:
             t0 = time.monotonic()
             st = wait_state(lab.secondary, "standalone", timeout=5)
@@ -158,7 +157,7 @@ def test_silent_primary_is_detected_and_never_replaced_by_itself(tmp_path):
             time.sleep(1.5)                           # and it does not promote itself
             assert lab.secondary.status()["role"] == "secondary"
         finally:
-            os.kill(pid, signal.SIGCONT)
+            primary.signal(signal.SIGCONT)
     finally:
         lab.close()
 

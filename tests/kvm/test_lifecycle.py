@@ -9,6 +9,8 @@ import time
 import pytest
 from helpers import KemariProcess, free_udp_port, kv_config, start_kv, write_config
 
+from kemari_agent.devices.block import create_disk_image
+
 pytestmark = pytest.mark.kvm
 
 
@@ -62,6 +64,7 @@ size_mib = 4
 pages = 16
 rate_hz = 200
 """)
+    create_disk_image(kdirs / "stress.img", 4)
     proc = KemariProcess(["run", str(cfg)], kdirs)
     try:
         time.sleep(1.0)

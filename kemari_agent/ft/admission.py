@@ -20,13 +20,11 @@ milliseconds), or is closed at once when every waiting one is authenticated.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..replication.codec import encode_error
-from ..replication.errors import AuthenticationError, StreamError, TransportError
+from ..replication.errors import AuthenticationError, TransportError
 from ..replication.events import Event, PeerHello
 from ..replication.transport import Channel, Handshake, Listener
 from .link import Link, SessionLost
@@ -151,10 +149,7 @@ class Admission:
             events = link.read(flush=False)
         except SessionLost as exc:
             self._authenticated.remove(waiting)
-            if isinstance(exc.__cause__, StreamError):    # tell the peer why, e.g. it is stale
-                with contextlib.suppress(TransportError):
-                    link.channel.send_all(encode_error(exc.__cause__))
-            link.close()
+            link.close()        # Link.read has told the peer why (e.g. it is stale)
             self.counts["refused"] += 1
             self._reject(f"refused a primary connection from {link.channel.peer}: {exc}; "
                          "the current session goes on")

@@ -16,6 +16,7 @@ from helpers import KEMARI, REPO, write_config
 from kemari_agent.control import request
 from kemari_agent.devices.block import create_disk_image
 from kemari_agent.replication.codec import Device, DiskWrite
+from kemari_agent.replication.errors import PeerError
 
 pytestmark = pytest.mark.kvm
 
@@ -118,8 +119,9 @@ def test_full_disk_on_the_secondary_ends_the_session_and_keeps_the_checkpoint(tm
 
         memory[0:4] = b"lost"                           # checkpoint 3 does not fit
         big = [DiskWrite(0, 2048 + i * 128, bytes([i + 1]) * 65536) for i in range(16)]
-        seq = send_checkpoint(fake, [0], big)
-        assert not fake.sm.is_acked(seq)
+        with pytest.raises(PeerError, match="No space left on device"):   # told why
+            send_checkpoint(fake, [0], big)
+        assert not fake.sm.is_acked(good + 1)
         fake.close()
 
         st = lab.secondary.status()

@@ -41,10 +41,11 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize(("disk_mode", "mode"), [("shared", "tap"), ("replicated", "tap"),
-                                                  ("shared", "epoch")])
+                                                  ("shared", "epoch"), ("replicated", "epoch")])
 def test_failover_torture(tmp_path, disk_mode, mode, torture_trials):
     """At least 50 failovers in event-tapped mode with a shared disk; fewer for the
-    replicated disk and the epoch (Remus-style) baseline, which share its code."""
+    replicated disk and the epoch (Remus-style) mode, which share most of its code
+    (epoch mode holds disk requests in the ring until their epoch is acknowledged)."""
     trials = torture_trials if (disk_mode, mode) == ("shared", "tap") \
         else max(10, torture_trials // 3)
     rng = random.Random(f"{disk_mode}-{mode}-{trials}")

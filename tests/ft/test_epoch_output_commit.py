@@ -94,3 +94,44 @@ def test_replicated_disk_gets_every_write_after_the_full_sync(tmp_path):
                    == hashlib.sha256(lab.secondary.disk.read_bytes()).digest(), 5.0)
     finally:
         lab.close()
+
+
+@pytest.mark.parametrize("policy", ["continue", "suspend"])
+def test_peer_loss_releases_or_keeps_held_writes(tmp_path, policy):
+    """continue: what was held goes out unprotected once the peer is declared dead;
+    suspend: it stays held until a new secondary is in sync."""
+    lab = FtLab(tmp_path, disk_mode="shared", mode="epoch", epoch_ms=EPOCH_MS,
+                peer_timeout_ms=1000, on_peer_loss=policy)
+    value = f"lost{uuid.uuid4().hex}"
+    stopped = False
+    try:
+        lab.start_pair()
+        with KvClient(lab.addr, timeout=0.5, attempts=30) as c:
+            assert c.put("warm", "up").kind == "OK"
+        stop_secondary_just_after_a_checkpoint(lab)
+        stopped = True
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(f"PUT lost-1 key {value}".encode(), lab.addr)
+            wait_until("the primary to declare its peer dead",
+                       lambda: lab.primary.status()["state"] != "synced", 10.0)
+            if policy == "continue":
+                s.settimeout(10.0)
+                assert s.recv(512).decode().startswith("OK lost-1")
+                assert value.encode() in lab.primary.disk.read_bytes()
+            else:
+                time.sleep(0.5)
+                assert value.encode() not in lab.primary.disk.read_bytes()
+                s.settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    s.recv(512)
+                lab.secondary.kill()                 # a new secondary: full sync, then release
+                stopped = False
+                lab.secondary.start("secondary")
+                s.settimeout(60.0)
+                assert s.recv(512).decode().startswith("OK lost-1")
+                assert value.encode() in lab.primary.disk.read_bytes()
+                assert lab.primary.status()["state"] == "synced"
+    finally:
+        if stopped:
+            os.kill(lab.secondary.pid(), signal.SIGCONT)
+        lab.close()

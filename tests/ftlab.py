@@ -88,7 +88,8 @@ on_peer_loss = "{lab.on_peer_loss}"
     def kill(self) -> None:
         pid = self.pid()
         assert pid is not None, f"node {self.letter} is not running"
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):   # died at its fault point, reaped
+            os.kill(pid, signal.SIGKILL)
         _wait_gone(pid)
 
     def log(self) -> str:

@@ -230,9 +230,9 @@ class Protector:
             self.vmm.block.write_observer = None
         seq = link.sm.checkpoint(self.machine.mem, pfns, records,
                                  now=time.monotonic(), detect_zero=True)
+        self.last_seq = seq      # the secondary may commit it even if its ACK never arrives
         link.flush()
         link.wait_for(lambda: link.sm.is_acked(seq), self.timeout_s)
-        self.last_seq = seq
         self.last_checkpoint_at = time.monotonic()
         self.link = link
         self.state = "synced"

@@ -3,8 +3,10 @@
 Every exit is handled in one place (`_handle_io`). The doorbell exits are
 the events Kemari taps: `tap_hook` is called with the vCPU stopped at the
 doorbell and the requests still unanswered in the ring; only when it
-returns does the backend perform the I/O. Unprotected (`kemari run`) the
-hook is None; the replication engine installs its checkpoint there.
+returns does the backend perform the I/O (in epoch mode the hook keeps disk
+requests in flight until the checkpoint covering them is acknowledged).
+Unprotected (`kemari run`) the hook is None; the replication engine
+installs its checkpoint there.
 
 Other threads (the control socket) never touch the VM directly: they hand
 a function to `call_in_loop`, which runs it at the next point where the
@@ -50,7 +52,8 @@ PORT_BLOCK = lib.KEMARI_PORT_BLOCK
 PORT_EXIT = lib.KEMARI_PORT_EXIT
 
 Device = BlockBackend | NetBackend
-TapHook = Callable[["Vmm", Device], None]
+# Returns True when it has taken the requests itself (the loop then leaves them).
+TapHook = Callable[["Vmm", Device], bool]
 
 
 class Service(Protocol):
@@ -243,8 +246,8 @@ class Vmm:
 
     def _doorbell(self, device: Device) -> None:
         self.counters.doorbells += 1
-        if self.tap_hook is not None:
-            self.tap_hook(self, device)
+        if self.tap_hook is not None and self.tap_hook(self, device):
+            return       # the hook took the requests (epoch mode) and answers them later
         device.process()
 
     def _guest_has_event(self) -> bool:

@@ -15,7 +15,9 @@
  *  - The guest signals a backend by writing to the device's doorbell port
  *    (`out`). That exit is the event Kemari taps: the vCPU is stopped there,
  *    the checkpoint is taken, and only then does the backend consume the
- *    ring and perform the I/O.
+ *    ring and perform the I/O. In epoch mode the guest runs on and block
+ *    requests stay in flight until the checkpoint of the epoch that covers
+ *    them is acknowledged. Responses always come in ring order.
  *  - Backends signal the guest by advancing rsp_prod. An idle guest writes
  *    to KEMARI_PORT_BLOCK (the PV analogue of SCHEDOP_block); the VMM keeps
  *    the vCPU stopped until some ring has rsp_prod past its rsp_event, or

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import time
@@ -131,10 +132,30 @@ class BlockBackend:
                 writes.append((req.sector, self.machine.read(req.buf_gpa, n)))
         return writes
 
-    def process(self) -> int:
-        """Answer every unanswered request; returns how many were answered."""
+    def position(self) -> int:
+        """The ring index of the next request: every request before it exists now."""
+        return self.ring.produced()
+
+    def process(self, before: int | None = None) -> int:
+        """Answer the unanswered requests, oldest first: all of them, or those before
+        ring index `before` (epoch mode: the ones a checkpoint covers). Returns how
+        many were answered."""
+        count = self.ring.unanswered() if before is None else self.ring.count_before(before)
+        return self._answer(count)
+
+    def process_reads(self) -> int:
+        """Answer the reads at the head of the ring: a read behind a held write
+        waits for it (answers go in ring order), so it always sees that write."""
+        count = 0
+        for _idx, req in self.ring.requests():
+            if req.op != OP_READ:
+                break
+            count += 1
+        return self._answer(count)
+
+    def _answer(self, count: int) -> int:
         batch = [(idx, req.id, req.op, req.sector, req.nr_sectors, req.buf_gpa)
-                 for idx, req in self.ring.requests()]
+                 for idx, req in itertools.islice(self.ring.requests(), count)]
         if not batch:
             return 0
         statuses = [self._do(op, sector, n, gpa) for _i, _id, op, sector, n, gpa in batch]

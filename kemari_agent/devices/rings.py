@@ -1,9 +1,10 @@
 """The backend side of a shared ring in guest memory (Xen-style indices).
 
-The backend consumes requests in [rsp_prod, req_prod): it answers every
-request before the guest runs again, so rsp_prod doubles as its consumer
-index. That is what lets a new backend attach to a running guest's ring
-(after a restore or a failover) with nothing but guest memory to go on.
+The backend consumes requests in [rsp_prod, req_prod) and answers them in
+ring order, so rsp_prod doubles as its consumer index (a request may stay
+in flight while the guest runs: epoch mode holds disk writes). That is what
+lets a new backend attach to a running guest's ring (after a restore or a
+failover) with nothing but guest memory to go on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ class BackendRing:
                 f"ring at {self.gpa:#x}: {pending} requests outstanding on {RING_SIZE} slots"
             )
         return pending
+
+    def produced(self) -> int:
+        """req_prod: the ring index of the guest's next request."""
+        return self.ring.hdr.req_prod
+
+    def count_before(self, index: int) -> int:
+        """How many unanswered requests come before ring index `index` (0 when
+        responses have already passed it)."""
+        ahead = (index - self.ring.hdr.rsp_prod) & _U32
+        return 0 if ahead >= 0x80000000 else min(ahead, self.unanswered())
 
     def requests(self) -> Iterator:
         """The unanswered requests, oldest first (index, request struct)."""

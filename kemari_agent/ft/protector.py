@@ -8,8 +8,11 @@
   dirtied since the last checkpoint, the vCPU blob, the device state and,
   for replicated disks, the writes in flight, and wait for the ACK before the
   backend may perform the I/O (output commit). Epoch mode: the guest runs on,
-  a checkpoint is taken every epoch, and network output is held until the
-  checkpoint covering it is acknowledged (Remus).
+  a checkpoint is taken every epoch, and output is held until the checkpoint
+  covering it is acknowledged (Remus): network frames in a list, disk
+  requests unanswered in the guest's ring, so that the checkpoint itself
+  says which ones a failover must redo (and, for replicated disks, carries
+  their payloads). Only reads at the head of the ring are answered at once.
 * Losing the peer: `continue` runs on unprotected and reconnects;
   `suspend` keeps the guest stopped until a new secondary is in sync.
 * Reconnecting: dirty-page tracking never stops and written disk sectors are
@@ -91,6 +94,7 @@ class Protector:
         self._unprotected = False     # output went out that no checkpoint covers
         self.settings = pair_settings(config)
         self._held_frames: list[tuple[int, list[bytes]]] = []   # epoch mode: (seq, frames)
+        self._held_block: list[tuple[int, int]] = []   # epoch mode: (seq, ring position covered)
         self.faults = Faults()
         self._closing = threading.Event()
         self._synced = threading.Event()
@@ -350,6 +354,9 @@ class Protector:
         records = self._state_records()
         seq = link.sm.checkpoint(self.machine.mem, pfns, records, now=time.monotonic())
         self._sent(seq, pfns, records)
+        block = self.vmm.block
+        if self.epoch_mode and block is not None and block.has_work():
+            self._held_block.append((seq, block.position()))
         if self.faults.due("mid-send"):
             data = link.sm.data_to_send()
             link.channel.send_all(data[: len(data) // 2])
@@ -367,25 +374,36 @@ class Protector:
         self.last_checkpoint_at = time.monotonic()
         return seq
 
-    def tap(self, vmm: Vmm, device) -> None:
-        """The guest rang a doorbell: nothing leaves before its checkpoint is acknowledged."""
+    def tap(self, vmm: Vmm, device) -> bool:
+        """The guest rang a doorbell: nothing leaves before its checkpoint is acknowledged.
+        Returns True when this took the requests (epoch mode) and answers them later."""
         if self.link is None:
             if self.suspend_on_loss and self.was_protected:
                 self._hold_until_protected()
             if self.link is None:
-                return
+                return False
         try:
             if self.epoch_mode:
-                if device is vmm.net:
-                    frames = device.pending_frames()
-                    device.process(send=False)
-                    self._held_frames.append((self.last_seq + 1, frames))
-                return
+                return self._hold_output(vmm, device)
             self._checkpoint(wait=True)
         except SessionLost as exc:
             self._lost(str(exc))
             if self.link is None and self.suspend_on_loss:
                 self._hold_until_protected()
+        return False
+
+    def _hold_output(self, vmm: Vmm, device) -> bool:
+        """Epoch mode: tx frames are answered and kept aside; disk requests stay
+        unanswered in the ring (the next checkpoint covers them), except reads
+        at its head: they change nothing outside the guest and nothing held
+        comes before them."""
+        if device is vmm.net:
+            frames = device.pending_frames()
+            device.process(send=False)
+            self._held_frames.append((self.last_seq + 1, frames))
+        else:
+            device.process_reads()
+        return True
 
     # ---- Vmm service: heartbeats, ACKs, epochs (loop thread) ----------------------------
     def fileno(self) -> int | None:
@@ -406,18 +424,20 @@ class Protector:
         try:
             self._check_peer_events(link.drain())
             if self.epoch_mode:
-                self._release_acked_frames()
+                self._release_acked_output()
                 if time.monotonic() >= self._next_epoch:
                     if link.sm.outstanding:          # one epoch in flight at a time
                         self._check_peer_events(
                             link.wait_for(lambda: not link.sm.outstanding, self.timeout_s))
-                        self._release_acked_frames()
+                        self._release_acked_output()
                     self._checkpoint(wait=False)
                     self._next_epoch = time.monotonic() + self.epoch_s
         except SessionLost as exc:
             self._lost(str(exc))
 
-    def _release_acked_frames(self) -> None:
+    def _release_acked_output(self) -> None:
+        """Epoch mode: send the frames and perform (then answer) the disk requests
+        that an acknowledged checkpoint covers, in ring order."""
         link = self.link
         while self._held_frames and link is not None and link.sm.is_acked(self._held_frames[0][0]):
             if self.faults.due("after-ack"):
@@ -425,6 +445,13 @@ class Protector:
             _seq, frames = self._held_frames.pop(0)
             for f in frames:
                 self.vmm.net.send_frame(f)
+        block = self.vmm.block
+        while self._held_block and link is not None and link.sm.is_acked(self._held_block[0][0]):
+            if self.faults.due("after-ack"):
+                self.faults.die()
+            _seq, position = self._held_block.pop(0)
+            block.process(before=position)
+            block.process_reads()      # reads the released writes held back
 
     def _check_peer_events(self, events: list) -> None:
         for ev in events:
@@ -457,6 +484,9 @@ class Protector:
                 for f in frames:
                     self.vmm.net.send_frame(f)
             self._held_frames.clear()
+            if self.vmm.block is not None:
+                self.vmm.block.process()
+            self._held_block.clear()
         self._synced.set()
 
     def _hold_until_protected(self) -> None:
@@ -490,7 +520,7 @@ class Protector:
         if self.epoch_mode and self.link.sm.outstanding:
             self.link.wait_for(lambda: not self.link.sm.outstanding, self.timeout_s)
         seq = self._checkpoint(wait=True)
-        self._release_acked_frames()
+        self._release_acked_output()
         self.link.sm.goodbye(GoodbyeReason.HANDOVER, now=time.monotonic())
         self.link.flush()
         return seq

@@ -6,6 +6,8 @@ run loop and the replication engine compose; no device knows about it.
 
 from __future__ import annotations
 
+import threading
+
 from ..errors import KvmError
 from ..native import ffi, last_error, lib
 
@@ -55,13 +57,17 @@ class Machine:
         self._state_size = lib.kvmm_state_size(vm)
         self._state_buf = ffi.new("uint8_t[]", self._state_size)   # reused per checkpoint
         self.io_pending = False   # stopped at an I/O exit not yet completed
+        # kick() comes from other threads (tickers, backends, the control socket)
+        # and may race close(): the lock keeps it off a destroyed vCPU's kvm_run.
+        self._closing = threading.Lock()
 
     # ---- lifecycle -----------------------------------------------------
     def close(self) -> None:
-        if self._vm is not None:
-            self.mem.release()
-            lib.kvmm_destroy(self._vm)
-            self._vm = None
+        with self._closing:
+            if self._vm is not None:
+                self.mem.release()
+                lib.kvmm_destroy(self._vm)
+                self._vm = None
 
     def __enter__(self) -> Machine:
         return self
@@ -83,8 +89,11 @@ class Machine:
         _check(lib.kvmm_set_in_value(self._vm, value), "completing `in`")
 
     def kick(self, signal_thread: bool = True) -> None:
-        """Make the vCPU leave (or not enter) KVM_RUN; safe from any thread."""
-        lib.kvmm_kick(self._vm, 1 if signal_thread else 0)
+        """Make the vCPU leave (or not enter) KVM_RUN; safe from any thread, also
+        during and after close() (then it does nothing)."""
+        with self._closing:
+            if self._vm is not None:
+                lib.kvmm_kick(self._vm, 1 if signal_thread else 0)
 
     def clear_kick(self) -> None:
         lib.kvmm_clear_kick(self._vm)

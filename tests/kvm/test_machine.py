@@ -144,3 +144,28 @@ def test_bad_vcpu_blob_is_refused(corrupt):
 def test_bad_memory_sizes_are_refused():
     with pytest.raises(KvmError, match="multiple of 2 MiB"):
         Machine(3 << 20)
+
+
+def test_kick_racing_close_never_touches_a_destroyed_vcpu():
+    """Tickers and backends kick the vCPU from their own threads; a demote closes
+    the machine meanwhile. Run in a child: a use after free would kill it."""
+    code = """
+import threading
+from kemari_agent.kvm.machine import Machine
+for _ in range(200):
+    m = Machine(8 << 20)
+    go = threading.Event()
+    def kicker():
+        go.set()
+        for _ in range(2000):
+            m.kick(signal_thread=False)
+    t = threading.Thread(target=kicker)
+    t.start()
+    go.wait()
+    m.close()
+    t.join()
+print("survived")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "survived" in out.stdout, (out.returncode, out.stderr)

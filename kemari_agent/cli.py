@@ -25,9 +25,22 @@ def _get_status(name: str) -> dict:
     try:
         reply = request(paths.socket_path(name), "status", timeout=10)
     except NotRunning:
-        reply = {"name": name, "pid": None, "role": "stopped", "state": "stopped"}
+        reply = {"name": name, "pid": None, "role": "stopped", "state": "stopped",
+                 **_stopped_promotability(name)}
     reply.pop("ok", None)
     return reply
+
+
+def _stopped_promotability(name: str) -> dict:
+    """What the node's state file says, so a cluster agent can score a stopped node."""
+    from .replication.state_store import StateFileCorrupt, StateStore
+    try:
+        state = StateStore(paths.state_dir() / name).load()
+    except (StateFileCorrupt, OSError) as exc:
+        return {"promotable": False, "promote_blocker": f"state file unreadable: {exc}"}
+    return {"generation": state.generation, "checkpoint_seq": state.checkpoint_seq,
+            "has_checkpoint": False, "consistent": state.consistent,
+            "outdated": state.outdated, "promotable": False, "promote_blocker": "not running"}
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -109,7 +122,10 @@ def _start(args: argparse.Namespace) -> int:
 
 def _role_change(verb: str):
     def run(args: argparse.Namespace) -> int:
-        reply = request(paths.socket_path(args.name), verb, timeout=150)
+        extra = {"force": True} if getattr(args, "force", False) else {}
+        reply = request(paths.socket_path(args.name), verb, timeout=150, **extra)
+        if verb == "promote" and reply.get("activation"):
+            print(f"{args.name}: {reply['activation']}")
         print(f"{args.name}: {reply['role']}, {reply['state']} (generation {reply['generation']})")
         return 0
     return run
@@ -179,6 +195,10 @@ def parser() -> argparse.ArgumentParser:
                        ("demote", "primary -> secondary (final sync + hand-over)")):
         v = sub.add_parser(verb, help=text)
         v.add_argument("name")
+        if verb == "promote":
+            v.add_argument("--force", action="store_true",
+                           help="promote even an inconsistent or outdated node: DATA-LOSING "
+                                "(resumes a mixed or older state)")
         v.set_defaults(func=_role_change(verb))
 
     pe = sub.add_parser("peer", help="show or set where the primary sends checkpoints")

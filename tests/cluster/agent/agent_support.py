@@ -10,6 +10,7 @@ a CIB file instead of a live cluster (the cluster lab runs the real thing).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -95,12 +96,33 @@ def make_cib(path: Path, name: str, nodes: tuple[str, ...] = ("node1", "node2"))
     return path
 
 
+def cib_lock(cib: Path) -> Path:
+    return cib.with_name(cib.name + ".lock")
+
+
+def serialized_cib_tools(cib: Path) -> str:
+    """A PATH entry whose cibadmin/crm_attribute take a lock around the real ones.
+
+    A live CIB serializes its writers; a CIB file does not (each tool reads the
+    file, changes it and writes it whole), so two nodes' agents and handlers
+    writing at once could lose an update. The lock restores what a cluster does."""
+    bindir = cib.parent / "cib-tools"
+    bindir.mkdir(exist_ok=True)
+    for tool in ("cibadmin", "crm_attribute"):
+        wrapper = bindir / tool
+        wrapper.write_text(f"#!/bin/sh\nexec flock {cib_lock(cib)} /usr/sbin/{tool} \"$@\"\n")
+        wrapper.chmod(0o755)
+    return str(bindir)
+
+
 class Cib:
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def root(self) -> ET.Element:
-        return ET.fromstring(self.path.read_text())
+        with open(cib_lock(self.path), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return ET.fromstring(self.path.read_text())
 
     def node_attr(self, node: str, name: str, transient: bool = True) -> str | None:
         root = self.root()
@@ -143,6 +165,7 @@ class AgentNode:
                         OCF_RESKEY_run_dir=str(self.run_dir),
                         OCF_RESKEY_CRM_meta_on_node=node,
                         KEMARI_STATE_DIR=str(self.state_dir), KEMARI_RUN_DIR=str(self.run_dir))
+        self.env["PATH"] = serialized_cib_tools(cib) + ":" + self.env.get("PATH", "/usr/bin")
         self.env.update({f"OCF_RESKEY_CRM_meta_{k}": v for k, v in
                          (meta if meta is not None else {"notify": "true", "clone_max": "2",
                                                          "promoted_max": "1"}).items()})

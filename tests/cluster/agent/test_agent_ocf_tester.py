@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from agent_support import OCF_ROOT, Cib, make_cib
+from agent_support import OCF_ROOT, Cib, make_cib, serialized_cib_tools
 from conftest import vm_name
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kvm]
@@ -18,7 +18,8 @@ def test_ocf_tester_passes(inst, tmp_path, vm_config):
     args = [f"config={vm_config}", f"state_dir={tmp_path / 'state'}",
             f"run_dir={tmp_path / 'run'}", "CRM_meta_notify=true", "CRM_meta_clone_max=2",
             "CRM_meta_promoted_max=1", "CRM_meta_on_node=node1"]
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "OCF_ROOT": OCF_ROOT,
+    env = {"PATH": f"{serialized_cib_tools(cib)}:/usr/sbin:/usr/bin:/sbin:/bin",
+           "OCF_ROOT": OCF_ROOT,
            "CIB_file": str(cib)}
     try:
         r = subprocess.run(["ocf-tester", "-n", name, *[x for a in args for x in ("-o", a)],

@@ -75,6 +75,8 @@ SECONDARY = {"role": "secondary", "generation": 4, "has_checkpoint": True}
      "disconnected"),
     ({**SECONDARY, "state": "syncing", "has_checkpoint": False,
       "sync": {"pages_sent": 300, "pages_remaining": 100}}, 4, None, "syncing 75%"),
+    ({**SECONDARY, "state": "resyncing", "consistent": True}, 4, 100, "syncing"),
+    ({"role": "primary", "state": "resyncing", "generation": 4}, 4, 10000, "syncing"),
     ({**SECONDARY, "state": "synced", "consistent": False}, 4, None, "inconsistent"),
     ({**SECONDARY, "state": "standalone", "outdated": True}, 4, None, "outdated"),
     ({**SECONDARY, "state": "standalone"}, 6, None, "outdated"),

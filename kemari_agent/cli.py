@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import paths
@@ -76,12 +77,48 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if reply["role"] != "stopped" else 3
 
 
+STOP_WAIT_S = 60
+
+
 def _stop(args: argparse.Namespace) -> int:
+    """Returns once the daemon is gone (a cluster may start it again at once)."""
+    sock = paths.socket_path(args.name)
+    pid = None
     try:
-        request(paths.socket_path(args.name), "stop", timeout=30)
+        pid = request(sock, "status", timeout=10).get("pid")
+        request(sock, "stop", timeout=30)
     except NotRunning:
         print(f"{args.name}: not running")
+        return 0
+    except KemariError:
+        # the daemon may exit before its answer to `stop` is out: judged by its pid below
+        pid = pid or _pid_of(args.name)
+        if pid is None:
+            raise
+    end = time.monotonic() + STOP_WAIT_S
+    while _alive(pid):
+        if time.monotonic() > end:
+            raise KemariError(f"{args.name}: daemon pid {pid} still running "
+                              f"{STOP_WAIT_S} s after stop")
+        time.sleep(0.05)
     return 0
+
+
+def _pid_of(name: str) -> int | None:
+    try:
+        return int(paths.pid_path(name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    """True while process `pid` runs (a zombie waiting for its parent counts as gone)."""
+    if not pid:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _save(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -26,6 +27,17 @@ from helpers import REPO
 CACHE = Path("/var/cache/kemari-test/agent-install")
 SOURCES = ("kemari_agent", "native", "ocf", "pyproject.toml", "setup.py", "Makefile")
 OCF_ROOT = "/usr/lib/ocf"
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vm_name(config: Path) -> str:
+    """The VM's name: the first string of a config written by the vm_config fixture."""
+    return config.read_text().split('"')[1]
 
 
 class Install:

@@ -3,24 +3,17 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-from agent_support import AgentNode, Install, installed, make_cib
+from agent_support import AgentNode, Install, free_tcp_port, installed, make_cib, vm_name
 from helpers import free_udp_port
 
 
 @pytest.fixture(scope="session")
 def inst() -> Install:
     return installed()
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -47,10 +40,6 @@ node1 = "127.0.0.1:{free_tcp_port()}"
 node2 = "127.0.0.1:{free_tcp_port()}"
 """)
     return config
-
-
-def vm_name(config: Path) -> str:
-    return config.read_text().split('"')[1]
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ it from the clone's notifications, and a primary then dials it at once
 from __future__ import annotations
 
 import pytest
-from agent_support import AgentNode, Cib, make_cib, wait_for
-from conftest import free_tcp_port, vm_name
+from agent_support import AgentNode, Cib, free_tcp_port, make_cib, vm_name, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kvm]
 

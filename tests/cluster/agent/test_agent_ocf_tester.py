@@ -6,8 +6,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from agent_support import OCF_ROOT, Cib, make_cib, serialized_cib_tools
-from conftest import vm_name
+from agent_support import OCF_ROOT, Cib, make_cib, serialized_cib_tools, vm_name
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kvm]
 

@@ -12,8 +12,7 @@ import signal
 import subprocess
 
 import pytest
-from agent_support import Cib, wait_for
-from conftest import vm_name
+from agent_support import Cib, vm_name, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from kemari_agent.kvclient import KvClient

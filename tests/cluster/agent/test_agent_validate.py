@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from agent_support import AgentNode, make_cib
-from conftest import vm_name
+from agent_support import AgentNode, make_cib, vm_name
 
 pytestmark = pytest.mark.cluster
 

@@ -29,7 +29,9 @@ def test_ocf_tester_passes(inst, tmp_path, vm_config):
         if pid_file.exists():       # a failed run may leave the daemon behind
             subprocess.run([str(inst.tool("kemari")), "stop", name], capture_output=True,
                            env={"KEMARI_RUN_DIR": str(tmp_path / "run"), **env})
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert f"{inst.agent} passed all tests" in r.stdout
+    log = tmp_path / "run" / f"{name}.log"
+    detail = r.stdout + r.stderr + (log.read_text()[-3000:] if log.exists() else "")
+    assert r.returncode == 0, detail
+    assert f"{inst.agent} passed all tests" in r.stdout, detail
     # promote ran a cold boot whose first output fenced the (absent) peer in the CIB
     assert Cib(cib).fenced_for(f"{name}-clone") == "node1"

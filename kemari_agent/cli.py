@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from . import paths
-from .config import load_config
+from .config import VmConfig, load_config, node_addresses, with_overrides
 from .control import NotRunning, request
 from .errors import KemariError
 
@@ -75,12 +77,48 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if reply["role"] != "stopped" else 3
 
 
+STOP_WAIT_S = 60
+
+
 def _stop(args: argparse.Namespace) -> int:
+    """Returns once the daemon is gone (a cluster may start it again at once)."""
+    sock = paths.socket_path(args.name)
+    pid = None
     try:
-        request(paths.socket_path(args.name), "stop", timeout=30)
+        pid = request(sock, "status", timeout=10).get("pid")
+        request(sock, "stop", timeout=30)
     except NotRunning:
         print(f"{args.name}: not running")
+        return 0
+    except KemariError:
+        # the daemon may exit before its answer to `stop` is out: judged by its pid below
+        pid = pid or _pid_of(args.name)
+        if pid is None:
+            raise
+    end = time.monotonic() + STOP_WAIT_S
+    while _alive(pid):
+        if time.monotonic() > end:
+            raise KemariError(f"{args.name}: daemon pid {pid} still running "
+                              f"{STOP_WAIT_S} s after stop")
+        time.sleep(0.05)
     return 0
+
+
+def _pid_of(name: str) -> int | None:
+    try:
+        return int(paths.pid_path(name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    """True while process `pid` runs (a zombie waiting for its parent counts as gone)."""
+    if not pid:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _save(args: argparse.Namespace) -> int:
@@ -89,13 +127,32 @@ def _save(args: argparse.Namespace) -> int:
     return 0
 
 
+NODE_FLAGS = ("listen", "peer", "fence_peer_handler", "unfence_peer_handler")
+
+
+def _node_config(args: argparse.Namespace) -> VmConfig:
+    """The shared config file, plus this node's addresses: from the command line, else
+    from `[replication.nodes]` by this node's name."""
+    config = load_config(args.config)
+    if args.listen is None:
+        listen, peer = node_addresses(config, args.node or os.uname().nodename)
+        if listen is not None:
+            config = with_overrides(config, listen=f"{listen[0]}:{listen[1]}",
+                                    peer=f"{peer[0]}:{peer[1]}" if peer else None)
+    return with_overrides(config, **{k: getattr(args, k) for k in NODE_FLAGS})
+
+
 def _start(args: argparse.Namespace) -> int:
     from .ft.launcher import start
-    config = load_config(args.config)
+    config = _node_config(args)
     if args.foreground:
         from .ft.daemon import Daemon
         return Daemon(config).serve(args.role)
-    status = start(config, Path(args.config).resolve(), args.role)
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in NODE_FLAGS
+             if getattr(args, k) is not None]
+    if args.node:
+        flags.append(f"--node={args.node}")
+    status = start(config, Path(args.config).resolve(), args.role, flags)
     print(f"{status['name']}: {status['role']}, {status['state']} (pid {status['pid']})")
     return 0
 
@@ -109,6 +166,25 @@ def _role_change(verb: str):
         print(f"{args.name}: {reply['role']}, {reply['state']} (generation {reply['generation']})")
         return 0
     return run
+
+
+def _peer(args: argparse.Namespace) -> int:
+    """Show or change where a primary sends checkpoints (the OCF agent's notify)."""
+    sock = paths.socket_path(args.name)
+    reply = (request(sock, "peer", address=args.address) if args.address is not None
+             else request(sock, "status"))
+    print(f"{args.name}: peer {reply.get('replication_peer') or 'none'}")
+    return 0
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    from .metrics import render, write_textfile
+    text = render(_get_status(args.name))
+    if args.textfile:
+        write_textfile(Path(args.textfile), text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -150,6 +226,16 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("config", help="VM config file (TOML)")
     sa.add_argument("--role", choices=("secondary", "primary"), default="secondary")
     sa.add_argument("--foreground", action="store_true", help="do not detach (debugging)")
+    sa.add_argument("--listen", metavar="IP:PORT",
+                    help="this node's replication address (overrides the config)")
+    sa.add_argument("--peer", metavar="IP:PORT",
+                    help="the peer's replication address (overrides the config)")
+    sa.add_argument("--node", metavar="NAME",
+                    help="this node's name in [replication.nodes] (default: the host name)")
+    sa.add_argument("--fence-peer-handler", metavar="CMD",
+                    help="run before output leaves unprotected (overrides the config)")
+    sa.add_argument("--unfence-peer-handler", metavar="CMD",
+                    help="run when the peer is back in sync (overrides the config)")
     sa.set_defaults(func=_start)
 
     for verb, text in (("promote", "secondary -> primary (failover or cold boot)"),
@@ -166,6 +252,18 @@ def parser() -> argparse.ArgumentParser:
                        "overwrites; daemons refuse a missing disk)")
     c.add_argument("config", help="VM config file (TOML)")
     c.set_defaults(func=_create_disk)
+
+    pe = sub.add_parser("peer", help="show or set where the primary sends checkpoints")
+    pe.add_argument("name")
+    pe.add_argument("address", nargs="?", metavar="IP:PORT",
+                    help="the new peer ('' to forget it)")
+    pe.set_defaults(func=_peer)
+
+    me = sub.add_parser("metrics", help="Prometheus text format metrics of a VM")
+    me.add_argument("name")
+    me.add_argument("--textfile", metavar="FILE",
+                    help="write to FILE atomically (node_exporter's textfile collector)")
+    me.set_defaults(func=_metrics)
 
     k = sub.add_parser("keygen", help="write a new replication key file (mode 0600)")
     k.add_argument("file")

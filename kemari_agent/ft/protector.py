@@ -39,6 +39,7 @@ from ..replication.events import Acked, PeerDead, PeerGoodbye
 from ..replication.primary import Primary, PrimaryState
 from ..vmm import Vmm
 from .faults import Faults
+from .fence_peer import PeerFence
 from .link import Link, SessionLost
 from .node import Node
 from .settings import pair_settings
@@ -96,6 +97,8 @@ class Protector:
         self._held_frames: list[tuple[int, list[bytes]]] = []   # epoch mode: (seq, frames)
         self._held_block: list[tuple[int, int]] = []   # epoch mode: (seq, ring position covered)
         self.faults = Faults()
+        self.peer_fence = PeerFence(config.name, config.policy.fence_peer_handler,
+                                    config.policy.unfence_peer_handler)
         self._closing = threading.Event()
         self._synced = threading.Event()
         vmm.tap_hook = self.tap
@@ -135,8 +138,8 @@ class Protector:
 
     # ---- connecting and full sync (connector thread) -----------------------------
     def _connect_loop(self) -> None:
-        repl = self.config.replication
         while not self._closing.is_set():
+            repl = self.config.replication     # the peer may change (`kemari peer`)
             if self.link is not None or repl.peer is None or repl.key_file is None:
                 self._synced.wait(RECONNECT_S)
                 self._synced.clear()
@@ -314,6 +317,7 @@ class Protector:
         self.last_error = None
         self._next_epoch = time.monotonic() + self.epoch_s
         self._synced.set()
+        self.peer_fence.peer_in_sync(self.peer)
         return len(pfns_sorted)
 
     def _sent(self, seq: int, pfns: list[int], records: list) -> None:
@@ -380,6 +384,8 @@ class Protector:
         if self.link is None:
             if self.suspend_on_loss and self.was_protected:
                 self._hold_until_protected()
+            else:
+                self.peer_fence.before_unprotected_output(self)
             if self.link is None:
                 return False
         try:
@@ -475,6 +481,8 @@ class Protector:
         self.link = None
         self.state = "standalone"
         self.peer = None
+        if not self.suspend_on_loss:
+            self.peer_fence.before_unprotected_output(self)
         self._unprotected = self._unprotected or not self.suspend_on_loss
         if self.replicated_disk and self.vmm.block is not None and self._disk_dirty is None:
             self._disk_dirty = set()          # a resync sends what is written meanwhile

@@ -39,6 +39,10 @@ peer_timeout_ms = 1000
 node1 = "127.0.0.1:{free_tcp_port()}"
 node2 = "127.0.0.1:{free_tcp_port()}"
 """)
+    # shared storage exists before the cluster starts the resource (nothing creates
+    # a disk implicitly: a missing one is an error naming its path)
+    subprocess.run([inst.tool("kemari"), "create-disk", str(config)], check=True,
+                   capture_output=True)
     return config
 
 

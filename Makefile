@@ -7,9 +7,11 @@ PY    := $(VENV)/bin/python
 SYSPY := /usr/bin/python3
 DEBS  := build-essential python3-venv python3-dev libffi-dev iproute2 iputils-ping \
          bridge-utils procps util-linux
+# The cluster tier: Pacemaker + Corosync in network namespaces (tests/cluster/).
+DEBS_CLUSTER := pacemaker pacemaker-cli-utils corosync crmsh pcs resource-agents nftables
 PYTEST_ARGS ?=
 
-.PHONY: deps build test test-unit test-kvm demo bench lint clean
+.PHONY: deps deps-cluster build test test-unit test-kvm demo bench lint clean
 
 $(VENV)/.deps-stamp: pyproject.toml setup.py
 	apt-get update -qq
@@ -21,12 +23,18 @@ $(VENV)/.deps-stamp: pyproject.toml setup.py
 
 deps: $(VENV)/.deps-stamp
 
+$(VENV)/.deps-cluster-stamp: $(VENV)/.deps-stamp
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS_CLUSTER)
+	touch $@
+
+deps-cluster: $(VENV)/.deps-cluster-stamp
+
 build: deps
 	$(MAKE) -C native/guest OUT=$(CURDIR)/kemari_agent/images
 	$(MAKE) -C native/testguest OUT=$(CURDIR)/build/testguest
 	$(PY) native/build_ffi.py
 
-test: build
+test: build deps-cluster
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

@@ -76,7 +76,7 @@ logging {{
     logfile: /var/log/corosync/corosync.log
     to_syslog: no
     to_stderr: no
-    timestamp: on
+    timestamp: hires
 }}
 """
 

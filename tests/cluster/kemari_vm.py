@@ -5,9 +5,11 @@ Used by the scenario tests and the failover benchmark."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,8 +23,9 @@ GUEST_IP = "10.213.0.50"
 GUEST = (GUEST_IP, 7000)
 REPLICATION_PORT = 7100
 KEMARI = "/opt/kemari/bin/kemari"
+CACHE = Path("/var/cache/kemari-test/cluster-install")
 # what `make install` writes inside a node: copied from the first node to the others
-INSTALLED = ("opt/kemari", "usr/lib/ocf/resource.d/kemari")
+INSTALLED = ("opt/kemari", "usr/lib/ocf/resource.d/kemari", "usr/local/sbin")
 
 
 def vm_config(name: str, policy: str) -> str:
@@ -54,6 +57,37 @@ on_peer_loss = "{policy}"
 """
 
 
+def source_digest() -> str:
+    """What `make install` is built from: every tracked or new file that ships."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "kemari_agent", "native", "ocf",
+         "setup.py", "pyproject.toml", "Makefile"],
+        cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    h = hashlib.sha256()
+    for f in sorted(files):
+        path = REPO / f
+        if path.is_file():
+            h.update(f.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def staged_install() -> Path:
+    """`make install DESTDIR=...` of this source, cached under /var/cache/kemari-test."""
+    stage = CACHE / source_digest()
+    if (stage / "done").exists():
+        return stage
+    shutil.rmtree(stage, ignore_errors=True)
+    r = subprocess.run(["make", "-C", str(REPO), "install", f"DESTDIR={stage}",
+                        "SBINDIR=/usr/local/sbin"], capture_output=True, text=True, timeout=1200)
+    if r.returncode != 0:
+        raise LabError(f"make install DESTDIR={stage}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    for old in CACHE.iterdir():                  # keep only the current version
+        if old != stage:
+            shutil.rmtree(old, ignore_errors=True)
+    (stage / "done").touch()
+    return stage
+
+
 class KemariVm:
     """The kv1 VM as a promotable clone on `lab`."""
 
@@ -66,18 +100,20 @@ class KemariVm:
     # ------------------------------------------------------------ setup
 
     def install(self) -> None:
-        """`make install` inside the first node (its private /opt/kemari and OCF
-        provider dir), then the same files onto the others' disks, as a deploy
-        of one package to every node would."""
-        first, *others = self.lab.names
-        r = self.lab.exec(first, "make", "-C", str(REPO), "install", check=False, timeout=900)
-        if r.returncode != 0:
-            raise LabError(f"make install on {first}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
-        for node in others:
+        """Each node's own copy of one `make install` (the package deploy users do),
+        staged once per source version under the test cache (a venv build takes
+        minutes on a loaded machine)."""
+        stage = staged_install()
+        for node in self.lab.names:
             for rel in INSTALLED:
+                # into the directory itself: a running node has it bind-mounted
                 dst = self.lab.disk(node) / rel
-                shutil.rmtree(dst, ignore_errors=True)
-                shutil.copytree(self.lab.disk(first) / rel, dst, symlinks=True)
+                for old in dst.iterdir():
+                    if old.is_dir() and not old.is_symlink():
+                        shutil.rmtree(old)
+                    else:
+                        old.unlink()
+                shutil.copytree(stage / rel, dst, symlinks=True, dirs_exist_ok=True)
 
     def write_config(self, policy: str) -> None:
         first = self.lab.names[0]
@@ -91,15 +127,16 @@ class KemariVm:
             (etc / f"{self.name}.toml").write_text(vm_config(self.name, policy))
 
     def define_with_crm(self, on: str) -> None:
-        self.lab.exec(on, "crm", "configure", "primitive", RESOURCE, "ocf:kemari:vm",
-                      "params", f"config={self.config_path}",
-                      "op", "monitor", "interval=3s", "role=Promoted", "timeout=30s",
-                      "op", "monitor", "interval=4s", "role=Unpromoted", "timeout=30s",
-                      "op", "start", "timeout=60s", "op", "promote", "timeout=60s",
-                      "op", "demote", "timeout=60s", "op", "stop", "timeout=60s")
-        self.lab.exec(on, "crm", "configure", "clone", CLONE, RESOURCE, "meta",
-                      "promotable=true", "promoted-max=1", "promoted-node-max=1",
-                      "clone-max=2", "clone-node-max=1", "notify=true")
+        """One crm session, so the primitive never exists outside its clone."""
+        script = f"""primitive {RESOURCE} ocf:kemari:vm params config={self.config_path} \\
+    op monitor interval=3s role=Promoted timeout=30s \\
+    op monitor interval=4s role=Unpromoted timeout=30s \\
+    op start timeout=60s op stop timeout=60s op promote timeout=60s op demote timeout=60s
+clone {CLONE} {RESOURCE} meta promotable=true promoted-max=1 promoted-node-max=1 \\
+    clone-max=2 clone-node-max=1 notify=true
+commit
+"""
+        self.lab.exec(on, "crm", "-w", "configure", input=script)
 
     def define_with_pcs(self, on: str) -> None:
         self.lab.exec(on, "pcs", "resource", "create", RESOURCE, "ocf:kemari:vm",

@@ -84,8 +84,8 @@ logging {{
 class ClusterLab:
     """`with ClusterLab(...) as lab:` a booted cluster with fencing configured."""
 
-    def __init__(self, nodes: int = 2, token_ms: int | None = None,
-                 dc_deadtime: str = "5s", extra_private: tuple[str, ...] = ()) -> None:
+    def __init__(self, nodes: int = 2, token_ms: int | None = None, dc_deadtime: str = "5s",
+                 reboot_s: float = 8.0, extra_private: tuple[str, ...] = ()) -> None:
         self.tag = f"kl{uuid.uuid4().hex[:6]}"
         self.token_ms = token_ms or int(os.environ.get("KEMARI_LAB_TOKEN_MS", "2000"))
         self.dc_deadtime = dc_deadtime
@@ -97,6 +97,9 @@ class ClusterLab:
         self.spec = {
             "tag": self.tag, "bridge_ns": f"{self.tag}-br", "client_ns": f"{self.tag}-client",
             "token_ms": self.token_ms, "extra_private": list(extra_private),
+            # a fenced node boots again this long after its power-off, as a real
+            # server does: the survivor's failover is not disturbed by its return
+            "reboot_s": reboot_s,
             "nodes": [{"name": n, "addr": f"{SUBNET}.{10 + i}", "nodeid": i}
                       for i, n in enumerate(self.names, 1)],
         }
@@ -237,11 +240,13 @@ class ClusterLab:
         return next(n["addr"] for n in self.spec["nodes"] if n["name"] == name)
 
     def exec(self, name: str, *args: str, check: bool = True, timeout: float = 120,
-             input: str | None = None) -> subprocess.CompletedProcess:
-        """Run a command inside node `name` (its net, mount, UTS and IPC namespaces)."""
+             input: str | None = None, net: bool = True) -> subprocess.CompletedProcess:
+        """Run a command inside node `name` (its net, mount, UTS and IPC namespaces;
+        net=False keeps the host's network, e.g. for pip to reach its index)."""
         if not self.running(name):
             raise LabError(f"node {name} is powered off")
-        return sh("nsenter", "-t", str(self.init_pid(name)), "-n", "-m", "-u", "-i", "--",
+        ns = ["-n", "-m", "-u", "-i"] if net else ["-m", "-u", "-i"]
+        return sh("nsenter", "-t", str(self.init_pid(name)), *ns, "--",
                   *args, check=check, timeout=timeout, input=input)
 
     def any_up(self) -> str:

@@ -33,6 +33,7 @@ SELF = Path(__file__).resolve()
 PRIVATE_DIRS = (
     "/etc/corosync", "/etc/kemari", "/var/lib/corosync", "/var/lib/pacemaker",
     "/var/lib/kemari", "/var/log", "/opt/kemari", "/usr/lib/ocf/resource.d/kemari",
+    "/usr/local/sbin",
 )
 PACEMAKER_DIRS = ("cib", "pengine", "blackbox", "cores")
 
@@ -216,10 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lab", required=True, type=Path, help="the lab's directory")
     p.add_argument("action", choices=("start", "off", "init", "pids"))
     p.add_argument("node")
+    p.add_argument("--after", type=float, default=0.0,
+                   help="start: seconds to wait first (a real machine's reboot takes a while)")
     args = p.parse_args(argv)
     lab = Lab(args.lab)
     lab.node(args.node)
     if args.action == "start":
+        time.sleep(args.after)
         print(start(lab, args.node))
     elif args.action == "off":
         print(power_off(lab, args.node))

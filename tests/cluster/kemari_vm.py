@@ -9,7 +9,10 @@ import hashlib
 import json
 import re
 import shutil
+import socket
+import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from kemari_agent.kvload import Clients, check_acked_puts, check_counter
 REPO = Path(__file__).resolve().parents[2]
 RESOURCE, CLONE = "vm", "vm-clone"
 GUEST_IP = "10.213.0.50"
+GUEST_MAC = "52:54:00:00:00:50"
 GUEST = (GUEST_IP, 7000)
 REPLICATION_PORT = 7100
 KEMARI = "/opt/kemari/bin/kemari"
@@ -44,7 +48,7 @@ mode = "replicated"
 tap = "kemari-{name}"
 bridge = "br0"
 address = "{GUEST_IP}/24"
-mac = "52:54:00:00:00:50"
+mac = "{GUEST_MAC}"
 
 [replication]
 port = {REPLICATION_PORT}
@@ -147,14 +151,6 @@ commit
                       "op", "demote", "timeout=60s", "op", "stop", "timeout=60s",
                       "promotable", "promoted-max=1", "clone-max=2", "notify=true")
 
-    def remove(self, on: str) -> None:
-        """Stop and delete the resource (both nodes' daemons end)."""
-        self.lab.exec(on, "crm_resource", "--resource", CLONE, "--set-parameter",
-                      "target-role", "--meta", "--parameter-value", "Stopped")
-        self.lab.wait(lambda: not self.lab.roles(RESOURCE), 90, "vm stopped everywhere")
-        self.lab.exec(on, "cibadmin", "--delete", "--xml-text", f'<clone id="{CLONE}"/>')
-        self.lab.exec(on, "crm_resource", "--cleanup", "--resource", RESOURCE, check=False)
-
     # ------------------------------------------------------------ state
 
     def status(self, node: str) -> dict:
@@ -208,6 +204,42 @@ commit
             problems += check_acked_puts(GUEST, clients.snapshot())
             problems += check_counter(GUEST, clients.records)
         return problems
+
+
+class GarpListener:
+    """Records, from the client namespace, ARP announcements of the guest's IP
+    (the gratuitous ARP a promoted node sends): [(sender MAC, time.time())]."""
+
+    def __init__(self, lab: ClusterLab) -> None:
+        self.lab, self.seen = lab, []
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._listen, daemon=True)
+
+    def __enter__(self) -> GarpListener:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_flag.set()
+        self.thread.join(timeout=5)
+
+    def announced_since(self, since: float) -> bool:
+        return any(when >= since and mac == GUEST_MAC for mac, when in self.seen)
+
+    def _listen(self) -> None:
+        with self.lab.in_client():
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+        s.settimeout(0.1)
+        guest = socket.inet_aton(GUEST_IP)
+        with s:
+            while not self.stop_flag.is_set():
+                try:
+                    frame = s.recv(128)
+                except TimeoutError:
+                    continue
+                _op, sha, spa, _tha, tpa = struct.unpack_from("!6xH6s4s6s4s", frame, 14)
+                if spa == guest and tpa == guest:
+                    self.seen.append((sha.hex(":"), time.time()))
 
 
 class LabClients(Clients):

@@ -246,7 +246,7 @@ class LabClients(Clients):
     """kvload's clients, each thread inside the lab's client namespace."""
 
     def __init__(self, lab: ClusterLab, n: int) -> None:
-        super().__init__(GUEST, n)
+        super().__init__(GUEST, n, patience_s=120)    # fencing + promotion on a loaded box
         self.lab = lab
 
     def _run(self, n: int) -> None:

@@ -85,7 +85,7 @@ class ClusterLab:
     """`with ClusterLab(...) as lab:` a booted cluster with fencing configured."""
 
     def __init__(self, nodes: int = 2, token_ms: int | None = None, dc_deadtime: str = "5s",
-                 reboot_s: float = 8.0, extra_private: tuple[str, ...] = ()) -> None:
+                 reboot_s: float = 20.0, extra_private: tuple[str, ...] = ()) -> None:
         self.tag = f"kl{uuid.uuid4().hex[:6]}"
         self.token_ms = token_ms or int(os.environ.get("KEMARI_LAB_TOKEN_MS", "2000"))
         self.dc_deadtime = dc_deadtime

@@ -83,6 +83,7 @@ def test_the_disk_survives_a_power_off_and_ram_does_not(cluster):
     since = time.time()
     cluster.exec("node1", "stonith_admin", "--reboot", node, "--timeout", "60")
     assert cluster.fenced(node, since)
+    cluster.wait(lambda: cluster.running(node), 60, f"{node} booting again")
     cluster.wait_online(timeout=90, on="node1")
     assert cluster.exec(node, "cat", "/var/lib/kemari/kept").stdout == "disk\n"
     assert cluster.exec(node, "test", "-e", "/run/gone", check=False).returncode != 0

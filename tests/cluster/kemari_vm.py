@@ -5,6 +5,7 @@ Used by the scenario tests and the failover benchmark."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import re
@@ -78,18 +79,24 @@ def source_digest() -> str:
 def staged_install() -> Path:
     """`make install DESTDIR=...` of this source, cached under /var/cache/kemari-test."""
     stage = CACHE / source_digest()
-    if (stage / "done").exists():
-        return stage
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:       # one build at a time (tests, bench)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (stage / "done").exists():
+            _build_stage(stage)
+    return stage
+
+
+def _build_stage(stage: Path) -> None:
     shutil.rmtree(stage, ignore_errors=True)
     r = subprocess.run(["make", "-C", str(REPO), "install", f"DESTDIR={stage}",
                         "SBINDIR=/usr/local/sbin"], capture_output=True, text=True, timeout=1200)
     if r.returncode != 0:
         raise LabError(f"make install DESTDIR={stage}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
     for old in CACHE.iterdir():                  # keep only the current version
-        if old != stage:
+        if old != stage and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     (stage / "done").touch()
-    return stage
 
 
 class KemariVm:

@@ -231,7 +231,10 @@ class ClusterLab:
         return bool(labnode.node_pids(self.lab(), name))
 
     def init_pid(self, name: str) -> int:
-        return int((self.base / "nodes" / name / "init.pid").read_text())
+        try:
+            return int((self.base / "nodes" / name / "init.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            raise LabError(f"node {name} is booting (no init yet)") from None
 
     def disk(self, name: str) -> Path:
         return self.base / "nodes" / name / "root"

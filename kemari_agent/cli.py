@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import paths
@@ -25,9 +26,22 @@ def _get_status(name: str) -> dict:
     try:
         reply = request(paths.socket_path(name), "status", timeout=10)
     except NotRunning:
-        reply = {"name": name, "pid": None, "role": "stopped", "state": "stopped"}
+        reply = {"name": name, "pid": None, "role": "stopped", "state": "stopped",
+                 **_stopped_promotability(name)}
     reply.pop("ok", None)
     return reply
+
+
+def _stopped_promotability(name: str) -> dict:
+    """What the node's state file says, so a cluster agent can score a stopped node."""
+    from .replication.state_store import StateFileCorrupt, StateStore
+    try:
+        state = StateStore(paths.state_dir() / name).load()
+    except (StateFileCorrupt, OSError) as exc:
+        return {"promotable": False, "promote_blocker": f"state file unreadable: {exc}"}
+    return {"generation": state.generation, "checkpoint_seq": state.checkpoint_seq,
+            "has_checkpoint": False, "consistent": state.consistent,
+            "outdated": state.outdated, "promotable": False, "promote_blocker": "not running"}
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -63,12 +77,48 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if reply["role"] != "stopped" else 3
 
 
+STOP_WAIT_S = 60
+
+
 def _stop(args: argparse.Namespace) -> int:
+    """Returns once the daemon is gone (a cluster may start it again at once)."""
+    sock = paths.socket_path(args.name)
+    pid = None
     try:
-        request(paths.socket_path(args.name), "stop", timeout=30)
+        pid = request(sock, "status", timeout=10).get("pid")
+        request(sock, "stop", timeout=30)
     except NotRunning:
         print(f"{args.name}: not running")
+        return 0
+    except KemariError:
+        # the daemon may exit before its answer to `stop` is out: judged by its pid below
+        pid = pid or _pid_of(args.name)
+        if pid is None:
+            raise
+    end = time.monotonic() + STOP_WAIT_S
+    while _alive(pid):
+        if time.monotonic() > end:
+            raise KemariError(f"{args.name}: daemon pid {pid} still running "
+                              f"{STOP_WAIT_S} s after stop")
+        time.sleep(0.05)
     return 0
+
+
+def _pid_of(name: str) -> int | None:
+    try:
+        return int(paths.pid_path(name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    """True while process `pid` runs (a zombie waiting for its parent counts as gone)."""
+    if not pid:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _save(args: argparse.Namespace) -> int:
@@ -109,7 +159,10 @@ def _start(args: argparse.Namespace) -> int:
 
 def _role_change(verb: str):
     def run(args: argparse.Namespace) -> int:
-        reply = request(paths.socket_path(args.name), verb, timeout=150)
+        extra = {"force": True} if getattr(args, "force", False) else {}
+        reply = request(paths.socket_path(args.name), verb, timeout=150, **extra)
+        if verb == "promote" and reply.get("activation"):
+            print(f"{args.name}: {reply['activation']}")
         print(f"{args.name}: {reply['role']}, {reply['state']} (generation {reply['generation']})")
         return 0
     return run
@@ -179,6 +232,10 @@ def parser() -> argparse.ArgumentParser:
                        ("demote", "primary -> secondary (final sync + hand-over)")):
         v = sub.add_parser(verb, help=text)
         v.add_argument("name")
+        if verb == "promote":
+            v.add_argument("--force", action="store_true",
+                           help="promote even an inconsistent or outdated node: DATA-LOSING "
+                                "(resumes a mixed or older state)")
         v.set_defaults(func=_role_change(verb))
 
     pe = sub.add_parser("peer", help="show or set where the primary sends checkpoints")

@@ -18,7 +18,8 @@ from pathlib import Path
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0)
 ROLES = ("primary", "secondary", "stopped")
-STATES = ("running", "syncing", "synced", "standalone", "suspended", "failed", "stopped")
+STATES = ("running", "syncing", "resyncing", "synced", "standalone", "suspended", "failed",
+          "stopped")
 
 
 class LatencyWindow(collections.deque):

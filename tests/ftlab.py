@@ -200,12 +200,13 @@ class FakePrimary:
     """Speaks the stream over a real authenticated channel, with a fake guest memory."""
 
     def __init__(self, lab: FtLab, memory: bytearray, seq: int = 0, full: bool = True,
-                 generation: int = 7) -> None:
+                 generation: int = 7, **primary_kw) -> None:
         port = int(lab.secondary.config.read_text().split('listen = "127.0.0.1:')[1][:5]
                    .rstrip('"\n'))
         self.ch = transport.connect(str(lab.key), "127.0.0.1", port)
         self.sm = Primary(name=lab.name, memory_size=MEM, generation=generation,
-                          checkpoint_seq=seq, now=time.monotonic(), force_full_sync=full)
+                          checkpoint_seq=seq, now=time.monotonic(), force_full_sync=full,
+                          **primary_kw)
         self.memory = memory
         self.pump(lambda: self.sm.state is not PrimaryState.HANDSHAKE)
 

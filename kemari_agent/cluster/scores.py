@@ -64,8 +64,8 @@ def verdict(status: dict, newest_generation: int = 0) -> Verdict:
     percent = _sync_percent(status)
     syncing = f"syncing {percent}%" if percent is not None else "syncing"
     if role == "primary":
-        sync = {"synced": "synced", "syncing": syncing, "suspended": "suspended"}.get(
-            state, "disconnected")
+        sync = {"synced": "synced", "syncing": syncing, "resyncing": syncing,
+                "suspended": "suspended"}.get(state, "disconnected")
         return Verdict(SCORE_PRIMARY, sync, f"primary, {state}")
     blocker = _blocker(status, newest_generation)
     if blocker is not None:
@@ -75,6 +75,9 @@ def verdict(status: dict, newest_generation: int = 0) -> Verdict:
     if state == "synced" and status.get("has_checkpoint", True):
         return Verdict(SCORE_SYNCED, "synced", "in sync with the primary")
     if status.get("has_checkpoint"):
+        # a resync stages beside the last checkpoint, which stays whole and promotable
+        if state in ("syncing", "resyncing"):
+            return Verdict(SCORE_CONSISTENT, syncing, "consistent checkpoint, resyncing")
         return Verdict(SCORE_CONSISTENT, "disconnected",
                        "consistent checkpoint, no primary connected")
     return Verdict(SCORE_NO_STATE, "disconnected", "no checkpoint: promotion cold-boots")

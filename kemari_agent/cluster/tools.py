@@ -39,8 +39,13 @@ def local_node() -> str:
 
 def corosync_nodes() -> dict[str, str]:
     """Node name -> ring0 address from the running corosync's nodelist."""
+    return parse_nodelist(run(["corosync-cmapctl", "nodelist."]))
+
+
+def parse_nodelist(text: str) -> dict[str, str]:
+    """`corosync-cmapctl nodelist.` output -> {name: ring0_addr}."""
     fields: dict[str, dict[str, str]] = {}
-    for line in run(["corosync-cmapctl", "nodelist."]).splitlines():
+    for line in text.splitlines():
         # nodelist.node.0.ring0_addr (str) = 10.213.0.11
         key, sep, value = line.partition(" = ")
         parts = key.split(" ")[0].split(".")

@@ -65,6 +65,8 @@ class Daemon:
             target = {"promote": "primary", "demote": "secondary", "stop": "stopped"}[cmd]
             if self.role == target:
                 return {"ok": True, **self.status()}
+            if cmd == "promote":
+                self._check_promotable(force=req.get("force") is True)
             with self._done:
                 seen = self._transitions
                 self._request(cmd)
@@ -87,6 +89,21 @@ class Daemon:
             self.protector.config = self.config
         log.info("%s: peer is now %s", self.config.name, address or "none")
     _transitions = 0
+    _forced: str | None = None        # the blocker a `promote --force` overrode
+    _activation: str | None = None    # how the last promotion started the guest
+
+    def _check_promotable(self, force: bool) -> None:
+        receiver = self.receiver
+        blocker = receiver.promote_blocker() if receiver is not None else None
+        if blocker is None:
+            self._forced = None
+            return
+        if not force:
+            raise KemariError(f"{self.config.name}: refusing to promote: {blocker}. "
+                              f"`kemari promote --force {self.config.name}` overrides this "
+                              "and loses whatever the newer state held")
+        log.warning("%s: promotion forced past: %s", self.config.name, blocker)
+        self._forced = blocker
 
     def _checkpoint_digest(self) -> dict:
         """SHA-256 of guest memory: on the primary after a forced checkpoint, on the
@@ -115,10 +132,17 @@ class Daemon:
                 "latency_us": {"p50": None, "p99": None},
                 "replication_mode": self.config.replication.mode,
                 "replication_peer": _address(self.config.replication.peer),
-                "replication_listen": _address(self.config.replication.listen)}
+                "replication_listen": _address(self.config.replication.listen),
+                "has_checkpoint": False, "consistent": self.node.consistent,
+                "outdated": self.node.outdated, "promotable": False,
+                "promote_blocker": "not running"}
         if self.role == "primary" and self.protector is not None:
             base.update(self.protector.status())
             base["checkpoint_seq"] = self.protector.last_seq
+            # The running guest is the newest state there is.
+            base.update(has_checkpoint=self.protector.was_protected, consistent=True,
+                        outdated=False, promotable=True, promote_blocker=None,
+                        activation=self._activation)
             if self.vmm is not None:
                 base["vm"] = self.vmm.stats()
                 base["console_tail"] = self.vmm.console.tail(5)
@@ -206,6 +230,7 @@ class Daemon:
         receiver = self.receiver
         failover = receiver.has_checkpoint
         blobs = receiver.checkpoint_state() if failover else None
+        activation = self._describe_activation(failover)
         disk_fd = receiver.sink.disk_fd
         receiver.close()
         self.receiver = None
@@ -219,6 +244,7 @@ class Daemon:
         else:
             vmm.cold_boot()
         generation = self.node.new_generation()
+        self._activation = activation
         self._failover_ms = round((time.perf_counter() - t0) * 1000, 2)
         self.vmm = vmm
         self.protector = Protector(vmm, self.config, self.node)
@@ -227,8 +253,23 @@ class Daemon:
         self.protector.start()
         self.role = "primary"
         log.info("%s: primary (generation %d): %s in %.1f ms", self.config.name, generation,
-                 "resumed from the last checkpoint" if failover else "cold boot",
-                 self._failover_ms)
+                 activation, self._failover_ms)
+
+    def _describe_activation(self, failover: bool) -> str:
+        node, disk = self.node, self.config.disk
+        if failover:
+            text = (f"resumed from checkpoint {node.checkpoint_seq} of generation "
+                    f"{node.generation}")
+        elif disk is not None and disk.mode == "replicated":
+            text = ("cold boot: no checkpoint in memory; the replicated disk is consistent "
+                    f"(its last checkpoint: {node.checkpoint_seq} of generation "
+                    f"{node.generation})")
+        else:
+            text = "cold boot: no checkpoint in memory"
+        if self._forced:
+            text = f"FORCED past '{self._forced}': {text}"
+            self._forced = None
+        return text
 
     def _demote(self) -> None:
         """The loop has stopped the guest; hand over if a peer is in sync."""

@@ -3,11 +3,13 @@ its sans-I/O state machine (Primary or Secondary)."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import time
 from collections.abc import Callable
 
-from ..replication.errors import StreamError, TransportError
+from ..replication.codec import encode_error
+from ..replication.errors import PeerError, StreamError, TransportError
 from ..replication.events import Event
 from ..replication.transport import Channel, TransportTimeout
 
@@ -50,6 +52,9 @@ class Link:
         try:
             events = self.sm.receive_data(data, time.monotonic())
         except StreamError as exc:
+            if not isinstance(exc, PeerError):     # tell the peer why (both sides log it)
+                with contextlib.suppress(TransportError):
+                    self.channel.send_all(encode_error(exc))
             raise SessionLost(f"{type(exc).__name__}: {exc}") from exc
         if flush:
             self.flush()

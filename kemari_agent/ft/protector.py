@@ -12,6 +12,11 @@
   checkpoint covering it is acknowledged (Remus).
 * Losing the peer: `continue` runs on unprotected and reconnects;
   `suspend` keeps the guest stopped until a new secondary is in sync.
+* Reconnecting: dirty-page tracking never stops and written disk sectors are
+  noted while disconnected, so when the secondary still holds a checkpoint of
+  this generation that we sent, one staged checkpoint of what changed since
+  (a resync) re-protects the guest; a full sync only when that cannot be
+  bounded (a new generation, a restarted secondary, too much disk written).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .faults import Faults
 from .fence_peer import PeerFence
 from .link import Link, SessionLost
 from .node import Node
+from .settings import pair_settings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,9 @@ DEVICE_BLOB_VERSION = 1
 SYNC_BATCH_PAGES = 512
 DISK_CHUNK_SECTORS = 128      # 64 KiB per DISK_WRITE record in a full sync
 RECONNECT_S = 0.5
+# The secondary stages a resync in memory beside the guest (STAGING_SLACK on top
+# of guest RAM); more disk than this written while disconnected means a full sync.
+RESYNC_DISK_LIMIT = 48 << 20
 
 
 class Protector:
@@ -73,7 +82,15 @@ class Protector:
         self._next_epoch = time.monotonic() + self.epoch_s
         self._last_full_vcpu = 0.0
         self._last_device_version: tuple[int, ...] | None = None
-        self._disk_dirty: set[int] | None = None     # disk chunks written during a sync
+        self._disk_dirty: set[int] | None = None     # chunks written during a sync or a gap
+        # Resync bookkeeping: dirty tracking is continuous since checkpoint
+        # _tracking_since (None: not since anything a secondary could hold); what
+        # checkpoints after _acked_seq carried is kept until one is acknowledged.
+        self._tracking_since: int | None = None
+        self._acked_seq = 0
+        self._unacked: dict[int, tuple[list[int], set[int]]] = {}
+        self._unprotected = False     # output went out that no checkpoint covers
+        self.settings = pair_settings(config)
         self._held_frames: list[tuple[int, list[bytes]]] = []   # epoch mode: (seq, frames)
         self.faults = Faults()
         self.peer_fence = PeerFence(config.name, config.policy.fence_peer_handler,
@@ -132,33 +149,75 @@ class Protector:
                 continue
             self.peer = f"{repl.peer[0]}:{repl.peer[1]}"
             try:
-                self._full_sync(channel)
+                self._sync(channel)
             except (SessionLost, TransportError) as exc:
-                self.last_error = f"full sync failed: {exc}"
+                self.last_error = f"{self._phase()} failed: {exc}"
                 log.warning("%s: %s", self.config.name, self.last_error)
                 channel.close()
                 self.state = "standalone"
                 self._closing.wait(RECONNECT_S)
             except Exception as exc:   # a bug must not end protection for good
-                self.last_error = f"full sync failed: {exc!r}"
-                log.exception("%s: full sync failed", self.config.name)
+                self.last_error = f"{self._phase()} failed: {exc!r}"
+                log.exception("%s: %s failed", self.config.name, self._phase())
                 channel.close()
                 self.state = "standalone"
                 self._closing.wait(RECONNECT_S)
 
-    def _full_sync(self, channel) -> None:
+    def _phase(self) -> str:
+        return {"syncing": "full sync", "resyncing": "resync"}.get(self.state, "handshake")
+
+    def _sync(self, channel) -> None:
         now = time.monotonic()
+        resync_from, blocker = self._resync_bases()
         sm = Primary(name=self.config.name, memory_size=self.machine.mem_bytes,
                      generation=self.node.generation, checkpoint_seq=self.last_seq, now=now,
                      heartbeat_interval=self.heartbeat_s, peer_timeout=self.timeout_s,
-                     force_full_sync=True)
+                     force_full_sync=True, config=self.settings, resync_from=resync_from,
+                     unprotected=self._unprotected)
         link = Link(channel, sm, self.timeout_s)
         link.flush()
         link.wait_for(lambda: sm.state is not PrimaryState.HANDSHAKE, self.timeout_s)
+        if sm.state is PrimaryState.RESYNCING:
+            self._resync(link)
+            return
         if sm.state is not PrimaryState.SYNCING:
             raise SessionLost(f"the peer did not accept a full sync (state {sm.state.value})")
+        reason = sm.full_sync_reason
+        if blocker and reason and reason.startswith("changes since"):
+            reason = blocker
+        self._full_sync(link, reason or "unknown")
+
+    def _resync_bases(self) -> tuple[range, str | None]:
+        """Checkpoints a secondary may hold for a resync to cover the gap, or why none."""
+        if self._tracking_since is None:
+            return range(0), "no checkpoint of this generation was sent since dirty tracking began"
+        unacked = list(self._unacked.values())      # the loop thread may change the dict
+        chunks = len(self._disk_dirty or ()) + sum(len(c) for _p, c in unacked)
+        if chunks * DISK_CHUNK_SECTORS * 512 > RESYNC_DISK_LIMIT:
+            return range(0), (f"{chunks * DISK_CHUNK_SECTORS // 2048} MiB of disk written "
+                              f"while disconnected exceeds the resync limit of "
+                              f"{RESYNC_DISK_LIMIT >> 20} MiB")
+        return range(max(self._acked_seq, self._tracking_since), self.last_seq + 1), None
+
+    def _resync(self, link: Link) -> None:
+        """Connector thread: one staged checkpoint of everything since the peer's."""
+        self.state = "resyncing"
+        base = link.sm.resync_base
+        log.info("%s: resync to %s from its checkpoint %d", self.config.name, self.peer, base)
+        started = time.monotonic()
+        pages = self.vmm.call_in_loop(lambda: self._finish_sync(link, []), timeout=60)
+        elapsed = time.monotonic() - started
+        self.last_sync = {"kind": "resync", "from_checkpoint": base,
+                          "seconds": round(elapsed, 4), "rounds": 0, "pages": pages,
+                          "bytes": link.sm.bytes_sent, "memory_bytes": self.machine.mem_bytes,
+                          "reason": None}
+        log.info("%s: resynced %s in %.3f s (%d pages, %d bytes from checkpoint %d): protected",
+                 self.config.name, self.peer, elapsed, pages, link.sm.bytes_sent, base)
+
+    def _full_sync(self, link: Link, reason: str) -> None:
+        sm = link.sm
         self.state = "syncing"
-        log.info("%s: full sync to %s started", self.config.name, self.peer)
+        log.info("%s: full sync to %s started (%s)", self.config.name, self.peer, reason)
         started = time.monotonic()
         # Restarting the log makes every page dirty: round 0 sends all memory.
         self.vmm.call_in_loop(self._restart_dirty_log)
@@ -181,14 +240,16 @@ class Protector:
         leftover = pfns
         self.vmm.call_in_loop(lambda: self._finish_sync(link, leftover), timeout=60)
         elapsed = time.monotonic() - started
-        self.last_sync = {"seconds": round(elapsed, 4), "rounds": sm.sync_round,
+        self.last_sync = {"kind": "full", "seconds": round(elapsed, 4), "rounds": sm.sync_round,
                           "pages": sm.sync_pages_sent, "bytes": sm.bytes_sent,
-                          "memory_bytes": self.machine.mem_bytes}
+                          "memory_bytes": self.machine.mem_bytes, "reason": reason}
         log.info("%s: in sync with %s after %.2f s (%d rounds, %d pages): protected",
                  self.config.name, self.peer, time.monotonic() - started, sm.sync_round,
                  sm.sync_pages_sent)
 
     def _restart_dirty_log(self) -> None:
+        self._tracking_since = None          # what a secondary held is now unbounded
+        self._unacked.clear()
         if self.machine.tracking_dirty:
             self.machine.stop_dirty_tracking()
         self.machine.start_dirty_tracking()
@@ -197,7 +258,8 @@ class Protector:
             self.vmm.block.write_observer = self._note_disk_write
 
     def _note_disk_write(self, sector: int, data: bytes) -> None:
-        """Loop thread, during a full sync: these sectors go again at its end."""
+        """Loop thread, during a full sync or while disconnected: these sectors go
+        again at the sync's end (or in the resync)."""
         if self._disk_dirty is not None:
             for chunk in range(sector // DISK_CHUNK_SECTORS,
                                (sector + len(data) // 512 - 1) // DISK_CHUNK_SECTORS + 1):
@@ -219,28 +281,51 @@ class Protector:
         count = min(DISK_CHUNK_SECTORS, block.sectors - sector)
         return DiskWrite(0, sector, os.pread(block.fd, count * 512, sector * 512))
 
-    def _finish_sync(self, link: Link, leftover: list[int]) -> None:
-        """Loop thread, vCPU stopped: the closing checkpoint, then tapped mode."""
-        pfns = sorted(set(leftover) | set(self.machine.harvest_dirty()))
+    def _finish_sync(self, link: Link, leftover: list[int]) -> int:
+        """Loop thread, vCPU stopped: the closing checkpoint of a full sync, or a
+        resync's only one; then tapped mode. Returns how many pages it held."""
+        pfns = set(leftover) | set(self.machine.harvest_dirty())
+        chunks = set(self._disk_dirty or ())
+        for old_pfns, old_chunks in self._unacked.values():   # the peer may lack them
+            pfns.update(old_pfns)
+            chunks.update(old_chunks)
         records = self._state_records(full=True)
         if self._disk_dirty is not None:
-            records += [self._disk_chunk(c) for c in sorted(self._disk_dirty)]
-            self._disk_dirty = None
-            self.vmm.block.write_observer = None
-        seq = link.sm.checkpoint(self.machine.mem, pfns, records,
+            records += [self._disk_chunk(c) for c in sorted(chunks)]
+        pfns_sorted = sorted(pfns)
+        seq = link.sm.checkpoint(self.machine.mem, pfns_sorted, records,
                                  now=time.monotonic(), detect_zero=True)
+        self._sent(seq, pfns_sorted, records)
+        if self._tracking_since is None:
+            self._tracking_since = seq        # dirty tracking is continuous from here
         link.flush()
         link.wait_for(lambda: link.sm.is_acked(seq), self.timeout_s)
-        self.last_seq = seq
+        self._acked(seq)
+        if self._disk_dirty is not None:     # kept until now: a failed sync resends them
+            self._disk_dirty = None
+            self.vmm.block.write_observer = None
         self.last_checkpoint_at = time.monotonic()
         self.link = link
         self.state = "synced"
         self.was_protected = True
+        self._unprotected = False
         self.sync_progress = None
         self.last_error = None
         self._next_epoch = time.monotonic() + self.epoch_s
         self._synced.set()
         self.peer_fence.peer_in_sync(self.peer)
+        return len(pfns_sorted)
+
+    def _sent(self, seq: int, pfns: list[int], records: list) -> None:
+        """Checkpoint `seq` left: until it is acknowledged, a resync resends its contents."""
+        self.last_seq = seq
+        self._unacked[seq] = (pfns, {w.sector // DISK_CHUNK_SECTORS for w in records
+                                     if isinstance(w, DiskWrite)})
+
+    def _acked(self, seq: int) -> None:
+        self._acked_seq = seq
+        for old in [s for s in self._unacked if s <= seq]:
+            del self._unacked[old]
 
     # ---- checkpoints (loop thread) --------------------------------------------------
     def _state_records(self, full: bool = False) -> list:
@@ -266,8 +351,9 @@ class Protector:
         assert link is not None
         t0 = time.perf_counter()
         pfns = self.machine.harvest_dirty()
-        seq = link.sm.checkpoint(self.machine.mem, pfns, self._state_records(),
-                                 now=time.monotonic())
+        records = self._state_records()
+        seq = link.sm.checkpoint(self.machine.mem, pfns, records, now=time.monotonic())
+        self._sent(seq, pfns, records)
         if self.faults.due("mid-send"):
             data = link.sm.data_to_send()
             link.channel.send_all(data[: len(data) // 2])
@@ -277,10 +363,10 @@ class Protector:
             self._check_peer_events(
                 link.wait_for(lambda: link.sm.is_acked(seq), self.timeout_s))
             self.latencies.append(time.perf_counter() - t0)
+            self._acked(seq)
             if self.faults.due("after-ack"):
                 self.faults.die()
             self.node.record(self.node.generation, seq)
-        self.last_seq = seq
         self.checkpoints += 1
         self.last_checkpoint_at = time.monotonic()
         return seq
@@ -352,8 +438,10 @@ class Protector:
                 raise SessionLost(f"peer silent for {ev.silent_for:.1f} s")
             if isinstance(ev, PeerGoodbye):
                 raise SessionLost("the secondary said goodbye")
-            if isinstance(ev, Acked) and self.epoch_mode:
-                self.latencies.append(ev.rtt)
+            if isinstance(ev, Acked):
+                self._acked(ev.seq)
+                if self.epoch_mode:
+                    self.latencies.append(ev.rtt)
 
     def _lost(self, reason: str) -> None:
         log.warning("%s: lost the secondary (%s); %s", self.config.name, reason,
@@ -368,6 +456,10 @@ class Protector:
         self.peer = None
         if not self.suspend_on_loss:
             self.peer_fence.before_unprotected_output(self)
+        self._unprotected = self._unprotected or not self.suspend_on_loss
+        if self.replicated_disk and self.vmm.block is not None and self._disk_dirty is None:
+            self._disk_dirty = set()          # a resync sends what is written meanwhile
+            self.vmm.block.write_observer = self._note_disk_write
         if self.epoch_mode and not self.suspend_on_loss:
             for _seq, frames in self._held_frames:   # unprotected now: let output go
                 for f in frames:

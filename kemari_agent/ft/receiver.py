@@ -20,7 +20,7 @@ from ..config import VmConfig
 from ..errors import KemariError
 from ..kvm.machine import Machine
 from ..replication import transport
-from ..replication.codec import GoodbyeReason
+from ..replication.codec import GoodbyeReason, HelloFlag
 from ..replication.errors import AuthenticationError, TransportError
 from ..replication.events import (
     Committed,
@@ -36,6 +36,7 @@ from ..replication.secondary import Secondary
 from .link import Link, SessionLost
 from .node import Node
 from .protector import VCPU_FAST, VCPU_FULL
+from .settings import pair_settings
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,11 @@ class Receiver:
         self.sync_progress: dict | None = None
         self.rejections: list[str] = []
         self.handed_over = False
+        self.settings = pair_settings(config)
+        if disk_fd is None and not node.consistent:
+            # Only a replicated disk keeps a half-done full sync across a restart;
+            # guest RAM starts empty, so there is no mix left to refuse.
+            node.mark(consistent=True)
 
     def status(self) -> dict:
         age = None
@@ -124,7 +130,24 @@ class Receiver:
                 "bytes_sent": 0, "latency_us": {"p50": None, "p99": None},
                 "sync": self.sync_progress,
                 "last_error": self.rejections[-1] if self.rejections else None,
-                "recent_errors": self.rejections[-5:]}
+                "recent_errors": self.rejections[-5:],
+                "consistent": self.node.consistent, "outdated": self.node.outdated,
+                "promotable": self.promote_blocker() is None,
+                "promote_blocker": self.promote_blocker()}
+
+    def promote_blocker(self) -> str | None:
+        """Why promoting this node would resume a state that is not the guest's last
+        (docs/operations.md, "Promotion states"); None when it may be promoted."""
+        if not self.node.consistent:
+            what = "guest memory and the replicated disk hold" if self.sink.disk_fd is not None \
+                else "guest memory holds"
+            when = "is in progress" if self.state == "syncing" else "did not complete"
+            return f"inconsistent: a full sync {when}, {what} a mix of two states"
+        if self.node.outdated:
+            return ("outdated: the primary went on without this node (a newer generation, "
+                    "or output it let go unprotected); its last checkpoint is not the "
+                    "guest's latest state")
+        return None
 
     def checkpoint_state(self) -> tuple[list[bytes], bytes]:
         """The last applied checkpoint's vCPU blobs (to load in order) and device state."""
@@ -185,7 +208,8 @@ class Receiver:
                        checkpoint_seq=self.node.checkpoint_seq,
                        has_checkpoint=self.has_checkpoint, now=time.monotonic(),
                        heartbeat_interval=repl.heartbeat_ms / 1000,
-                       peer_timeout=repl.peer_timeout_ms / 1000)
+                       peer_timeout=repl.peer_timeout_ms / 1000,
+                       config=self.settings, outdated=self.node.outdated)
         self.link = Link(channel, sm, repl.peer_timeout_ms / 1000)
         self.peer = f"{channel.peer[0]}:{channel.peer[1]}"
         self.handed_over = False
@@ -197,11 +221,19 @@ class Receiver:
     def _handle(self, events: list) -> None:
         for ev in events:
             if isinstance(ev, PeerHello):
-                self.state = "syncing" if ev.full_sync else "synced"
+                resync = bool(ev.hello.flags & HelloFlag.RESYNC)
+                self.state = "syncing" if ev.full_sync else "resyncing" if resync else "synced"
+                self._persist_promotability()
                 if ev.full_sync:
                     self.has_checkpoint = False
                     log.info("%s: full sync from %s (generation %d)", self.config.name,
                              self.peer, ev.hello.generation)
+                elif resync:
+                    log.info("%s: resync from %s: changes since checkpoint %d, staged; this "
+                             "node keeps that checkpoint until the resync commits%s",
+                             self.config.name, self.peer, self.node.checkpoint_seq,
+                             " (outdated meanwhile: the primary ran on unprotected)"
+                             if self.node.outdated else "")
             elif isinstance(ev, SyncProgressed):
                 self.sync_progress = {"round": ev.round, "pages_sent": ev.pages_sent,
                                       "pages_remaining": ev.pages_remaining}
@@ -210,6 +242,7 @@ class Receiver:
                 self.checkpoints += 1
                 self.last_commit_at = time.monotonic()
                 self.node.record(ev.generation, ev.seq)
+                self._persist_promotability()
             elif isinstance(ev, SyncComplete):
                 self.state = "synced"
                 self.sync_progress = None
@@ -223,6 +256,13 @@ class Receiver:
                 self._drop(f"the primary said goodbye (reason {ev.reason})")
             elif isinstance(ev, PeerDead):
                 raise SessionLost(f"primary silent for {ev.silent_for:.1f} s")
+
+    def _persist_promotability(self) -> None:
+        """Before the ACK leaves: a restart must not forget a half-done full sync or
+        that the peer went on without this node."""
+        sm = self.link.sm
+        if (sm.consistent, sm.outdated) != (self.node.consistent, self.node.outdated):
+            self.node.mark(consistent=sm.consistent, outdated=sm.outdated)
 
     def _reject(self, reason: str) -> None:
         log.warning("%s: %s", self.config.name, reason)

@@ -13,10 +13,15 @@ Driving it (the daemon's job; `now` is time.monotonic()):
                                       now=now)
                    ch.send_all(p.data_to_send()); resume nothing until p.is_acked(seq)
                on a timer: events += p.poll(now); ch.send_all(p.data_to_send())
+               reconnecting: Primary(..., resync_from=checkpoints the driver can cover,
+                   unprotected=output went out uncovered, config=pair settings); in
+                   state RESYNCING the first checkpoint() is the resync (pages dirtied and
+                   sectors written since p.resync_base); else p.full_sync_reason says why
 
     secondary: ch = listener.accept()
                s = Secondary(sink, name=, memory_size=, generation=, checkpoint_seq=,
-                             has_checkpoint=, now=)
+                             has_checkpoint=, now=, config=, outdated=)
+               s.consistent / s.outdated: persist them (promotion decisions)
                ch.send_all(s.data_to_send())             # its HELLO
                per recv: events = s.receive_data(data, now); ch.send_all(s.data_to_send())
                on EOF/transport error: events = s.connection_lost()

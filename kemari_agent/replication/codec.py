@@ -11,6 +11,7 @@ guest image with one copy on the receive side.
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from collections import deque
@@ -29,7 +30,8 @@ from .errors import (
     UnsupportedVersion,
 )
 
-VERSION = 1
+VERSION = 2          # what this node sends (a primary answers in its peer's version)
+MIN_VERSION = 1      # the oldest version it still speaks
 MAGIC = b"KEMARIRS"
 PAGE_SIZE = 4096
 SECTOR_SIZE = 512
@@ -77,6 +79,12 @@ class HelloFlag(IntFlag):
     FULL_SYNC = 0x01
     # Secondary: it holds a complete checkpoint (generation, checkpoint_seq).
     HAVE_CHECKPOINT = 0x02
+    # Primary (version 2): the first checkpoint holds only what changed since the
+    # secondary's checkpoint (a resync), staged and applied whole like any other.
+    RESYNC = 0x04
+    # Primary (version 2): it let output go that the secondary's checkpoint does not
+    # cover (it ran unprotected): the secondary is outdated until its next commit.
+    UNPROTECTED = 0x08
 
 
 class Capability(IntFlag):
@@ -96,7 +104,10 @@ class GoodbyeReason(IntEnum):
 
 # Plain ints: inverting a one-member IntFlag gives 0 on Python 3.11.
 _RECORD_FLAGS = int(RecordFlag.SKIPPABLE)
-_HELLO_FLAGS = int(HelloFlag.FULL_SYNC | HelloFlag.HAVE_CHECKPOINT)
+_HELLO_FLAGS = {1: int(HelloFlag.FULL_SYNC | HelloFlag.HAVE_CHECKPOINT),
+                2: int(HelloFlag.FULL_SYNC | HelloFlag.HAVE_CHECKPOINT | HelloFlag.RESYNC
+                       | HelloFlag.UNPROTECTED)}
+MAX_HELLO_CONFIG = 4096
 
 
 def _pad(length: int) -> int:
@@ -108,6 +119,7 @@ _II = struct.Struct("<II")
 _IIQ = struct.Struct("<IIQ")
 _QQ = struct.Struct("<QQ")
 _HELLO = struct.Struct("<8sHBBIQQQQ")
+_HELLO_V2 = struct.Struct("<HHI")      # name length, config length, reserved
 _END = struct.Struct("<QQIIQII")
 _SYNC = struct.Struct("<IIQQ")
 
@@ -129,7 +141,10 @@ def _u32(value: int, what: str) -> None:
 
 @dataclass(frozen=True)
 class Hello:
-    """First record each way: who speaks, which VM, and how far its state goes."""
+    """First record each way: who speaks, which VM, and how far its state goes.
+
+    `config` (version 2) is the sender's replicated-VM settings that must match
+    the peer's (e.g. {"image": ..., "disk_mode": ...}), as text key -> text value."""
 
     TYPE: ClassVar[RecordType] = RecordType.HELLO
     name: str
@@ -141,6 +156,7 @@ class Hello:
     capabilities: int = int(DEFAULT_CAPABILITIES)
     version: int = VERSION
     page_size: int = PAGE_SIZE
+    config: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         raw = self.name.encode()
@@ -150,36 +166,76 @@ class Hello:
             _u64(getattr(self, what), what)
         if not 0 <= self.version < 1 << 16:
             raise ValueError("version out of range")
+        if self.version < 2 and self.config:
+            raise ValueError("a version-1 HELLO carries no config")
+        if len(self._config_bytes()) > MAX_HELLO_CONFIG:
+            raise ValueError(f"HELLO config longer than {MAX_HELLO_CONFIG} bytes")
+
+    def _config_bytes(self) -> bytes:
+        if not self.config:
+            return b""
+        return json.dumps(dict(self.config), sort_keys=True, separators=(",", ":")).encode()
 
     def body_parts(self) -> list[Buffer]:
         fixed = _HELLO.pack(
             MAGIC, self.version, int(self.role), int(self.flags), self.page_size,
             self.generation, self.checkpoint_seq, self.memory_size, self.capabilities,
         )
-        return [fixed, self.name.encode()]
+        name = self.name.encode()
+        if self.version < 2:
+            return [fixed, name]
+        config = self._config_bytes()
+        return [fixed, _HELLO_V2.pack(len(name), len(config), 0), name, config]
 
     @classmethod
     def from_body(cls, body: memoryview) -> Hello:
         if len(body) < 10 or bytes(body[:8]) != MAGIC:
             raise NotAKemariStream("HELLO without the Kemari magic: not a Kemari stream")
         (version,) = struct.unpack_from("<H", body, 8)
-        if version != VERSION:
+        if not MIN_VERSION <= version <= VERSION:
             raise UnsupportedVersion(
-                f"peer speaks replication stream version {version}, this node speaks {VERSION}"
+                f"peer speaks replication stream version {version}, this node speaks "
+                f"{MIN_VERSION} to {VERSION}"
             )
         _require(len(body) > _HELLO.size, "HELLO too short")
         _, _, role, flags, page_size, gen, seq, mem, caps = _HELLO.unpack_from(body)
         _require(role in (Role.PRIMARY, Role.SECONDARY), f"HELLO with unknown role {role}")
-        _require(flags & ~_HELLO_FLAGS == 0,
+        _require(flags & ~_HELLO_FLAGS[version] == 0,
                  f"HELLO with unknown flags {flags:#x}")
         _require(page_size == PAGE_SIZE, f"HELLO with page size {page_size}, expected 4096")
-        name_raw = bytes(body[_HELLO.size:])
-        _require(len(name_raw) <= MAX_NAME, "HELLO name too long")
+        config: tuple[tuple[str, str], ...] = ()
+        if version < 2:
+            name_raw = bytes(body[_HELLO.size:])
+        else:
+            _require(len(body) >= _HELLO.size + _HELLO_V2.size, "HELLO too short")
+            name_len, config_len, reserved = _HELLO_V2.unpack_from(body, _HELLO.size)
+            _require(reserved == 0, "HELLO reserved field not zero")
+            start = _HELLO.size + _HELLO_V2.size
+            _require(len(body) == start + name_len + config_len,
+                     "HELLO name and config lengths do not match its size")
+            _require(config_len <= MAX_HELLO_CONFIG, "HELLO config too long")
+            name_raw = bytes(body[start:start + name_len])
+            config = _parse_hello_config(bytes(body[start + name_len:]))
+        _require(0 < len(name_raw) <= MAX_NAME, "HELLO name empty or too long")
         try:
             name = name_raw.decode()
         except UnicodeDecodeError:
             raise MalformedRecord("HELLO name is not UTF-8") from None
-        return cls(name, Role(role), gen, seq, mem, HelloFlag(flags), caps, version, page_size)
+        return cls(name, Role(role), gen, seq, mem, HelloFlag(flags), caps, version, page_size,
+                   config)
+
+
+def _parse_hello_config(raw: bytes) -> tuple[tuple[str, str], ...]:
+    if not raw:
+        return ()
+    try:
+        doc = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise MalformedRecord("HELLO config is not UTF-8 JSON") from None
+    _require(isinstance(doc, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in doc.items()),
+             "HELLO config is not an object of strings")
+    return tuple(sorted(doc.items()))
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from enum import Enum
 
 from .codec import (
     DEFAULT_CAPABILITIES,
+    VERSION,
     Ack,
     Buffer,
     CheckpointEnd,
@@ -52,12 +53,27 @@ from .liveness import Liveness
 _END_SLOT = bytes(len(encode(CheckpointEnd(0, 0, 0, 0, 0, 0))))
 
 
+def config_mismatch(mine: Mapping[str, str], theirs: Mapping[str, str], me: str,
+                    peer: str) -> str | None:
+    """The first setting both sides announce with different values, as a message
+    naming the field; None when they agree (a field only one side sends is skipped)."""
+    for key in sorted(mine.keys() & theirs.keys()):
+        if mine[key] != theirs[key]:
+            return (f"config mismatch in {key}: {me} has {mine[key]!r}, "
+                    f"{peer} has {theirs[key]!r}")
+    return None
+
+
 class PrimaryState(Enum):
     HANDSHAKE = "handshake"  # waiting for the secondary's HELLO
     SYNCING = "syncing"  # full sync: pre-copy rounds, then the closing checkpoint
+    RESYNCING = "resyncing"  # one staged checkpoint of what changed since the peer's
     PROTECTED = "protected"  # event-tapped (or epoch) checkpoints
     CLOSED = "closed"  # GOODBYE sent or received
     FAILED = "failed"  # a StreamError was raised; close the connection
+
+
+_CHECKPOINT_STATES = (PrimaryState.SYNCING, PrimaryState.RESYNCING, PrimaryState.PROTECTED)
 
 
 class Primary:
@@ -78,7 +94,15 @@ class Primary:
         force_full_sync: bool = False,
         sync_stop_pages: int = 256,
         sync_max_rounds: int = 30,
+        config: Mapping[str, str] | None = None,
+        resync_from: Collection[int] = (),
+        unprotected: bool = False,
     ) -> None:
+        """`config`: settings the secondary's must equal (sent and compared at HELLO).
+        `resync_from`: checkpoints of this generation from which the driver can send
+        every change (dirty pages, written sectors) as one checkpoint instead of a
+        full sync. `unprotected`: output went out that no acknowledged checkpoint
+        covers (the secondary is told it is outdated until the next commit)."""
         self.name = name
         self.memory_size = memory_size
         self.generation = generation
@@ -87,6 +111,12 @@ class Primary:
         self.force_full_sync = force_full_sync
         self.sync_stop_pages = sync_stop_pages
         self.sync_max_rounds = sync_max_rounds
+        self.config = dict(config or {})
+        self.resync_from = frozenset(resync_from)
+        self.unprotected = unprotected
+        # Why this session is a full sync (None: it resumes or resyncs).
+        self.full_sync_reason: str | None = None
+        self.resync_base: int | None = None    # the peer's checkpoint a resync starts from
         self.state = PrimaryState.HANDSHAKE
         self.liveness = Liveness(now, heartbeat_interval, peer_timeout)
         self.peer: Hello | None = None
@@ -134,7 +164,7 @@ class Primary:
 
     def poll(self, now: float) -> list[Event]:
         """Queue a heartbeat if one is due; report a dead peer once per silence."""
-        if self.state in (PrimaryState.SYNCING, PrimaryState.PROTECTED) and \
+        if self.state in _CHECKPOINT_STATES and \
                 self.liveness.heartbeat_due(now):
             self._heartbeats += 1
             self._queue(encode_parts(Heartbeat(self._heartbeats, self.last_sent)), 1, 0, now)
@@ -160,12 +190,14 @@ class Primary:
 
         Called with the guest paused: the pages are copied here, so the guest
         may run again as soon as this returns. Returns the sequence number.
-        In SYNCING state this is the stop-and-copy checkpoint that ends the sync.
+        In SYNCING state this is the stop-and-copy checkpoint that ends the sync;
+        in RESYNCING state it is the resync (everything changed since the peer's
+        checkpoint), and the next one waits for its ACK.
         """
-        if self.state not in (PrimaryState.SYNCING, PrimaryState.PROTECTED):
+        if self.state not in _CHECKPOINT_STATES:
             raise RuntimeError(f"cannot checkpoint in state {self.state.value}")
-        if self.state is PrimaryState.SYNCING and self.sync_seq is not None:
-            raise RuntimeError("the full sync's closing checkpoint is not acknowledged yet")
+        if self.state is not PrimaryState.PROTECTED and self.sync_seq is not None:
+            raise RuntimeError("the sync's closing checkpoint is not acknowledged yet")
         if len(self.outstanding) >= self.max_outstanding:
             raise RuntimeError(f"{len(self.outstanding)} checkpoints already outstanding")
         parts, nrecords, npages = pages_parts(memory, pfns, detect_zero=detect_zero)
@@ -194,7 +226,7 @@ class Primary:
         self.last_sent = seq
         self.outstanding[seq] = now
         self.checkpoints_sent += 1
-        if self.state is PrimaryState.SYNCING:
+        if self.state is not PrimaryState.PROTECTED:
             self.sync_seq = seq
         return seq
 
@@ -299,8 +331,12 @@ class Primary:
         if hello.name != self.name:
             raise HandshakeError(f"peer replicates VM {hello.name!r}, this is {self.name!r}")
         if hello.memory_size != self.memory_size:
-            raise HandshakeError(f"peer expects {hello.memory_size} bytes of guest memory, "
-                                 f"this guest has {self.memory_size}")
+            raise HandshakeError(
+                f"config mismatch in memory_size: the secondary has {hello.memory_size} bytes "
+                f"of guest memory, this primary {self.memory_size}")
+        if mismatch := config_mismatch(self.config, dict(hello.config), "this primary",
+                                       "the secondary"):
+            raise HandshakeError(mismatch)
         has = bool(hello.flags & HelloFlag.HAVE_CHECKPOINT)
         if hello.generation > self.generation or (
                 has and hello.generation == self.generation
@@ -309,18 +345,43 @@ class Primary:
                 f"secondary holds newer state (generation {hello.generation}, checkpoint "
                 f"{hello.checkpoint_seq}) than this primary (generation {self.generation}, "
                 f"checkpoint {self.last_sent}): refusing to overwrite it")
-        resume = (has and not self.force_full_sync and hello.generation == self.generation
+        same = has and hello.generation == self.generation
+        version = min(hello.version, VERSION)
+        resync = version >= 2 and same and hello.checkpoint_seq in self.resync_from
+        resume = (not resync and same and not self.force_full_sync
                   and hello.checkpoint_seq == self.last_sent)
+        if not (resync or resume):
+            self.full_sync_reason = self._why_full_sync(hello, has, version)
         self.peer = hello
-        flags = HelloFlag(0) if resume else HelloFlag.FULL_SYNC
+        flags = HelloFlag(0) if resume else HelloFlag.RESYNC if resync else HelloFlag.FULL_SYNC
+        if self.unprotected and version >= 2:
+            flags |= HelloFlag.UNPROTECTED
         self._outbox.append(encode(Hello(self.name, Role.PRIMARY, self.generation,
                                          self.last_sent, self.memory_size, flags,
-                                         self.capabilities & hello.capabilities)))
+                                         self.capabilities & hello.capabilities, version,
+                                         config=tuple(sorted(self.config.items()))
+                                         if version >= 2 else ())))
         self.liveness.sent(now)
         if resume:  # the secondary holds everything up to last_sent
             self.last_acked = self.last_sent
-        self.state = PrimaryState.PROTECTED if resume else PrimaryState.SYNCING
-        events.append(PeerHello(hello, full_sync=not resume))
+        if resync:
+            self.resync_base = hello.checkpoint_seq
+        self.state = (PrimaryState.PROTECTED if resume else PrimaryState.RESYNCING if resync
+                      else PrimaryState.SYNCING)
+        events.append(PeerHello(hello, full_sync=not (resume or resync)))
+
+    def _why_full_sync(self, hello: Hello, has: bool, version: int) -> str:
+        if not has:
+            return "the secondary holds no checkpoint"
+        if hello.generation != self.generation:
+            return (f"the secondary holds generation {hello.generation}, "
+                    f"this primary is generation {self.generation}")
+        if version < 2:
+            return "the secondary speaks stream version 1 (no resync)"
+        if not self.resync_from:
+            return "changes since the secondary's checkpoint are not tracked"
+        return (f"the secondary holds checkpoint {hello.checkpoint_seq}; changes are tracked "
+                f"only since checkpoint {min(self.resync_from)}")
 
     def _on_ack(self, ack: Ack, now: float, events: list[Event]) -> None:
         if ack.generation != self.generation:
@@ -334,7 +395,7 @@ class Primary:
         sent_at = self.outstanding.pop(oldest)
         self.last_acked = ack.seq
         events.append(Acked(ack.seq, now - sent_at))
-        if self.sync_seq == ack.seq and self.state is PrimaryState.SYNCING:
+        if self.sync_seq == ack.seq and self.state is not PrimaryState.PROTECTED:
             self.state = PrimaryState.PROTECTED
             self.sync_seq = None
             events.append(SyncComplete(ack.seq))

@@ -10,6 +10,10 @@ The one exception is a full sync: there is no valid previous state to
 protect (the sink was told so by `begin_full_sync`), so pages are written
 through as they arrive and the image becomes valid only at the closing
 CHECKPOINT_END.
+
+A resync (HELLO flag RESYNC) is not such an exception: it is one ordinary,
+staged checkpoint holding everything that changed since this node's
+checkpoint, so the node stays consistent (and promotable) until it commits.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Protocol
 
@@ -66,6 +70,7 @@ from .events import (
     SyncProgressed,
 )
 from .liveness import Liveness
+from .primary import config_mismatch
 
 log = logging.getLogger("kemari.replication.secondary")
 
@@ -98,6 +103,7 @@ class CheckpointSink(Protocol):
 class SecondaryState(Enum):
     HANDSHAKE = "handshake"  # HELLO sent, waiting for the primary's
     SYNCING = "syncing"  # full sync in progress (image not valid)
+    RESYNCING = "resyncing"  # staging a resync; the previous checkpoint stays valid
     PROTECTED = "protected"  # applying event-tapped checkpoints
     CLOSED = "closed"  # GOODBYE received or connection lost
     FAILED = "failed"  # a StreamError was raised; close the connection
@@ -119,13 +125,23 @@ class Secondary:
         capabilities: int = int(DEFAULT_CAPABILITIES),
         heartbeat_interval: float = 0.5,
         peer_timeout: float = 3.0,
+        config: Mapping[str, str] | None = None,
+        outdated: bool = False,
     ) -> None:
+        """`config`: settings the primary's must equal (sent and compared at HELLO).
+        `outdated`: this node already knows its peer went on without it."""
         self.sink = sink
         self.name = name
         self.memory_size = memory_size
         self.generation = generation
         self.checkpoint_seq = checkpoint_seq
         self.has_checkpoint = has_checkpoint
+        self.config = dict(config or {})
+        # False while the sink holds a mix of two states (a full sync in progress).
+        self.consistent = True
+        # True once this node knows its primary went on past this node's checkpoint:
+        # a newer generation, or a primary that ran unprotected. Cleared by a commit.
+        self.outdated = outdated
         self.state = SecondaryState.HANDSHAKE
         self.liveness = Liveness(now, heartbeat_interval, peer_timeout)
         self.peer: Hello | None = None
@@ -142,7 +158,8 @@ class Secondary:
         self._reset_staging()
         flags = HelloFlag.HAVE_CHECKPOINT if has_checkpoint else HelloFlag(0)
         self._send(encode(Hello(name, Role.SECONDARY, generation, checkpoint_seq,
-                                memory_size, flags, capabilities)), now)
+                                memory_size, flags, capabilities,
+                                config=tuple(sorted(self.config.items())))), now)
 
     # -- driver interface -------------------------------------------------
 
@@ -259,8 +276,12 @@ class Secondary:
         if hello.name != self.name:
             raise HandshakeError(f"peer replicates VM {hello.name!r}, this is {self.name!r}")
         if hello.memory_size != self.memory_size:
-            raise HandshakeError(f"primary has {hello.memory_size} bytes of guest memory, "
-                                 f"this node expects {self.memory_size}")
+            raise HandshakeError(
+                f"config mismatch in memory_size: the primary has {hello.memory_size} bytes "
+                f"of guest memory, this node expects {self.memory_size}")
+        if mismatch := config_mismatch(self.config, dict(hello.config), "this secondary",
+                                       "the primary"):
+            raise HandshakeError(mismatch)
         if hello.generation < self.generation or (
                 self.has_checkpoint and hello.generation == self.generation
                 and hello.checkpoint_seq < self.checkpoint_seq):
@@ -270,22 +291,32 @@ class Secondary:
                 f"{self.generation}, checkpoint {self.checkpoint_seq}): a stale primary "
                 "must not overwrite newer state")
         full = bool(hello.flags & HelloFlag.FULL_SYNC)
-        if not full and not (self.has_checkpoint and hello.generation == self.generation
-                             and hello.checkpoint_seq == self.checkpoint_seq):
+        resync = bool(hello.flags & HelloFlag.RESYNC)
+        same = self.has_checkpoint and hello.generation == self.generation
+        if full and resync:
+            raise HandshakeError("primary HELLO asks for both a full sync and a resync")
+        if resync and not same:
+            held = f"generation {self.generation}" if self.has_checkpoint else "no checkpoint"
+            raise HandshakeError(f"primary resyncs generation {hello.generation}, "
+                                 f"this node holds {held}")
+        if not (full or resync) and not (same and hello.checkpoint_seq == self.checkpoint_seq):
             raise HandshakeError(
                 f"primary resumes after checkpoint {hello.checkpoint_seq} of generation "
                 f"{hello.generation} without a full sync, but this node holds "
                 f"{self.checkpoint_seq if self.has_checkpoint else 'no checkpoint'} of "
                 f"generation {self.generation}")
+        if hello.generation > self.generation or hello.flags & HelloFlag.UNPROTECTED:
+            self.outdated = True     # the peer went on without this node
         self.peer = hello
         self._session_generation = hello.generation
         self._expected_seq = hello.checkpoint_seq + 1
         if full:
             self.sink.begin_full_sync(hello.generation)
             self.has_checkpoint = False
+            self.consistent = False
             self.state = SecondaryState.SYNCING
         else:
-            self.state = SecondaryState.PROTECTED
+            self.state = SecondaryState.RESYNCING if resync else SecondaryState.PROTECTED
         events.append(PeerHello(hello, full_sync=full))
 
     def _on_end(self, end: CheckpointEnd, events: list[Event], now: float) -> None:
@@ -307,8 +338,10 @@ class Secondary:
         for record in self._staged:
             self._apply(record)
         self.sink.commit(end.generation, end.seq)
-        was_syncing = self.state is SecondaryState.SYNCING
+        was_syncing = self.state in (SecondaryState.SYNCING, SecondaryState.RESYNCING)
         self.generation = end.generation
+        self.consistent = True
+        self.outdated = False
         self.checkpoint_seq = end.seq
         self.has_checkpoint = True
         self.checkpoints += 1

@@ -1,4 +1,7 @@
-"""The node's replication position on disk: `generation` and `checkpoint_seq`.
+"""The node's replication position on disk: `generation` and `checkpoint_seq`,
+and (format 2) whether what this node holds may be promoted: `consistent`
+(false while a replicated disk is mid full sync) and `outdated` (its peer went
+on without it). Format-1 files still load (as consistent, not outdated).
 
 Promotion compares these between nodes (DESIGN.md section 7: a node with an
 older generation is never promoted ahead of the newest), so the file must
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FILENAME = "replication-state.json"
-FORMAT = 1
+FORMAT = 2
+FORMATS = (1, 2)      # readable
 
 
 class StateFileCorrupt(Exception):
@@ -27,9 +31,14 @@ class StateFileCorrupt(Exception):
 class NodeState:
     generation: int = 0
     checkpoint_seq: int = 0
+    consistent: bool = True
+    outdated: bool = False
 
-    def _crc(self) -> int:
-        return zlib.crc32(f"{FORMAT}:{self.generation}:{self.checkpoint_seq}".encode())
+    def _crc(self, fmt: int = FORMAT) -> int:
+        text = f"{fmt}:{self.generation}:{self.checkpoint_seq}"
+        if fmt >= 2:
+            text += f":{int(self.consistent)}:{int(self.outdated)}"
+        return zlib.crc32(text.encode())
 
 
 class StateStore:
@@ -49,16 +58,23 @@ class StateStore:
             doc = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StateFileCorrupt(f"{self.path}: not valid JSON ({exc})") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise StateFileCorrupt(f"{self.path}: not a format-{FORMAT} Kemari state file")
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        if fmt not in FORMATS:
+            raise StateFileCorrupt(f"{self.path}: not a Kemari state file of format "
+                                   f"{' or '.join(map(str, FORMATS))}")
         values = []
         for key in ("generation", "checkpoint_seq", "crc32"):
             value = doc.get(key)
             if type(value) is not int or not 0 <= value < 1 << 64:
                 raise StateFileCorrupt(f"{self.path}: {key} missing or not an unsigned integer")
             values.append(value)
-        state = NodeState(values[0], values[1])
-        if state._crc() != values[2]:
+        flags = {}
+        for key in ("consistent", "outdated") if fmt >= 2 else ():
+            if type(doc.get(key)) is not bool:
+                raise StateFileCorrupt(f"{self.path}: {key} missing or not true/false")
+            flags[key] = doc[key]
+        state = NodeState(values[0], values[1], **flags)
+        if state._crc(fmt) != values[2]:
             raise StateFileCorrupt(f"{self.path}: checksum mismatch (file damaged or edited)")
         return state
 
@@ -67,7 +83,8 @@ class StateStore:
         (still atomic against a crash of this process, not against power loss)."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         doc = {"format": FORMAT, "generation": state.generation,
-               "checkpoint_seq": state.checkpoint_seq, "crc32": state._crc()}
+               "checkpoint_seq": state.checkpoint_seq, "consistent": state.consistent,
+               "outdated": state.outdated, "crc32": state._crc()}
         data = (json.dumps(doc, indent=1) + "\n").encode()
         tmp = self.directory / f".{FILENAME}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

@@ -155,7 +155,7 @@ def test_pages_parts_splits_large_batches() -> None:
 def test_wrong_version_hello_is_refused_clearly() -> None:
     wire = bytearray(encode(HELLO))
     struct.pack_into("<H", wire, 16, VERSION + 1)
-    with pytest.raises(UnsupportedVersion, match="version 2, this node speaks 1"):
+    with pytest.raises(UnsupportedVersion, match="version 3, this node speaks 1 to 2"):
         Decoder().feed(bytes(wire))
     with pytest.raises(UnsupportedVersion):
         Decoder().feed(encode(Hello("kv1", Role.PRIMARY, 1, 0, 1, version=7)))

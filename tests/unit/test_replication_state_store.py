@@ -1,4 +1,5 @@
-"""The persisted (generation, checkpoint_seq): atomic replacement, loud corruption."""
+"""The persisted (generation, checkpoint_seq, consistent, outdated): atomic
+replacement, loud corruption, old files still readable."""
 
 from __future__ import annotations
 
@@ -39,8 +40,11 @@ def test_save_then_load_round_trips_and_creates_the_directory(tmp_path: Path) ->
     (b"", "not valid JSON"),
     (b"\xff\xfe garbage", "not valid JSON"),
     (b'{"format": 1, "generation": 3', "not valid JSON"),
-    (b"[1, 2]", "format-1"),
-    (b'{"format": 2, "generation": 1, "checkpoint_seq": 1, "crc32": 1}', "format-1"),
+    (b"[1, 2]", "format 1 or 2"),
+    (b'{"format": 3, "generation": 1, "checkpoint_seq": 1, "crc32": 1}', "format 1 or 2"),
+    (b'{"format": 2, "generation": 1, "checkpoint_seq": 1, "crc32": 1}', "consistent"),
+    (b'{"format": 2, "generation": 1, "checkpoint_seq": 1, "consistent": 1, "outdated": false,'
+     b' "crc32": 1}', "consistent"),
     (b'{"format": 1, "generation": "3", "checkpoint_seq": 1, "crc32": 1}', "generation"),
     (b'{"format": 1, "generation": -1, "checkpoint_seq": 1, "crc32": 1}', "generation"),
     (b'{"format": 1, "generation": 1, "crc32": 1}', "checkpoint_seq"),
@@ -109,3 +113,26 @@ while True:
         store.save(NodeState(i, i), durable=False)
     out, _ = reader.communicate(timeout=60)
     assert reader.returncode == 0 and int(out) > 0
+
+
+def test_promotability_survives_a_restart(tmp_path: Path) -> None:
+    """A replicated disk left mid full sync, or a node its peer went on without,
+    must still say so after the daemon restarts."""
+    store = StateStore(tmp_path)
+    store.save(NodeState(2, 40, consistent=False, outdated=True))
+    assert StateStore(tmp_path).load() == NodeState(2, 40, consistent=False, outdated=True)
+    doc = json.loads(store.path.read_text())
+    assert doc["format"] == 2 and doc["consistent"] is False and doc["outdated"] is True
+    doc["outdated"] = False          # flipping a flag by hand is caught like any edit
+    store.path.write_text(json.dumps(doc))
+    with pytest.raises(StateFileCorrupt, match="checksum"):
+        store.load()
+
+
+def test_a_format_1_file_still_loads_as_consistent_and_current(tmp_path: Path) -> None:
+    import zlib
+    store = StateStore(tmp_path)
+    crc = zlib.crc32(b"1:3:77")
+    store.path.write_text(json.dumps({"format": 1, "generation": 3, "checkpoint_seq": 77,
+                                      "crc32": crc}))
+    assert store.load() == NodeState(3, 77, consistent=True, outdated=False)

@@ -223,13 +223,13 @@ def test_wrong_version_hello_is_rejected_with_a_clear_error(keydir: Path) -> Non
     server = Server(keydir / "vm.key", then=_run_secondary(sink))
     with transport.connect(str(keydir / "vm.key"), *server.address) as ch:
         hello = bytearray(encode(Hello("kv1", Role.PRIMARY, 1, 0, MEM, HelloFlag.FULL_SYNC)))
-        struct.pack_into("<H", hello, 16, 2)  # a future stream version
+        struct.pack_into("<H", hello, 16, 3)  # a future stream version
         ch.send_all(bytes(hello))
         prim = Primary(name="kv1", memory_size=MEM, generation=1, checkpoint_seq=0, now=0.0)
         data = b""
         while chunk := ch.recv_some():
             data += chunk
-        with pytest.raises(PeerError, match="version 2, this node speaks 1"):
+        with pytest.raises(PeerError, match="version 3, this node speaks 1 to 2"):
             prim.receive_data(data, 0.0)
     server.join()
     assert isinstance(server.result[-1], UnsupportedVersion)

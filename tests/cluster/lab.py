@@ -142,6 +142,8 @@ class ClusterLab:
     def down(self) -> None:
         lab = labnode.Lab(self.base) if (self.base / "lab.json").exists() else None
         if lab:
+            # a fence agent's delayed reboot must not boot a node after this
+            (self.base / "down").touch()
             for name in self.names:
                 with contextlib.suppress(SystemExit, OSError):
                     labnode.power_off(lab, name)

@@ -148,6 +148,8 @@ def make_netns(lab: Lab, name: str) -> None:
 def start(lab: Lab, name: str, timeout: float = 10.0) -> int:
     """Power the node on (from the root namespaces): fresh namespaces, then the
     node's init. Returns the init's PID; a running node is left alone."""
+    if (lab.base / "down").exists():
+        raise SystemExit(f"labnode: the lab is being torn down, {name} stays off")
     pid_file = lab.disk(name) / "init.pid"
     if node_pids(lab, name):
         return int(pid_file.read_text())

@@ -10,6 +10,8 @@ DEBS  := build-essential python3-venv python3-dev libffi-dev iproute2 iputils-pi
 # the cluster tier and `make install`'s users: Pacemaker, Corosync, ocf.py + ocf-tester,
 # both shells (crm, pcs), xmllint for meta-data checks
 DEBS  += pacemaker pacemaker-cli-utils corosync resource-agents crmsh pcs libxml2-utils
+# only the cluster lab (tests/cluster/): nft cuts a replication link inside a node
+DEBS_CLUSTER := nftables
 PYTEST_ARGS ?=
 # `make install`: a venv of Debian's python3 at PREFIX (what Pacemaker runs), the OCF
 # agent, and links on the PATH. DESTDIR stages it elsewhere (paths inside stay PREFIX).
@@ -19,7 +21,7 @@ SBINDIR ?= /usr/sbin
 DESTDIR ?=
 TOOLS   := kemari kemari-fence-peer kemari-unfence-peer
 
-.PHONY: deps build install uninstall test test-unit test-kvm demo bench lint clean
+.PHONY: deps deps-cluster build install uninstall test test-unit test-kvm demo bench lint clean
 
 $(VENV)/.deps-stamp: pyproject.toml setup.py
 	apt-get update -qq
@@ -30,6 +32,12 @@ $(VENV)/.deps-stamp: pyproject.toml setup.py
 	touch $@
 
 deps: $(VENV)/.deps-stamp
+
+$(VENV)/.deps-cluster-stamp: $(VENV)/.deps-stamp
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS_CLUSTER)
+	touch $@
+
+deps-cluster: $(VENV)/.deps-cluster-stamp
 
 build: deps
 	$(MAKE) -C native/guest OUT=$(CURDIR)/kemari_agent/images
@@ -52,7 +60,7 @@ uninstall:
 	rm -rf $(DESTDIR)$(PREFIX) $(DESTDIR)$(OCF_ROOT)/resource.d/kemari
 	for t in $(TOOLS); do rm -f $(DESTDIR)$(SBINDIR)/$$t; done
 
-test: build
+test: build deps-cluster
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

@@ -1,7 +1,14 @@
 """`make bench`: run every benchmark that docs/benchmarks.md quotes, in turn;
 each prints its table and writes bench/results/NAME.json."""
 
-from bench import bench_codec, bench_handshake_crowd, bench_kv, bench_replication, bench_resync
+from bench import (
+    bench_cluster_failover,
+    bench_codec,
+    bench_handshake_crowd,
+    bench_kv,
+    bench_replication,
+    bench_resync,
+)
 
 if __name__ == "__main__":
     bench_kv.main()
@@ -9,3 +16,4 @@ if __name__ == "__main__":
     bench_replication.main()
     bench_handshake_crowd.main()
     bench_resync.main()
+    bench_cluster_failover.main()

@@ -29,8 +29,11 @@ class Clients:
 
     KEYS = 16
 
-    def __init__(self, addr, n: int = 3) -> None:
+    def __init__(self, addr, n: int = 3, patience_s: float = 30.0) -> None:
+        """`patience_s`: how long a client retries one request before it gives up
+        (a cluster failover takes longer than a local one)."""
         self.addr, self.stop_flag = addr, threading.Event()
+        self.attempts = max(1, round(patience_s / 0.15))
         self.lock = threading.Lock()
         self.records = [ClientRecord() for _ in range(n)]
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
@@ -53,7 +56,7 @@ class Clients:
     def _run(self, n: int) -> None:
         rec = self.records[n]
         prefix = f"t{n}{uuid.uuid4().hex[:6]}"
-        with KvClient(self.addr, timeout=0.15, attempts=200, prefix=prefix) as c:
+        with KvClient(self.addr, timeout=0.15, attempts=self.attempts, prefix=prefix) as c:
             version = 0
             while not self.stop_flag.is_set():
                 version += 1

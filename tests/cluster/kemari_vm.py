@@ -136,6 +136,12 @@ class KemariVm:
             if node != first:
                 shutil.copy2(key, etc / key.name)
             (etc / f"{self.name}.toml").write_text(vm_config(self.name, policy))
+            # each node's replicated disk: created explicitly, as an operator (or the
+            # Ansible role) does; a daemon never creates a missing disk
+            disk_dir = self.lab.disk(node) / f"var/lib/kemari/{self.name}"
+            if not (disk_dir / "disk.img").exists():
+                disk_dir.mkdir(parents=True, exist_ok=True)
+                self.lab.exec(node, KEMARI, "create-disk", self.config_path)
 
     def define_with_crm(self, on: str) -> None:
         """One crm session, so the primitive never exists outside its clone."""

@@ -7,13 +7,17 @@ PY    := $(VENV)/bin/python
 SYSPY := /usr/bin/python3
 DEBS  := build-essential python3-venv python3-dev libffi-dev iproute2 iputils-ping \
          bridge-utils procps util-linux
+# Commands the tests call directly (each tier's scripts install the rest
+# themselves): see docs/development.md, "Host commands".
+DEBS  += kmod
 PYTEST_ARGS ?=
 
 .PHONY: deps build test test-unit test-kvm demo bench lint clean
 
-$(VENV)/.deps-stamp: pyproject.toml setup.py
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS)
+$(VENV)/.deps-stamp: pyproject.toml setup.py Makefile
+	apt-get -o DPkg::Lock::Timeout=600 update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+	    --no-install-recommends $(DEBS)
 	$(SYSPY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel cffi
 	$(VENV)/bin/pip install -q -e '.[dev]'

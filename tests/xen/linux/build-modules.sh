@@ -49,10 +49,11 @@ exec 9> "$CACHE/.lock"
 flock 9   # concurrent callers (other test runs sharing the cache) wait for one build
 AOPT=(-o Dir::State::Lists="$APT/lists" -o Dir::Cache="$APT/cache"
       -o Dir::State::status=/var/lib/dpkg/status -o APT::Sandbox::User=root)
-if [ -z "$(find "$APT/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null)" ]; then
+update_lists() {
     log "apt-get update (private lists)"
     apt-get "${AOPT[@]}" update -qq || die "apt-get update failed"
-fi
+}
+[ -n "$(find "$APT/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null)" ] || update_lists
 
 ABI=${KEMARI_LINUX_ABI:-}
 if [ -z "$ABI" ]; then
@@ -61,6 +62,8 @@ if [ -z "$ABI" ]; then
     [ -n "$ABI" ] || die "cannot find the kernel linux-image-amd64 depends on"
 fi
 KREL=$ABI-amd64
+# A kernel newer than the private lists (the caller read fresher ones): refresh them.
+apt-cache "${AOPT[@]}" show "linux-image-$KREL" >/dev/null 2>&1 || update_lists
 
 # A consistent package set from what the mirror serves today.  The kernel
 # image fixes the version; the headers and the source must be that same

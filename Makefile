@@ -12,6 +12,9 @@ DEBS  := build-essential python3-venv python3-dev libffi-dev iproute2 iputils-pi
 DEBS  += pacemaker pacemaker-cli-utils corosync resource-agents crmsh pcs libxml2-utils
 # only the cluster lab (tests/cluster/): nft cuts a replication link inside a node
 DEBS_CLUSTER := nftables
+# Commands the tests call directly (each tier's scripts install the rest
+# themselves): see docs/development.md, "Host commands".
+DEBS  += kmod
 PYTEST_ARGS ?=
 # `make install`: a venv of Debian's python3 at PREFIX (what Pacemaker runs), the OCF
 # agent, and links on the PATH. DESTDIR stages it elsewhere (paths inside stay PREFIX).
@@ -23,9 +26,10 @@ TOOLS   := kemari kemari-fence-peer kemari-unfence-peer
 
 .PHONY: deps deps-cluster build install uninstall test test-unit test-kvm demo bench lint clean
 
-$(VENV)/.deps-stamp: pyproject.toml setup.py
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $(DEBS)
+$(VENV)/.deps-stamp: pyproject.toml setup.py Makefile
+	apt-get -o DPkg::Lock::Timeout=600 update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+	    --no-install-recommends $(DEBS)
 	$(SYSPY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel cffi
 	$(VENV)/bin/pip install -q -e '.[dev]'

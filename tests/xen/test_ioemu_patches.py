@@ -10,6 +10,7 @@ command.  What is not run is listed in ioemu-patches/README.md.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -19,6 +20,8 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cmp_to_key
 from pathlib import Path
 
@@ -102,8 +105,29 @@ def apt_source_options() -> list[str]:
     ]  # fmt: skip
 
 
+@contextmanager
+def cache_lock() -> Iterator[None]:
+    """Test runs on one machine share the cache: one builds, the others wait."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """A hard-linked copy, or a full one where dst is on another mount (EXDEV)."""
+    if subprocess.run(["cp", "-al", str(src), str(dst)], capture_output=True).returncode:
+        shutil.rmtree(dst, ignore_errors=True)
+        sh(["cp", "-a", str(src), str(dst)])
+
+
 def pristine_source() -> Path:
     """Debian's qemu source (Debian patches applied), unpacked once into the cache."""
+    with cache_lock():
+        return _pristine_source()
+
+
+def _pristine_source() -> Path:
     opts = apt_source_options()
     if not list((CACHE / "apt" / "lists").glob("*Sources*")):
         sh(["apt-get", *opts, "update", "-qq"])
@@ -155,7 +179,7 @@ def patched_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ensure_build_deps()
     pristine = pristine_source()
     work = tmp_path_factory.mktemp("qemu") / "src"
-    sh(["cp", "-al", str(pristine), str(work)])
+    copy_tree(pristine, work)
     for name in series():
         sh(["patch", "-p1", "--fuzz=0", "--no-backup-if-mismatch", "-i", str(PATCHES / name)],
            cwd=work)  # fmt: skip
@@ -174,6 +198,13 @@ def qemu_build() -> Path:
         ).encode()
     ).hexdigest()[:16]
     root = CACHE / f"build-{key}"
+    with cache_lock():
+        build_qemu(pristine, root, key)
+    return root / "src"
+
+
+def build_qemu(pristine: Path, root: Path, key: str) -> None:
+    """Patch, configure and build into root (kept when complete)."""
     if not (root / ".complete").exists():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
@@ -188,7 +219,6 @@ def qemu_build() -> Path:
         sh(["nice", "-n", "10", "ninja", "-j2", "qemu-system-x86_64"], cwd=build,
            env=BUILD_ENV, timeout=3600)  # fmt: skip
         (root / ".complete").write_text(key + "\n")
-    return root / "src"
 
 
 class Qmp:
@@ -267,7 +297,7 @@ def test_touched_files_compile(qemu_build: Path) -> None:
 
 def test_a_patch_with_changed_context_is_refused(patched_tree: Path, tmp_path: Path) -> None:
     work = tmp_path / "src"
-    sh(["cp", "-al", str(pristine_source()), str(work)])
+    copy_tree(pristine_source(), work)
     text = (PATCHES / series()[0]).read_text()
     hunk = text.index("\n@@ ")
     ctx = text.index("\n ", hunk + 4)

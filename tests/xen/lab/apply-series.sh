@@ -5,6 +5,7 @@
 # Usage: apply-series.sh SRC [PATCH_DIR]
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
+ensure_pkgs /usr/bin/patch:patch
 
 SRC=${1:?usage: apply-series.sh SRC [PATCH_DIR]}
 PATCH_DIR=${2:-$PATCH_DIR}

@@ -7,7 +7,8 @@
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
-ensure_pkgs /usr/sbin/debootstrap:debootstrap /usr/bin/cpio:cpio
+ensure_pkgs /usr/sbin/debootstrap:debootstrap /usr/bin/cpio:cpio /sbin/depmod:kmod \
+    /usr/share/keyrings/debian-archive-keyring.gpg:debian-archive-keyring
 KV=$(kernel_version)
 [ -n "$KV" ] || die "cannot find the Debian 6.1 kernel version (apt-get update?)"
 PKGS=xen-utils-4.17,xenstore-utils,busybox,kmod,iproute2,procps,util-linux

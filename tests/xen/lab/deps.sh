@@ -9,6 +9,7 @@ ensure_pkgs \
     /usr/bin/qemu-system-x86_64:qemu-system-x86 \
     /usr/sbin/debootstrap:debootstrap \
     /usr/bin/cpio:cpio \
+    /sbin/depmod:kmod \
     /bin/busybox:busybox-static \
     /usr/bin/flex:flex \
     /usr/bin/bison:bison \

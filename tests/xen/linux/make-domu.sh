@@ -8,9 +8,10 @@ set -euo pipefail
 MODS=${1:?MODULES_DIR}; OUT=$(realpath -m "${2:?OUT.cpio.gz}")
 HERE=$(cd "$(dirname "$0")" && pwd)
 BB=/bin/busybox
-if ! file -L "$BB" 2>/dev/null | grep -q 'statically linked'; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static file cpio >/dev/null
+if ! file -L "$BB" 2>/dev/null | grep -q 'statically linked' || ! command -v cpio >/dev/null; then
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends busybox-static file cpio >/dev/null
 fi
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT

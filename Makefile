@@ -7,9 +7,12 @@ PY    := $(VENV)/bin/python
 SYSPY := /usr/bin/python3
 DEBS  := build-essential python3-venv python3-dev libffi-dev iproute2 iputils-ping \
          bridge-utils procps util-linux
+# The ansible tier: sshd in the lab's node namespaces, python3-apt for Ansible's apt module.
+ANSIBLE_DEBS := openssh-server python3-apt libxml2-utils pacemaker pacemaker-cli-utils corosync pcs \
+                resource-agents
 PYTEST_ARGS ?=
 
-.PHONY: deps build test test-unit test-kvm demo bench lint clean
+.PHONY: deps deps-ansible build test test-unit test-kvm demo bench lint clean
 
 $(VENV)/.deps-stamp: pyproject.toml setup.py
 	apt-get update -qq
@@ -21,12 +24,20 @@ $(VENV)/.deps-stamp: pyproject.toml setup.py
 
 deps: $(VENV)/.deps-stamp
 
+$(VENV)/.ansible-stamp: $(VENV)/.deps-stamp
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		-o DPkg::Lock::Timeout=900 $(ANSIBLE_DEBS)
+	$(VENV)/bin/pip install -q -e '.[ansible]'
+	touch $@
+
+deps-ansible: $(VENV)/.ansible-stamp
+
 build: deps
 	$(MAKE) -C native/guest OUT=$(CURDIR)/kemari_agent/images
 	$(MAKE) -C native/testguest OUT=$(CURDIR)/build/testguest
 	$(PY) native/build_ffi.py
 
-test: build
+test: build deps-ansible
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
@@ -42,8 +53,9 @@ demo: build
 bench: build
 	$(PY) -m bench
 
-lint: deps
+lint: deps deps-ansible
 	$(VENV)/bin/ruff check .
+	cd ansible && ../$(VENV)/bin/ansible-lint
 
 clean:
 	$(MAKE) -C native/guest clean OUT=$(CURDIR)/kemari_agent/images

@@ -7,12 +7,14 @@ PY    := $(VENV)/bin/python
 SYSPY := /usr/bin/python3
 DEBS  := build-essential python3-venv python3-dev libffi-dev iproute2 iputils-ping \
          bridge-utils procps util-linux
-# The ansible tier: sshd in the lab's node namespaces, python3-apt for Ansible's apt module.
-ANSIBLE_DEBS := openssh-server python3-apt libxml2-utils pacemaker pacemaker-cli-utils corosync pcs \
-                resource-agents
+# The cluster tier: Pacemaker + Corosync in network namespaces (tests/cluster/).
+DEBS_CLUSTER := pacemaker pacemaker-cli-utils corosync crmsh pcs resource-agents nftables
+# The ansible tier (on top of the cluster tier): sshd in the lab's node namespaces,
+# python3-apt for Ansible's apt module, xmllint for the agent's meta-data.
+DEBS_ANSIBLE := openssh-server python3-apt libxml2-utils
 PYTEST_ARGS ?=
 
-.PHONY: deps deps-ansible build test test-unit test-kvm demo bench lint clean
+.PHONY: deps deps-cluster deps-ansible build test test-unit test-kvm demo bench lint clean
 
 $(VENV)/.deps-stamp: pyproject.toml setup.py
 	apt-get update -qq
@@ -24,20 +26,25 @@ $(VENV)/.deps-stamp: pyproject.toml setup.py
 
 deps: $(VENV)/.deps-stamp
 
-$(VENV)/.ansible-stamp: $(VENV)/.deps-stamp
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		-o DPkg::Lock::Timeout=900 $(ANSIBLE_DEBS)
+$(VENV)/.deps-cluster-stamp: $(VENV)/.deps-stamp
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS_CLUSTER)
+	touch $@
+
+deps-cluster: $(VENV)/.deps-cluster-stamp
+
+$(VENV)/.deps-ansible-stamp: $(VENV)/.deps-cluster-stamp
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS_ANSIBLE)
 	$(VENV)/bin/pip install -q -e '.[ansible]'
 	touch $@
 
-deps-ansible: $(VENV)/.ansible-stamp
+deps-ansible: $(VENV)/.deps-ansible-stamp
 
 build: deps
 	$(MAKE) -C native/guest OUT=$(CURDIR)/kemari_agent/images
 	$(MAKE) -C native/testguest OUT=$(CURDIR)/build/testguest
 	$(PY) native/build_ffi.py
 
-test: build deps-ansible
+test: build deps-cluster deps-ansible
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

@@ -7,18 +7,28 @@ PY    := $(VENV)/bin/python
 SYSPY := /usr/bin/python3
 DEBS  := build-essential python3-venv python3-dev libffi-dev iproute2 iputils-ping \
          bridge-utils procps util-linux
-# The cluster tier: Pacemaker + Corosync in network namespaces (tests/cluster/).
-DEBS_CLUSTER := pacemaker pacemaker-cli-utils corosync crmsh pcs resource-agents nftables
-# The ansible tier (on top of the cluster tier): sshd in the lab's node namespaces,
-# python3-apt for Ansible's apt module, xmllint for the agent's meta-data.
-DEBS_ANSIBLE := openssh-server python3-apt libxml2-utils
+# the cluster tier and `make install`'s users: Pacemaker, Corosync, ocf.py + ocf-tester,
+# both shells (crm, pcs), xmllint for meta-data checks
+DEBS  += pacemaker pacemaker-cli-utils corosync resource-agents crmsh pcs libxml2-utils
+# only the cluster lab (tests/cluster/): nft cuts a replication link inside a node
+DEBS_CLUSTER := nftables
+# The ansible tier: sshd in the lab's node namespaces, python3-apt for Ansible's apt module
+DEBS_ANSIBLE := openssh-server python3-apt
 PYTEST_ARGS ?=
+# `make install`: a venv of Debian's python3 at PREFIX (what Pacemaker runs), the OCF
+# agent, and links on the PATH. DESTDIR stages it elsewhere (paths inside stay PREFIX).
+PREFIX  ?= /opt/kemari
+OCF_ROOT ?= /usr/lib/ocf
+SBINDIR ?= /usr/sbin
+DESTDIR ?=
+TOOLS   := kemari kemari-fence-peer kemari-unfence-peer
 
-.PHONY: deps deps-cluster deps-ansible build test test-unit test-kvm demo bench lint clean
+.PHONY: deps deps-cluster deps-ansible build install uninstall test test-unit test-kvm demo bench \
+        lint clean
 
 $(VENV)/.deps-stamp: pyproject.toml setup.py
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS)
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $(DEBS)
 	$(SYSPY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel cffi
 	$(VENV)/bin/pip install -q -e '.[dev]'
@@ -43,6 +53,22 @@ build: deps
 	$(MAKE) -C native/guest OUT=$(CURDIR)/kemari_agent/images
 	$(MAKE) -C native/testguest OUT=$(CURDIR)/build/testguest
 	$(PY) native/build_ffi.py
+
+install: build
+	$(SYSPY) -m venv $(DESTDIR)$(PREFIX)
+	$(DESTDIR)$(PREFIX)/bin/pip install -q --upgrade pip setuptools wheel cffi
+	$(DESTDIR)$(PREFIX)/bin/pip install -q --no-build-isolation .
+	@# scripts name their interpreter by where it will be, not where it was staged
+	if [ -n "$(DESTDIR)" ]; then grep -rlF '$(DESTDIR)$(PREFIX)' $(DESTDIR)$(PREFIX)/bin \
+	    | xargs -r sed -i 's|$(DESTDIR)$(PREFIX)|$(PREFIX)|g'; fi
+	install -d -m 0755 $(DESTDIR)$(OCF_ROOT)/resource.d/kemari $(DESTDIR)$(SBINDIR)
+	sed '1s|.*|#!$(PREFIX)/bin/python3|' ocf/kemari/vm > $(DESTDIR)$(OCF_ROOT)/resource.d/kemari/vm
+	chmod 0755 $(DESTDIR)$(OCF_ROOT)/resource.d/kemari/vm
+	for t in $(TOOLS); do ln -sfn $(PREFIX)/bin/$$t $(DESTDIR)$(SBINDIR)/$$t; done
+
+uninstall:
+	rm -rf $(DESTDIR)$(PREFIX) $(DESTDIR)$(OCF_ROOT)/resource.d/kemari
+	for t in $(TOOLS); do rm -f $(DESTDIR)$(SBINDIR)/$$t; done
 
 test: build deps-cluster deps-ansible
 	$(VENV)/bin/ruff check .

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from . import paths
-from .config import load_config
+from .config import VmConfig, load_config, node_addresses, with_overrides
 from .control import NotRunning, request
 from .errors import KemariError
 
@@ -76,13 +77,32 @@ def _save(args: argparse.Namespace) -> int:
     return 0
 
 
+NODE_FLAGS = ("listen", "peer", "fence_peer_handler", "unfence_peer_handler")
+
+
+def _node_config(args: argparse.Namespace) -> VmConfig:
+    """The shared config file, plus this node's addresses: from the command line, else
+    from `[replication.nodes]` by this node's name."""
+    config = load_config(args.config)
+    if args.listen is None:
+        listen, peer = node_addresses(config, args.node or os.uname().nodename)
+        if listen is not None:
+            config = with_overrides(config, listen=f"{listen[0]}:{listen[1]}",
+                                    peer=f"{peer[0]}:{peer[1]}" if peer else None)
+    return with_overrides(config, **{k: getattr(args, k) for k in NODE_FLAGS})
+
+
 def _start(args: argparse.Namespace) -> int:
     from .ft.launcher import start
-    config = load_config(args.config)
+    config = _node_config(args)
     if args.foreground:
         from .ft.daemon import Daemon
         return Daemon(config).serve(args.role)
-    status = start(config, Path(args.config).resolve(), args.role)
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in NODE_FLAGS
+             if getattr(args, k) is not None]
+    if args.node:
+        flags.append(f"--node={args.node}")
+    status = start(config, Path(args.config).resolve(), args.role, flags)
     print(f"{status['name']}: {status['role']}, {status['state']} (pid {status['pid']})")
     return 0
 
@@ -93,6 +113,25 @@ def _role_change(verb: str):
         print(f"{args.name}: {reply['role']}, {reply['state']} (generation {reply['generation']})")
         return 0
     return run
+
+
+def _peer(args: argparse.Namespace) -> int:
+    """Show or change where a primary sends checkpoints (the OCF agent's notify)."""
+    sock = paths.socket_path(args.name)
+    reply = (request(sock, "peer", address=args.address) if args.address is not None
+             else request(sock, "status"))
+    print(f"{args.name}: peer {reply.get('replication_peer') or 'none'}")
+    return 0
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    from .metrics import render, write_textfile
+    text = render(_get_status(args.name))
+    if args.textfile:
+        write_textfile(Path(args.textfile), text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -124,6 +163,16 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("config", help="VM config file (TOML)")
     sa.add_argument("--role", choices=("secondary", "primary"), default="secondary")
     sa.add_argument("--foreground", action="store_true", help="do not detach (debugging)")
+    sa.add_argument("--listen", metavar="IP:PORT",
+                    help="this node's replication address (overrides the config)")
+    sa.add_argument("--peer", metavar="IP:PORT",
+                    help="the peer's replication address (overrides the config)")
+    sa.add_argument("--node", metavar="NAME",
+                    help="this node's name in [replication.nodes] (default: the host name)")
+    sa.add_argument("--fence-peer-handler", metavar="CMD",
+                    help="run before output leaves unprotected (overrides the config)")
+    sa.add_argument("--unfence-peer-handler", metavar="CMD",
+                    help="run when the peer is back in sync (overrides the config)")
     sa.set_defaults(func=_start)
 
     for verb, text in (("promote", "secondary -> primary (failover or cold boot)"),
@@ -131,6 +180,18 @@ def parser() -> argparse.ArgumentParser:
         v = sub.add_parser(verb, help=text)
         v.add_argument("name")
         v.set_defaults(func=_role_change(verb))
+
+    pe = sub.add_parser("peer", help="show or set where the primary sends checkpoints")
+    pe.add_argument("name")
+    pe.add_argument("address", nargs="?", metavar="IP:PORT",
+                    help="the new peer ('' to forget it)")
+    pe.set_defaults(func=_peer)
+
+    me = sub.add_parser("metrics", help="Prometheus text format metrics of a VM")
+    me.add_argument("name")
+    me.add_argument("--textfile", metavar="FILE",
+                    help="write to FILE atomically (node_exporter's textfile collector)")
+    me.set_defaults(func=_metrics)
 
     k = sub.add_parser("keygen", help="write a new replication key file (mode 0600)")
     k.add_argument("file")

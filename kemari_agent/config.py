@@ -11,7 +11,7 @@ import hashlib
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 BUILTIN_IMAGES = ("kv", "stress")
 FORWARD_GUEST_PORT = 7000
 FORWARD_DEFAULT_ADDRESS = "10.0.2.15/24"
+DEFAULT_PORT = 7100
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,15 @@ class ReplicationConfig:
     epoch_ms: int = 25
     heartbeat_ms: int = 200
     peer_timeout_ms: int = 2000
+    port: int = DEFAULT_PORT
+    nodes: dict[str, tuple[str, int]] = field(default_factory=dict)   # node name -> address
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     on_peer_loss: str = "continue"  # or "suspend"
+    fence_peer_handler: str | None = None     # run before output leaves unprotected
+    unfence_peer_handler: str | None = None   # run when the peer is back in sync
 
 
 @dataclass(frozen=True)
@@ -197,7 +202,10 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
     epoch_ms = t.int_in("epoch_ms", 1, 60_000, default=25)
     heartbeat_ms = t.int_in("heartbeat_ms", 10, 60_000, default=200)
     timeout_ms = t.int_in("peer_timeout_ms", 50, 600_000, default=2000)
+    port = t.int_in("port", 1, 65535, default=DEFAULT_PORT)
+    nodes_t = t.table("nodes")
     t.finish()
+    nodes = _nodes(nodes_t, port) if nodes_t else {}
     if timeout_ms <= heartbeat_ms:
         raise ConfigError("'replication.peer_timeout_ms' must be longer than heartbeat_ms")
     key = Path(key_file) if key_file is not None else None
@@ -207,8 +215,51 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
         listen=parse_hostport(listen, "replication.listen") if listen else None,
         peer=parse_hostport(peer, "replication.peer") if peer else None,
         key_file=key, mode=mode, epoch_ms=epoch_ms,
-        heartbeat_ms=heartbeat_ms, peer_timeout_ms=timeout_ms,
+        heartbeat_ms=heartbeat_ms, peer_timeout_ms=timeout_ms, port=port, nodes=nodes,
     )
+
+
+def _nodes(t: _Table, port: int) -> dict[str, tuple[str, int]]:
+    """[replication.nodes]: cluster node name -> "IP" or "IP:PORT" (default port: `port`)."""
+    nodes = {}
+    for name in list(t.data):
+        value = t.get(name, str)
+        try:
+            nodes[name] = (str(ipaddress.ip_address(value)), port)   # a bare address
+        except ValueError:
+            nodes[name] = parse_hostport(value, t.key(name))
+    t.finish()
+    return nodes
+
+
+def node_addresses(config: VmConfig, node: str) -> tuple[tuple[str, int] | None,
+                                                        tuple[str, int] | None]:
+    """(listen, peer) for cluster node `node` from `[replication.nodes]`: its own entry,
+    and the other entry when there is exactly one other. (None, None) without a table."""
+    nodes = config.replication.nodes
+    if not nodes:
+        return None, None
+    if node not in nodes:
+        raise ConfigError(f"'replication.nodes' has no entry for this node {node!r} "
+                          f"(it lists {', '.join(sorted(nodes))})")
+    others = [addr for name, addr in sorted(nodes.items()) if name != node]
+    return nodes[node], others[0] if len(others) == 1 else None
+
+
+def with_overrides(config: VmConfig, *, listen: str | None = None, peer: str | None = None,
+                   fence_peer_handler: str | None = None,
+                   unfence_peer_handler: str | None = None) -> VmConfig:
+    """The config with what the command line (e.g. the OCF agent) says about this node."""
+    repl, policy = config.replication, config.policy
+    if listen is not None:
+        repl = replace(repl, listen=parse_hostport(listen, "--listen"))
+    if peer is not None:
+        repl = replace(repl, peer=parse_hostport(peer, "--peer") if peer else None)
+    if fence_peer_handler is not None:
+        policy = replace(policy, fence_peer_handler=fence_peer_handler or None)
+    if unfence_peer_handler is not None:
+        policy = replace(policy, unfence_peer_handler=unfence_peer_handler or None)
+    return replace(config, replication=repl, policy=policy)
 
 
 def parse_config(data: dict[str, Any], source: Path | None = None) -> VmConfig:
@@ -239,8 +290,10 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> VmConfig:
     repl = _replication(repl_t, base) if repl_t else ReplicationConfig()
     policy = PolicyConfig()
     if policy_t:
-        policy = PolicyConfig(on_peer_loss=policy_t.choice(
-            "on_peer_loss", ("continue", "suspend"), "continue"))
+        policy = PolicyConfig(
+            on_peer_loss=policy_t.choice("on_peer_loss", ("continue", "suspend"), "continue"),
+            fence_peer_handler=policy_t.get("fence_peer_handler", str) or None,
+            unfence_peer_handler=policy_t.get("unfence_peer_handler", str) or None)
         policy_t.finish()
     stress = StressConfig()
     if stress_t:

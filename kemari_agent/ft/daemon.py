@@ -20,11 +20,12 @@ import threading
 import time
 
 from .. import paths
-from ..config import VmConfig
+from ..config import VmConfig, with_overrides
 from ..control import ControlServer
 from ..devices.block import BlockBackend, open_disk_image
 from ..errors import KemariError
 from ..kvm.machine import Machine
+from ..metrics import LatencyWindow
 from ..standalone import STOP_SIGNALS, signals_to_main_thread, write_pid_file
 from ..vmm import Vmm
 from .activation import PROMOTE_LOCK_WAIT_S, resume_from_checkpoint
@@ -55,6 +56,9 @@ class Daemon:
         cmd = req.get("cmd")
         if cmd == "status":
             return {"ok": True, **self.status()}
+        if cmd == "peer":
+            self._set_peer(req.get("address"))
+            return {"ok": True, **self.status()}
         if cmd == "checkpoint-digest":
             return {"ok": True, **self._checkpoint_digest()}
         if cmd in ("promote", "demote", "stop"):
@@ -72,6 +76,16 @@ class Daemon:
         raise KemariError(f"unknown command {cmd!r}")
 
     _last_transition_error = "unknown error"
+
+    def _set_peer(self, address: object) -> None:
+        """Where a primary dials its secondary, changed at runtime (the OCF agent learns
+        it from the cluster); the connector uses it from its next attempt."""
+        if not isinstance(address, str):
+            raise KemariError("peer: 'address' must be a string IP:PORT (or '' for none)")
+        self.config = with_overrides(self.config, peer=address)
+        if self.protector is not None:
+            self.protector.config = self.config
+        log.info("%s: peer is now %s", self.config.name, address or "none")
     _transitions = 0
 
     def _checkpoint_digest(self) -> dict:
@@ -99,13 +113,17 @@ class Daemon:
                 "checkpoint_seq": self.node.checkpoint_seq, "checkpoints": 0,
                 "last_checkpoint_age_ms": None, "bytes_sent": 0, "bytes_received": 0,
                 "latency_us": {"p50": None, "p99": None},
-                "replication_mode": self.config.replication.mode}
+                "replication_mode": self.config.replication.mode,
+                "replication_peer": _address(self.config.replication.peer),
+                "replication_listen": _address(self.config.replication.listen)}
         if self.role == "primary" and self.protector is not None:
             base.update(self.protector.status())
             base["checkpoint_seq"] = self.protector.last_seq
             if self.vmm is not None:
                 base["vm"] = self.vmm.stats()
                 base["console_tail"] = self.vmm.console.tail(5)
+            base["peer_fence"] = self.protector.peer_fence.status()
+            base["latency_histogram"] = self.protector.latencies.histogram()
             if self._failover_ms is not None:
                 base["activation_ms"] = self._failover_ms
         elif self.role == "secondary" and self.receiver is not None:
@@ -204,6 +222,8 @@ class Daemon:
         self._failover_ms = round((time.perf_counter() - t0) * 1000, 2)
         self.vmm = vmm
         self.protector = Protector(vmm, self.config, self.node)
+        # the same recent window, also counted into a histogram for `kemari metrics`
+        self.protector.latencies = LatencyWindow(self.protector.latencies.maxlen)
         self.protector.start()
         self.role = "primary"
         log.info("%s: primary (generation %d): %s in %.1f ms", self.config.name, generation,
@@ -242,3 +262,7 @@ class Daemon:
         if self.machine is not None:
             self.machine.close()
             self.machine = None
+
+
+def _address(addr: tuple[str, int] | None) -> str | None:
+    return f"{addr[0]}:{addr[1]}" if addr else None

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .. import paths
@@ -21,7 +22,8 @@ def log_path(name: str) -> Path:
     return paths.run_dir() / f"{name}.log"
 
 
-def start(config: VmConfig, config_path: Path, role: str) -> dict:
+def start(config: VmConfig, config_path: Path, role: str, flags: Sequence[str] = ()) -> dict:
+    """`flags`: more `kemari start` options for the daemon (this node's addresses...)."""
     sock = paths.socket_path(config.name)
     try:
         status = request(sock, "status", timeout=5)
@@ -34,7 +36,7 @@ def start(config: VmConfig, config_path: Path, role: str) -> dict:
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kemari_agent.cli", "start", str(config_path), "--role", role,
-             "--foreground"],
+             "--foreground", *flags],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, cwd="/", env=os.environ.copy())
     end = time.monotonic() + START_TIMEOUT_S

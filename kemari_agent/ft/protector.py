@@ -31,6 +31,7 @@ from ..replication.events import Acked, PeerDead, PeerGoodbye
 from ..replication.primary import Primary, PrimaryState
 from ..vmm import Vmm
 from .faults import Faults
+from .fence_peer import PeerFence
 from .link import Link, SessionLost
 from .node import Node
 
@@ -75,6 +76,8 @@ class Protector:
         self._disk_dirty: set[int] | None = None     # disk chunks written during a sync
         self._held_frames: list[tuple[int, list[bytes]]] = []   # epoch mode: (seq, frames)
         self.faults = Faults()
+        self.peer_fence = PeerFence(config.name, config.policy.fence_peer_handler,
+                                    config.policy.unfence_peer_handler)
         self._closing = threading.Event()
         self._synced = threading.Event()
         vmm.tap_hook = self.tap
@@ -114,8 +117,8 @@ class Protector:
 
     # ---- connecting and full sync (connector thread) -----------------------------
     def _connect_loop(self) -> None:
-        repl = self.config.replication
         while not self._closing.is_set():
+            repl = self.config.replication     # the peer may change (`kemari peer`)
             if self.link is not None or repl.peer is None or repl.key_file is None:
                 self._synced.wait(RECONNECT_S)
                 self._synced.clear()
@@ -237,6 +240,7 @@ class Protector:
         self.last_error = None
         self._next_epoch = time.monotonic() + self.epoch_s
         self._synced.set()
+        self.peer_fence.peer_in_sync(self.peer)
 
     # ---- checkpoints (loop thread) --------------------------------------------------
     def _state_records(self, full: bool = False) -> list:
@@ -286,6 +290,8 @@ class Protector:
         if self.link is None:
             if self.suspend_on_loss and self.was_protected:
                 self._hold_until_protected()
+            else:
+                self.peer_fence.before_unprotected_output(self)
             if self.link is None:
                 return
         try:
@@ -360,6 +366,8 @@ class Protector:
         self.link = None
         self.state = "standalone"
         self.peer = None
+        if not self.suspend_on_loss:
+            self.peer_fence.before_unprotected_output(self)
         if self.epoch_mode and not self.suspend_on_loss:
             for _seq, frames in self._held_frames:   # unprotected now: let output go
                 for f in frames:

@@ -309,6 +309,31 @@ class ClusterLab:
                 raise LabError(f"timed out after {timeout}s waiting for {what}\n{seen}")
             time.sleep(interval)
 
+    def log_time(self, node: str, log: str, pattern: str, since: float) -> float | None:
+        """Wall-clock time of the first line of a node's log (corosync or
+        pacemaker, both with milliseconds) matching `pattern` at or after `since`."""
+        path = self.disk(node) / "var/log" / log
+        with contextlib.suppress(FileNotFoundError):
+            for line in path.read_text(errors="replace").splitlines():
+                stamp = parse_log_time(line)
+                if stamp is not None and stamp >= since and re.search(pattern, line):
+                    return stamp
+        return None
+
+    def fence_times(self, victim: str, since: float) -> tuple[float, float] | None:
+        """(request, powered-off) wall-clock times of the first fence of `victim`."""
+        start = off = None
+        for line in self.fence_log().splitlines():
+            stamp, _host, text = line.split(" ", 2)
+            if float(stamp) < since or victim not in text:
+                continue
+            if start is None and text.startswith("action=") and "action=status" not in text:
+                start = float(stamp)
+            elif start is not None and text.startswith(f"off {victim}: rc=0"):
+                off = float(stamp)
+                return start, off
+        return None
+
     def fenced(self, name: str, since: float) -> bool:
         """A completed fence of `name` logged after time.time() `since`."""
         for line in self.fence_log().splitlines():
@@ -351,6 +376,16 @@ class ClusterLab:
 
     def heal_link(self, name: str) -> None:
         self.exec(name, "nft", "delete", "table", "inet", "kemarilab", check=False)
+
+
+def parse_log_time(line: str) -> float | None:
+    """'Nov 29 09:59:35.513 ...' (local time, no year) -> time.time() scale."""
+    m = re.match(r"(\w{3} +\d+ \d\d:\d\d:\d\d)(\.\d+)", line)
+    if not m:
+        return None
+    year = time.localtime().tm_year
+    base = time.mktime(time.strptime(f"{year} {m.group(1)}", "%Y %b %d %H:%M:%S"))
+    return base + float(m.group(2))
 
 
 def install_fence_agent() -> None:

@@ -59,6 +59,15 @@ def test_power_off_of_the_promoted_node_fences_it_and_promotes_the_other(cluster
     cluster.wait(lambda: cluster.fenced(victim, since), 60, f"{victim} fenced")
     cluster.wait(lambda: cluster.promoted("st", on=survivor) == [survivor], 60,
                  f"st promoted on {survivor}")
+    # the logs the failover benchmark splits its phases by tell the same story
+    victim_id = cluster.names.index(victim) + 1
+    detected = cluster.log_time(survivor, "corosync/corosync.log",
+                                rf"A new membership .* left: {victim_id}\b", since)
+    requested, off = cluster.fence_times(victim, since)
+    promoted = cluster.log_time(survivor, "pacemaker/pacemaker.log",
+                                rf"Result of promote operation for st\S* on {survivor}: ok", since)
+    assert since < detected <= requested < off < promoted, (since, detected, requested, off,
+                                                            promoted)
     history = cluster.exec(survivor, "stonith_admin", "--history", victim).stdout
     assert "reboot of " + victim in history and "successful" in history, history
     # the reboot booted the victim again, in fresh namespaces, and it rejoined
@@ -77,3 +86,19 @@ def test_the_disk_survives_a_power_off_and_ram_does_not(cluster):
     cluster.wait_online(timeout=90, on="node1")
     assert cluster.exec(node, "cat", "/var/lib/kemari/kept").stdout == "disk\n"
     assert cluster.exec(node, "test", "-e", "/run/gone", check=False).returncode != 0
+
+
+def test_pcs_creates_a_promotable_clone_without_pcsd(cluster):
+    """pcs against the running CIB (no pcsd), and `pcs -f` on a CIB file pushed
+    with cibadmin --replace: the two offline ways the scenarios rely on."""
+    cluster.exec("node1", "pcs", "resource", "create", "st2", "ocf:pacemaker:Stateful",
+                 "promotable", "notify=true")
+    cluster.wait(lambda: len(cluster.promoted("st2")) == 1, 60, "st2 promoted")
+    cluster.exec("node1", "pcs", "resource", "delete", "st2")
+    cluster.exec("node1", "sh", "-c", "cibadmin -Q > /run/cib-edit.xml")
+    cluster.exec("node1", "pcs", "-f", "/run/cib-edit.xml", "resource", "create", "st3",
+                 "ocf:pacemaker:Stateful", "promotable", "notify=true")
+    cluster.exec("node1", "cibadmin", "--replace", "--xml-file", "/run/cib-edit.xml")
+    cluster.wait(lambda: len(cluster.promoted("st3")) == 1, 60, "st3 promoted")
+    cluster.exec("node1", "pcs", "resource", "delete", "st3")
+    cluster.wait(lambda: not cluster.roles("st3"), 60, "st3 gone")

@@ -21,7 +21,7 @@ DISK_MODES = ("shared", "replicated")
 PEER_LOSS_POLICIES = ("continue", "suspend")
 # Keys the role writes itself; a VM entry may carry any other config key through.
 ROLE_KEYS = {"name", "nodes", "memory", "image", "disk", "net", "replication", "policy",
-             "stress", "vip"}
+             "stress", "vip", "resource"}
 
 
 def size_mib(value: Any) -> int | None:
@@ -156,7 +156,8 @@ def kemari_vm_config(vm: dict, key_file: str, hostvars: Any) -> dict:
     """The VM's config file contents (DESIGN.md section 5) as a nested dict.
 
     The same file serves both nodes: `replication.nodes` maps each node name
-    to its replication address, and the agent picks this node's and the peer's.
+    to its replication address (port: `replication.port`), and the agent picks
+    this node's and the peer's.
     """
     config: dict[str, Any] = {"name": vm["name"], "memory_mib": size_mib(vm.get("memory", 64)),
                               "image": vm.get("image", "kv")}
@@ -166,10 +167,9 @@ def kemari_vm_config(vm: dict, key_file: str, hostvars: Any) -> dict:
         config["disk"] = {**disk, "size_mib": size_mib(vm["disk"].get("size", 64))}
     if "net" in vm:
         config["net"] = dict(vm["net"])
-    replication = {k: v for k, v in vm.get("replication", {}).items() if k != "port"}
-    port = vm.get("replication", {}).get("port", 7100)
+    replication = dict(vm.get("replication", {}))
     replication["key_file"] = key_file
-    replication["nodes"] = {node: f"{node_address(hostvars, node)}:{port}" for node in vm["nodes"]}
+    replication["nodes"] = {node: node_address(hostvars, node) for node in vm["nodes"]}
     config["replication"] = replication
     for section in ("policy", "stress"):
         if section in vm:

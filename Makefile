@@ -12,8 +12,10 @@ DEBS  := build-essential python3-venv python3-dev libffi-dev iproute2 iputils-pi
 DEBS  += pacemaker pacemaker-cli-utils corosync resource-agents crmsh pcs libxml2-utils
 # only the cluster lab (tests/cluster/): nft cuts a replication link inside a node
 DEBS_CLUSTER := nftables
-# The ansible tier: sshd in the lab's node namespaces, python3-apt for Ansible's apt module
-DEBS_ANSIBLE := openssh-server python3-apt
+# The ansible tier: sshd in the lab's node namespaces, python3-apt for Ansible's apt module,
+# python3-cffi for the kemari role's build (the lab's nodes reach no registry: what
+# the role installs with apt must already be there)
+DEBS_ANSIBLE := openssh-server python3-apt python3-cffi
 PYTEST_ARGS ?=
 # `make install`: a venv of Debian's python3 at PREFIX (what Pacemaker runs), the OCF
 # agent, and links on the PATH. DESTDIR stages it elsewhere (paths inside stay PREFIX).

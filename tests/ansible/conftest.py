@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from cluster.lab import ClusterLab
-from deployvars import EXTRA_PRIVATE, LAB_VARS
+from deployvars import EXTRA_PRIVATE, LAB_VARS, fill_wheelhouse
 from sshlab import Play, SshLab
 
 
@@ -30,6 +30,7 @@ class Deployment:
 def deployment():
     if os.geteuid() != 0:
         pytest.fail("the ansible tier needs root (the cluster lab's namespaces, mounts)")
+    fill_wheelhouse()
     with ClusterLab(nodes=2, extra_private=EXTRA_PRIVATE) as lab, \
             tempfile.TemporaryDirectory(prefix="kemari-ansible-") as tmp:
         ssh = SshLab(lab, Path(tmp) / "ssh")

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+# The lab's nodes reach no package registry: `make install` inside them takes
+# its Python packages from this wheelhouse (filled once from the registry).
+WHEELHOUSE = Path("/var/cache/kemari-test/wheels")
+
 # Directories a deploy writes besides those the lab already keeps per node:
 # the unpacked source and the links on the PATH (SBINDIR), so nothing a deploy
 # writes on one node is visible on another or on the test host.
@@ -32,7 +42,21 @@ def lab_vm(**overrides) -> dict:
 
 LAB_VARS = {
     "kemari_vms": [lab_vm()],
+    "kemari_install_environment": {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(WHEELHOUSE)},
     "kemari_sbindir": "/usr/local/sbin",
     "kemari_resource_monitor_promoted": "3s",
     "kemari_resource_monitor_unpromoted": "4s",
 }
+
+
+def fill_wheelhouse() -> Path:
+    """Wheels of what `make install` pip-installs: its tools and the package's
+    dependencies (for Debian's python3, which the nodes' venv is made from)."""
+    stamp = WHEELHOUSE / ".complete"
+    if not stamp.exists():
+        WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+        deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE),
+                        "pip", "setuptools", "wheel", "cffi", *deps], check=True)
+        stamp.touch()
+    return WHEELHOUSE

@@ -137,5 +137,5 @@ class Play:
     def failed(self) -> int:
         return sum(h["failed"] + h["unreachable"] for h in self.recap.values())
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:
         return f"ansible-playbook rc={self.rc}\n{self.output[-6000:]}"

@@ -88,3 +88,12 @@ def test_a_good_inventory_gets_past_the_checks(tmp_path):
     assert play.rc != 0
     assert "UNREACHABLE" in play.output, play
     assert "kemari_vms is missing" not in play.output
+
+
+def test_cluster_bootstrap_checks_its_variables_first(tmp_path):
+    play = play_with(tmp_path, {"kemari_vms": [lab_vm()], "kemari_cluster_bootstrap": True,
+                                "kemari_cluster_service_method": "upstart"})
+    assert play.rc != 0, play
+    assert "TASK [kemari_cluster : Check the cluster variables]" in play.output, play
+    assert "service method must be systemd or command" in play.output, play
+    assert "UNREACHABLE" not in play.output, play

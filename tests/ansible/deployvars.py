@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parents[2]
 WHEELHOUSE = Path("/var/cache/kemari-test/wheels")
 
 # Directories a deploy writes besides those the lab already keeps per node:
-# the unpacked source and the links on the PATH (SBINDIR), so nothing a deploy
+# the shipped and unpacked source and the links on the PATH (SBINDIR), so nothing a deploy
 # writes on one node is visible on another or on the test host.
-EXTRA_PRIVATE = ("/usr/local/src/kemari", "/usr/local/sbin")
+EXTRA_PRIVATE = ("/usr/local/src", "/usr/local/sbin")
 GUEST_IP = "10.213.0.50"
 VIP = "10.213.0.60"
 

@@ -80,6 +80,8 @@ def test_every_node_has_its_own_install(deployment):
         # what the deploy wrote is on this node's own disk, nowhere else
         assert (lab.disk(name) / "opt/kemari/.kemari-source-sha1").is_file(), name
         assert (lab.disk(name) / "usr/lib/ocf/resource.d/kemari/vm").is_file(), name
+        assert (lab.disk(name) / "usr/local/src/kemari.tar.gz").is_file(), name
+        assert (lab.disk(name) / "usr/local/sbin/kemari").is_symlink(), name
 
 
 def test_agent_metadata_validates_against_the_ra_api_dtd(deployment):

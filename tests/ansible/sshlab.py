@@ -107,7 +107,7 @@ Subsystem sftp internal-sftp
             {"all": {"children": {"kemari_nodes": {"hosts": hosts, "vars": group}}}}, indent=1))
         return path
 
-    def playbook(self, inventory: Path, *args: str, timeout: float = 900) -> Play:
+    def playbook(self, inventory: Path, *args: str, timeout: float = 2400) -> Play:
         """ansible-playbook site.yml from the controller (the lab's client namespace)."""
         env = dict(os.environ, ANSIBLE_CONFIG=str(PLAYBOOK_DIR / "ansible.cfg"),
                    ANSIBLE_HOST_KEY_CHECKING="False", ANSIBLE_NOCOLOR="1",

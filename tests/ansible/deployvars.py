@@ -14,8 +14,10 @@ WHEELHOUSE = Path("/var/cache/kemari-test/wheels")
 
 # Directories a deploy writes besides those the lab already keeps per node:
 # the shipped and unpacked source and the links on the PATH (SBINDIR), so nothing a deploy
-# writes on one node is visible on another or on the test host.
-EXTRA_PRIVATE = ("/usr/local/src", "/usr/local/sbin")
+# writes on one node is visible on another or on the test host. /root too: an SSH
+# session's bash reads root's ~/.bashrc, and this host's (pyenv init) can wait a
+# minute on a lock other users of the machine hold.
+EXTRA_PRIVATE = ("/usr/local/src", "/usr/local/sbin", "/root")
 GUEST_IP = "10.213.0.50"
 VIP = "10.213.0.60"
 

@@ -15,6 +15,10 @@ DEBS_CLUSTER := nftables
 # Commands the tests call directly (each tier's scripts install the rest
 # themselves): see docs/development.md, "Host commands".
 DEBS  += kmod
+# The ansible tier: sshd in the lab's node namespaces, python3-apt for Ansible's apt module,
+# python3-cffi for the kemari role's build (the lab's nodes reach no registry: what
+# the role installs with apt must already be there)
+DEBS_ANSIBLE := openssh-server python3-apt python3-cffi
 PYTEST_ARGS ?=
 # `make install`: a venv of Debian's python3 at PREFIX (what Pacemaker runs), the OCF
 # agent, and links on the PATH. DESTDIR stages it elsewhere (paths inside stay PREFIX).
@@ -24,7 +28,8 @@ SBINDIR ?= /usr/sbin
 DESTDIR ?=
 TOOLS   := kemari kemari-fence-peer kemari-unfence-peer
 
-.PHONY: deps deps-cluster build install uninstall test test-unit test-kvm demo bench lint clean
+.PHONY: deps deps-cluster deps-ansible build install uninstall test test-unit test-kvm demo bench \
+        lint clean
 
 $(VENV)/.deps-stamp: pyproject.toml setup.py Makefile
 	apt-get -o DPkg::Lock::Timeout=600 update -qq
@@ -42,6 +47,13 @@ $(VENV)/.deps-cluster-stamp: $(VENV)/.deps-stamp
 	touch $@
 
 deps-cluster: $(VENV)/.deps-cluster-stamp
+
+$(VENV)/.deps-ansible-stamp: $(VENV)/.deps-cluster-stamp
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $(DEBS_ANSIBLE)
+	$(VENV)/bin/pip install -q -e '.[ansible]'
+	touch $@
+
+deps-ansible: $(VENV)/.deps-ansible-stamp
 
 build: deps
 	$(MAKE) -C native/guest OUT=$(CURDIR)/kemari_agent/images
@@ -64,7 +76,7 @@ uninstall:
 	rm -rf $(DESTDIR)$(PREFIX) $(DESTDIR)$(OCF_ROOT)/resource.d/kemari
 	for t in $(TOOLS); do rm -f $(DESTDIR)$(SBINDIR)/$$t; done
 
-test: build deps-cluster
+test: build deps-cluster deps-ansible
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
@@ -80,8 +92,9 @@ demo: build
 bench: build
 	$(PY) -m bench
 
-lint: deps
+lint: deps deps-ansible
 	$(VENV)/bin/ruff check .
+	cd ansible && ../$(VENV)/bin/ansible-lint
 
 clean:
 	$(MAKE) -C native/guest clean OUT=$(CURDIR)/kemari_agent/images

@@ -43,13 +43,15 @@ $(VENV)/.deps-stamp: pyproject.toml setup.py Makefile
 deps: $(VENV)/.deps-stamp
 
 $(VENV)/.deps-cluster-stamp: $(VENV)/.deps-stamp
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS_CLUSTER)
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+	    $(DEBS_CLUSTER)
 	touch $@
 
 deps-cluster: $(VENV)/.deps-cluster-stamp
 
 $(VENV)/.deps-ansible-stamp: $(VENV)/.deps-cluster-stamp
-	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $(DEBS_ANSIBLE)
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+	    $(DEBS_ANSIBLE)
 	$(VENV)/bin/pip install -q -e '.[ansible]'
 	touch $@
 
@@ -78,6 +80,7 @@ uninstall:
 
 test: build deps-cluster deps-ansible
 	$(VENV)/bin/ruff check .
+	cd ansible && ../$(VENV)/bin/ansible-lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-unit: build

@@ -87,7 +87,7 @@ def boot(
     log: Path,
     env: dict[str, str],
     xen_cmdline: str = "",
-    timeout: int = 1800,  # a loaded 2-core host can take 15 min for one boot
+    timeout: int = 900,
 ) -> Boot:
     """Boot Xen + dom0 under QEMU, run run_script in dom0; never raises on failure."""
     cmd = [

@@ -46,3 +46,15 @@ def test_rendered_config_is_what_kemari_reads():
 def test_strings_are_escaped_for_toml():
     text = filters.kemari_toml({"name": 'a"b\\c', "net": {"tap": "t\n"}, "x": {"a.b": True}})
     assert tomllib.loads(text) == {"name": 'a"b\\c', "net": {"tap": "t\n"}, "x": {"a.b": True}}
+
+
+def test_disk_create_is_the_roles_own_and_must_be_a_bool():
+    vm = lab_vm()
+    vm["disk"] = {**vm["disk"], "create": True}
+    hostvars = {"node1": {"ansible_host": "10.213.0.11"}, "node2": {"ansible_host": "10.213.0.12"}}
+    data = tomllib.loads(filters.kemari_toml(filters.kemari_vm_config(vm, "/k", hostvars)))
+    assert "create" not in data["disk"]          # Kemari's config has no such key
+    parse_config(data)
+    vm["disk"]["create"] = "yes please"
+    errors = filters.kemari_vm_errors([vm], ["node1", "node2"])
+    assert any("'disk.create' must be true or false" in e for e in errors), errors

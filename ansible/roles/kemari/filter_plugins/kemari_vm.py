@@ -92,6 +92,9 @@ def _section_errors(vm: dict, where: str) -> list[str]:
         if disk.get("mode", "shared") not in DISK_MODES:
             errors.append(f"{where}: 'disk.mode' must be one of {', '.join(DISK_MODES)}, "
                           f"not {disk.get('mode')!r}")
+        if not isinstance(disk.get("create", True), bool):
+            errors.append(f"{where}: 'disk.create' must be true or false, "
+                          f"not {disk.get('create')!r}")
     policy = vm.get("policy", {})
     if policy.get("on_peer_loss", "continue") not in PEER_LOSS_POLICIES:
         errors.append(f"{where}: 'policy.on_peer_loss' must be one of "
@@ -163,7 +166,8 @@ def kemari_vm_config(vm: dict, key_file: str, hostvars: Any) -> dict:
                               "image": vm.get("image", "kv")}
     config.update({k: v for k, v in vm.items() if k not in ROLE_KEYS and not isinstance(v, dict)})
     if "disk" in vm:
-        disk = {k: v for k, v in vm["disk"].items() if k != "size"}
+        # size is written in MiB; create is the role's own (see tasks/vm.yml)
+        disk = {k: v for k, v in vm["disk"].items() if k not in ("size", "create")}
         config["disk"] = {**disk, "size_mib": size_mib(vm["disk"].get("size", 64))}
     if "net" in vm:
         config["net"] = dict(vm["net"])

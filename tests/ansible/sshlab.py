@@ -65,7 +65,8 @@ Subsystem sftp internal-sftp
 """)
         log = open(self.dir / f"sshd_{name}.log", "ab")  # noqa: SIM115 (lives with sshd)
         proc = subprocess.Popen(
-            ["nsenter", "-t", str(self.lab.init_pid(name)), "-n", "-m", "-u", "-i", "--",
+            ["nsenter", "-t", str(self.lab.init_pid(name)), "-n", "-m", "-u", "-i", "-r", "-w",
+             "--",
              "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)

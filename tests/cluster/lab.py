@@ -250,7 +250,9 @@ class ClusterLab:
         net=False keeps the host's network, e.g. for pip to reach its index)."""
         if not self.running(name):
             raise LabError(f"node {name} is powered off")
-        ns = ["-n", "-m", "-u", "-i"] if net else ["-m", "-u", "-i"]
+        # -r/-w: the node's own root and cwd, not its mount namespace's real root
+        # (they differ when the whole lab runs in a chroot, e.g. a fresh-system check)
+        ns = ["-n", "-m", "-u", "-i", "-r", "-w"] if net else ["-m", "-u", "-i", "-r", "-w"]
         return sh("nsenter", "-t", str(self.init_pid(name)), *ns, "--",
                   *args, check=check, timeout=timeout, input=input)
 

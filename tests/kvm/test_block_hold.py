@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from kemari_agent.devices.block import OK, OP_READ, OP_WRITE, SECTOR, BlockBackend
+from kemari_agent.devices.block import (
+    OK,
+    OP_READ,
+    OP_WRITE,
+    SECTOR,
+    BlockBackend,
+    create_disk_image,
+)
 from kemari_agent.kvm.machine import Machine
 from kemari_agent.native import lib
 
@@ -33,6 +40,7 @@ def answered(blk: BlockBackend) -> list[tuple[int, int]]:
 @pytest.fixture
 def blk(tmp_path):
     with Machine(32 << 20) as machine:
+        create_disk_image(tmp_path / "d.img", 1)
         backend = BlockBackend(machine, tmp_path / "d.img", 1)
         try:
             yield backend

@@ -53,6 +53,10 @@ DEVICE_BLOB_VERSION = 1
 SYNC_BATCH_PAGES = 512
 DISK_CHUNK_SECTORS = 128      # 64 KiB per DISK_WRITE record in a full sync
 RECONNECT_S = 0.5
+# The closing checkpoint of a full sync makes the secondary flush all it received
+# (a whole replicated disk): its ACK may take longer than a heartbeat timeout. Giving
+# up too early leaves a secondary holding that checkpoint while we run on unprotected.
+SYNC_ACK_TIMEOUT_S = 10.0
 # The secondary stages a resync in memory beside the guest (STAGING_SLACK on top
 # of guest RAM); more disk than this written while disconnected means a full sync.
 RESYNC_DISK_LIMIT = 48 << 20
@@ -303,7 +307,7 @@ class Protector:
         if self._tracking_since is None:
             self._tracking_since = seq        # dirty tracking is continuous from here
         link.flush()
-        link.wait_for(lambda: link.sm.is_acked(seq), self.timeout_s)
+        link.wait_for(lambda: link.sm.is_acked(seq), max(self.timeout_s, SYNC_ACK_TIMEOUT_S))
         self._acked(seq)
         if self._disk_dirty is not None:     # kept until now: a failed sync resends them
             self._disk_dirty = None

@@ -145,7 +145,7 @@ class ClusterLab:
             # a fence agent's delayed reboot must not boot a node after this
             (self.base / "down").touch()
             for name in self.names:
-                with contextlib.suppress(SystemExit, OSError):
+                with contextlib.suppress(labnode.LabError, OSError):
                     labnode.power_off(lab, name)
             for name in self.names:
                 sh("ip", "netns", "del", lab.netns(name), check=False)

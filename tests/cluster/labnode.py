@@ -25,6 +25,12 @@ import time
 from pathlib import Path
 
 PYTHON = "/usr/bin/python3"
+
+
+class LabError(RuntimeError):
+    """A node could not be started or stopped (an exception, not SystemExit: the
+    tests call this module too, and pytest must see an ordinary failure)."""
+
 SELF = Path(__file__).resolve()
 
 # Directories every node has privately (bind-mounted from its disk). Those a
@@ -53,7 +59,7 @@ class Lab:
         for n in self.nodes:
             if n["name"] == name:
                 return n
-        raise SystemExit(f"labnode: unknown node {name!r} (lab has "
+        raise LabError(f"labnode: unknown node {name!r} (lab has "
                          f"{', '.join(n['name'] for n in self.nodes)})")
 
     def netns(self, name: str) -> str:
@@ -116,7 +122,7 @@ def power_off(lab: Lab, name: str, timeout: float = 20.0) -> int:
                     os.kill(pid, sig)
         killed.update(pids)
         time.sleep(0.02)
-    raise SystemExit(f"labnode: node {name} still has processes {node_pids(lab, name)}")
+    raise LabError(f"labnode: node {name} still has processes {node_pids(lab, name)}")
 
 
 # ---------------------------------------------------------------- network
@@ -149,7 +155,7 @@ def start(lab: Lab, name: str, timeout: float = 10.0) -> int:
     """Power the node on (from the root namespaces): fresh namespaces, then the
     node's init. Returns the init's PID; a running node is left alone."""
     if (lab.base / "down").exists():
-        raise SystemExit(f"labnode: the lab is being torn down, {name} stays off")
+        raise LabError(f"labnode: the lab is being torn down, {name} stays off")
     pid_file = lab.disk(name) / "init.pid"
     if node_pids(lab, name):
         return int(pid_file.read_text())
@@ -166,7 +172,9 @@ def start(lab: Lab, name: str, timeout: float = 10.0) -> int:
         with contextlib.suppress(FileNotFoundError, ValueError):
             return int(pid_file.read_text())
         time.sleep(0.02)
-    raise SystemExit(f"labnode: node {name} did not start (see {lab.disk(name)}/init.log)")
+    init_log = lab.disk(name) / "init.log"
+    tail = init_log.read_text(errors="replace")[-2000:] if init_log.exists() else "(none)"
+    raise LabError(f"labnode: node {name} did not start; {init_log} ends:\n{tail}")
 
 
 def mount_private(lab: Lab, name: str) -> None:
@@ -237,4 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except LabError as exc:
+        sys.exit(str(exc))

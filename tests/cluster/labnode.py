@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -177,12 +178,37 @@ def start(lab: Lab, name: str, timeout: float = 10.0) -> int:
     raise LabError(f"labnode: node {name} did not start; {init_log} ends:\n{tail}")
 
 
+def make_mountpoint(path: Path, disk: Path) -> None:
+    """Create PATH to bind a private directory on. Where a parent is read-only
+    (a fresh machine may have /opt mounted read-only), that parent gets a
+    writable overlay inside this node's mount namespace: same contents, and
+    what the node adds stays in the node's RAM."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    scratch = disk / "overlays" / parent.as_posix().strip("/").replace("/", "_")
+    scratch.mkdir(parents=True, exist_ok=True)
+    # upper and work on a tmpfs: overlayfs refuses some filesystems as upper
+    run("mount", "-t", "tmpfs", "-o", "mode=755", "lab-overlay", str(scratch))
+    (scratch / "upper").mkdir()
+    (scratch / "work").mkdir()
+    run("mount", "-t", "overlay", "lab-overlay", "-o",
+        f"lowerdir={parent},upperdir={scratch}/upper,workdir={scratch}/work", str(parent))
+    path.mkdir(parents=True, exist_ok=True)
+
+
 def mount_private(lab: Lab, name: str) -> None:
     disk = lab.disk(name)
     for path in (*PRIVATE_DIRS, *lab.extra_private()):
         src = disk / "root" / path.lstrip("/")
         src.mkdir(parents=True, exist_ok=True)
-        Path(path).mkdir(parents=True, exist_ok=True)
+        make_mountpoint(Path(path), disk)
         run("mount", "--bind", str(src), path)
     run("mount", "--bind", str(disk / "hosts"), "/etc/hosts")
     # RAM: gone at every power-off

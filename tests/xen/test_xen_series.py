@@ -83,7 +83,10 @@ def test_build_cache_is_keyed_by_the_series(tmp_path: Path) -> None:
     shutil.copytree(xen_lab.PATCHES, patches)
     assert tree.name == f"xen-build-{series_hash(patches)}"
     last = patches / xen_lab.series()[-1]
-    last.write_text(last.read_text().replace("left for a follow-up", "left for later", 1))
+    text = last.read_text()
+    changed = text.replace("\n---\n", "\nOne more line of description.\n---\n", 1)
+    assert changed != text
+    last.write_text(changed)
     assert series_hash(patches) != series_hash(xen_lab.PATCHES)
 
 

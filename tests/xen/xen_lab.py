@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -51,7 +53,7 @@ def xen_build() -> Path:
 
 
 def build_tap_test(xen_tree: Path, out: Path) -> Path:
-    """Compile dom0/kemari-tap-test against the patched public headers."""
+    """Compile the dom0 test programs against the patched public headers."""
     res = run([str(LAB / "deps.sh")], timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     res = run(["make", "-s", "-C", str(DOM0), f"XEN_SRC={xen_tree}", f"OUT={out}"], timeout=300)
@@ -75,6 +77,14 @@ class Boot:
         return [ln for ln in self.log.splitlines() if ln.startswith(prefix)]
 
 
+def assert_passed(boot_: Boot, *names: str) -> None:
+    """Each named KEMARI-CHECK was reported, and passed."""
+    checks = boot_.checks()
+    for name in names:
+        assert name in checks, f"{name} never reported:\n{boot_.stdout[-3000:]}"
+        assert checks[name][0], f"{name} failed: {checks[name][1]}"
+
+
 def log_path(name: str) -> Path:
     """Serial logs go to the cache (kept after pytest's temp dirs are gone)."""
     (CACHE / "logs").mkdir(parents=True, exist_ok=True)
@@ -87,7 +97,7 @@ def boot(
     log: Path,
     env: dict[str, str],
     xen_cmdline: str = "",
-    timeout: int = 900,
+    timeout: int = 1800,  # a loaded 2-core host can take 15 min for one boot
 ) -> Boot:
     """Boot Xen + dom0 under QEMU, run run_script in dom0; never raises on failure."""
     cmd = [
@@ -109,3 +119,40 @@ def boot(
     text = log.read_text(errors="replace") if log.exists() else ""
     # The serial console ends lines with CR LF.
     return Boot(res.returncode, res.stdout + res.stderr, text.replace("\r", ""))
+
+
+@dataclass(frozen=True)
+class TapVariant:
+    """One boot of dom0/tap-test.sh."""
+
+    domu_type: str
+    xen_cmdline: str = ""
+    notify: str = "port"  # how holds are told: the controller's own port, or virq
+    owner_phase: bool = False  # also run dom0/owner-test.sh (patch 5) in this boot
+
+
+TAP_VARIANTS = {
+    "pv": TapVariant("pv", owner_phase=True),
+    "pvh": TapVariant("pvh", notify="virq"),
+    "pv-flask": TapVariant("pv", "xsm=flask flask=enforcing"),
+}
+
+
+@cache
+def tap_boot(name: str) -> Boot:
+    """Boot one variant of the tap test, once per session (several modules check it)."""
+    require_root()
+    variant = TAP_VARIANTS[name]
+    env = {"KEMARI_DOMU_TYPE": variant.domu_type, "KEMARI_NOTIFY": variant.notify}
+    if variant.owner_phase:
+        env["KEMARI_OWNER_PHASE"] = "1"
+    with tempfile.TemporaryDirectory(prefix=f"kemari-xen-tap-{name}-") as tmp:
+        files = Path(tmp) / "files"
+        build_tap_test(xen_build(), files)
+        return boot(
+            DOM0 / "tap-test.sh",
+            files,
+            log_path(f"tap-{name}"),
+            env=env,
+            xen_cmdline=variant.xen_cmdline,
+        )

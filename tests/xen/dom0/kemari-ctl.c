@@ -66,23 +66,30 @@ static int domctl(struct kemari_ctl *k, uint32_t cmd, uint16_t dom)
 }
 
 static int kemari_domctl(struct kemari_ctl *k, uint16_t dom, uint32_t op,
-			 bool with_bitmap, struct kemari_state *state)
+			 bool with_bitmap, uint32_t notify_port,
+			 uint32_t *owner, struct kemari_state *state)
 {
 	struct xen_domctl_kemari *kop = &k->domctl->u.kemari;
 	int rc;
 
 	memset(k->domctl, 0, sizeof(*k->domctl));
 	kop->op = op;
+	kop->u.tap.notify_port = notify_port;
+	kop->u.tap.owner = owner ? *owner : 0;
 	if (with_bitmap) {
 		set_xen_guest_handle(kop->u.tap.ports.bitmap, k->bitmap);
 		kop->u.tap.ports.nr_bits = KEMARI_MAX_PORTS;
 	}
 	rc = domctl(k, XEN_DOMCTL_kemari, dom);
+	if (!rc && owner && (op == XEN_DOMCTL_KEMARI_ARM ||
+			     op == XEN_DOMCTL_KEMARI_ADOPT))
+		*owner = kop->u.tap.owner;
 	if (state) {
 		memset(state, 0, sizeof(*state));
 		state->flags = kop->flags;
 		if (!rc && op == XEN_DOMCTL_KEMARI_GET_HELD) {
 			state->nr_held = kop->u.tap.nr_held;
+			state->nr_ports = kop->u.tap.nr_ports;
 			memcpy(state->held, k->bitmap, sizeof(state->held));
 		}
 	}
@@ -90,7 +97,8 @@ static int kemari_domctl(struct kemari_ctl *k, uint16_t dom, uint32_t op,
 }
 
 int kemari_arm(struct kemari_ctl *k, uint16_t dom, const uint32_t *ports,
-	       unsigned int nr, struct kemari_state *state)
+	       unsigned int nr, uint32_t notify_port, bool adopt,
+	       uint32_t *owner, struct kemari_state *state)
 {
 	unsigned int i;
 
@@ -100,20 +108,23 @@ int kemari_arm(struct kemari_ctl *k, uint16_t dom, const uint32_t *ports,
 			return -EINVAL;
 		k->bitmap[ports[i] / 8] |= 1u << (ports[i] % 8);
 	}
-	return kemari_domctl(k, dom, XEN_DOMCTL_KEMARI_ARM, true, state);
+	return kemari_domctl(k, dom, adopt ? XEN_DOMCTL_KEMARI_ADOPT :
+			     XEN_DOMCTL_KEMARI_ARM, true, notify_port, owner,
+			     state);
 }
 
-int kemari_simple_op(struct kemari_ctl *k, uint16_t dom, uint32_t op,
-		     struct kemari_state *state)
+int kemari_owner_op(struct kemari_ctl *k, uint16_t dom, uint32_t op,
+		    uint32_t owner, struct kemari_state *state)
 {
-	return kemari_domctl(k, dom, op, false, state);
+	return kemari_domctl(k, dom, op, false, 0, &owner, state);
 }
 
 int kemari_get_held(struct kemari_ctl *k, uint16_t dom,
 		    struct kemari_state *state)
 {
 	memset(k->bitmap, 0xff, KEMARI_MAX_PORTS / 8);
-	return kemari_domctl(k, dom, XEN_DOMCTL_KEMARI_GET_HELD, true, state);
+	return kemari_domctl(k, dom, XEN_DOMCTL_KEMARI_GET_HELD, true, 0, NULL,
+			     state);
 }
 
 int kemari_alloc_unbound(struct kemari_ctl *k, uint16_t dom, uint32_t port,
@@ -155,5 +166,28 @@ int kemari_evtchn_status(struct kemari_ctl *k, uint16_t dom, uint32_t port,
 	*status = k->status->status;
 	*peer_dom = k->status->u.interdomain.dom;
 	*peer_port = k->status->u.interdomain.port;
+	return 0;
+}
+
+int kemari_vcpus_running(struct kemari_ctl *k, uint16_t dom,
+			 unsigned int max_vcpus, bool *running,
+			 uint64_t *cpu_time)
+{
+	unsigned int v;
+	int rc;
+
+	*running = false;
+	*cpu_time = 0;
+	for (v = 0; v < max_vcpus; v++) {
+		memset(k->domctl, 0, sizeof(*k->domctl));
+		k->domctl->u.getvcpuinfo.vcpu = v;
+		rc = domctl(k, XEN_DOMCTL_getvcpuinfo, dom);
+		if ((rc == -ESRCH || rc == -EINVAL) && v > 0)
+			break;		/* no such vCPU */
+		if (rc)
+			return rc;
+		*running |= k->domctl->u.getvcpuinfo.running;
+		*cpu_time += k->domctl->u.getvcpuinfo.cpu_time;
+	}
 	return 0;
 }

@@ -16,17 +16,24 @@ struct kemari_ctl;
 struct kemari_state {
 	uint32_t flags;		/* XEN_DOMCTL_KEMARI_F_* */
 	uint32_t nr_held;
+	uint32_t nr_ports;	/* the tap's bitmap size (GET_HELD) */
 	uint8_t held[KEMARI_MAX_PORTS / 8];
 };
 
 struct kemari_ctl *kemari_open(void);
 void kemari_close(struct kemari_ctl *k);
 
-/* All return 0 or a negative errno; state may be NULL. */
+/*
+ * All return 0 or a negative errno; state may be NULL.
+ * ARM (or ADOPT, with adopt) the tap on ports, told on notify_port (0:
+ * VIRQ_KEMARI); *owner is the token to re-arm with and gets the new one.
+ */
 int kemari_arm(struct kemari_ctl *k, uint16_t dom, const uint32_t *ports,
-	       unsigned int nr, struct kemari_state *state);
-int kemari_simple_op(struct kemari_ctl *k, uint16_t dom, uint32_t op,
-		     struct kemari_state *state);
+	       unsigned int nr, uint32_t notify_port, bool adopt,
+	       uint32_t *owner, struct kemari_state *state);
+/* RELEASE or DISARM, as the owner with this token. */
+int kemari_owner_op(struct kemari_ctl *k, uint16_t dom, uint32_t op,
+		    uint32_t owner, struct kemari_state *state);
 int kemari_get_held(struct kemari_ctl *k, uint16_t dom,
 		    struct kemari_state *state);
 int kemari_alloc_unbound(struct kemari_ctl *k, uint16_t dom, uint32_t port,
@@ -34,6 +41,12 @@ int kemari_alloc_unbound(struct kemari_ctl *k, uint16_t dom, uint32_t port,
 
 /* Whether the toolstack sees the domain as paused (XEN_DOMINF_paused). */
 int kemari_dom_paused(struct kemari_ctl *k, uint16_t dom, bool *paused);
+
+/* Whether any of the domain's vCPUs (up to max_vcpus) is running, and
+ * the time they have run (ns). */
+int kemari_vcpus_running(struct kemari_ctl *k, uint16_t dom,
+			 unsigned int max_vcpus, bool *running,
+			 uint64_t *cpu_time);
 
 /* EVTCHNOP_status of dom's port: its state and, if interdomain, the peer. */
 int kemari_evtchn_status(struct kemari_ctl *k, uint16_t dom, uint32_t port,

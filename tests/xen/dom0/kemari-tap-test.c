@@ -7,11 +7,16 @@
  * usage: kemari-tap-test --domid N --port NAME=PORT... [--while-held CMD]
  *                        [--ring-ref NAME=REF]... [--restore-into DOMID]
  *                        [--max-cycles N] [--virq-timeout SEC]
+ *                        [--notify port|virq]
  *
- * Each cycle: wait for VIRQ_KEMARI, check the domU is paused with only
- * tapped ports held, run CMD (which checks the guest makes no progress),
- * release, check it runs again.  Cycles repeat until every kind of port
- * (the part of NAME before '-', e.g. vbd, vif) has been seen held.
+ * The tap tells us of a hold on a notification port of our own (default) or
+ * with VIRQ_KEMARI; GET_HELD is polled as well, as a notification can be
+ * lost.  Each cycle: wait for the hold, check the domU is paused by the
+ * tap's own pause with only tapped ports held, that nobody but the owner
+ * can release it, run CMD (which checks the guest makes no progress, even
+ * after `xl unpause`), release (checking the result), check it runs again.
+ * Cycles repeat until every kind of port (the part of NAME before '-', e.g.
+ * vbd, vif) has been seen held.
  * Then the restore side, into the (paused, never started) domain given with
  * --restore-into, else into the domU itself: allocate unbound ports at chosen
  * numbers (XEN_DOMCTL_KEMARI_ALLOC_UNBOUND) -- with --restore-into, at the
@@ -73,26 +78,61 @@ static double now_ms(void)
 	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-/* Wait for an event on our VIRQ port; returns 0, or -ETIMEDOUT. */
-static int wait_virq(xenevtchn_handle *xce, evtchn_port_t virq_port,
-		     int timeout_s)
+/*
+ * Wait until dom is held: an event on our notification port, or (it can be
+ * lost) GET_HELD saying so, polled every 500 ms.  Returns 0 (*by_event
+ * telling which), or -ETIMEDOUT.
+ */
+static int wait_held(struct kemari_ctl *k, uint16_t dom,
+		     xenevtchn_handle *xce, evtchn_port_t notify_port,
+		     int timeout_s, bool *by_event)
 {
 	struct pollfd pfd = { .fd = xenevtchn_fd(xce), .events = POLLIN };
 	double deadline = now_ms() + timeout_s * 1e3;
 	xenevtchn_port_or_error_t p;
+	struct kemari_state st;
 
 	for (;;) {
 		int left = (int)(deadline - now_ms());
 
-		if (left <= 0 || poll(&pfd, 1, left) <= 0)
+		if (left <= 0)
 			return -ETIMEDOUT;
-		p = xenevtchn_pending(xce);
-		if (p < 0)
+		if (poll(&pfd, 1, left < 500 ? left : 500) > 0) {
+			p = xenevtchn_pending(xce);
+			if (p < 0)
+				continue;
+			xenevtchn_unmask(xce, p);
+			if ((evtchn_port_t)p == notify_port) {
+				*by_event = true;
+				return 0;
+			}
 			continue;
-		xenevtchn_unmask(xce, p);
-		if ((evtchn_port_t)p == virq_port)
+		}
+		if (!kemari_get_held(k, dom, &st) &&
+		    (st.flags & XEN_DOMCTL_KEMARI_F_PAUSED)) {
+			*by_event = false;
 			return 0;
+		}
 	}
+}
+
+/* While held, nobody but the owner can release or re-arm the tap. */
+static void check_owned(struct kemari_ctl *k, uint16_t dom,
+			const uint32_t *ports, unsigned int nr, uint32_t owner)
+{
+	struct kemari_state st;
+	uint32_t other = owner + 1;
+	int rc;
+
+	rc = kemari_owner_op(k, dom, XEN_DOMCTL_KEMARI_RELEASE, owner + 1, &st);
+	check(rc == -EPERM && (st.flags & XEN_DOMCTL_KEMARI_F_PAUSED),
+	      "owner.release_refused", "rc=%d flags=%#x", rc, st.flags);
+	rc = kemari_owner_op(k, dom, XEN_DOMCTL_KEMARI_DISARM, 0, &st);
+	check(rc == -EPERM && (st.flags & XEN_DOMCTL_KEMARI_F_ARMED),
+	      "owner.disarm_refused", "rc=%d flags=%#x", rc, st.flags);
+	rc = kemari_arm(k, dom, ports, nr, 0, false, &other, &st);
+	check(rc == -EBUSY && (st.flags & XEN_DOMCTL_KEMARI_F_PAUSED),
+	      "owner.arm_refused", "rc=%d flags=%#x", rc, st.flags);
 }
 
 static void describe_held(const struct kemari_state *s, char *buf, size_t len)
@@ -125,22 +165,37 @@ static bool kinds_all_seen(const struct tapped *t, unsigned int nr)
 	return true;
 }
 
+static int cycles_by_event;
+
+static const uint32_t *ports_of(const struct tapped *t, unsigned int nr)
+{
+	static uint32_t ports[MAX_TAPPED];
+	unsigned int i;
+
+	for (i = 0; i < nr; i++)
+		ports[i] = t[i].port;
+	return ports;
+}
+
 static void run_cycle(struct kemari_ctl *k, xenevtchn_handle *xce,
-		      evtchn_port_t virq_port, uint16_t dom,
+		      evtchn_port_t notify_port, uint16_t dom, uint32_t owner,
 		      struct tapped *t, unsigned int nr, int cycle,
 		      const char *while_held, int virq_timeout)
 {
 	struct kemari_state st;
 	char name[64], held[256], cmd[512];
 	double t0 = now_ms();
-	bool paused, only_tapped = true;
+	bool paused, running, by_event = false, only_tapped = true;
+	uint64_t ran_before = 0, ran_after = 0;
 	unsigned int i, n = 0;
 	int rc;
 
-	rc = wait_virq(xce, virq_port, virq_timeout);
+	rc = wait_held(k, dom, xce, notify_port, virq_timeout, &by_event);
 	snprintf(name, sizeof(name), "cycle%d.virq", cycle);
-	if (!check(rc == 0, name, "waited_ms=%.0f", now_ms() - t0))
+	if (!check(rc == 0, name, "waited_ms=%.0f by=%s", now_ms() - t0,
+		   by_event ? "event" : "poll"))
 		return;
+	cycles_by_event += by_event;
 
 	rc = kemari_get_held(k, dom, &st);
 	describe_held(&st, held, sizeof(held));
@@ -170,9 +225,16 @@ static void run_cycle(struct kemari_ctl *k, xenevtchn_handle *xce,
 	check(n > 0 && n == st.nr_held && only_tapped, name,
 	      "held=%s nr_held=%u", held, st.nr_held);
 
+	/* The tap's own pause: no vCPU runs, the toolstack's count is not used. */
 	rc = kemari_dom_paused(k, dom, &paused);
+	if (!rc)
+		rc = kemari_vcpus_running(k, dom, 1, &running, &ran_before);
 	snprintf(name, sizeof(name), "cycle%d.domain_paused", cycle);
-	check(!rc && paused, name, "rc=%d xl_paused=%d", rc, paused);
+	check(!rc && !running && !paused, name, "rc=%d vcpu_running=%d "
+	      "xl_paused=%d", rc, running, paused);
+
+	if (cycle == 1)
+		check_owned(k, dom, ports_of(t, nr), nr, owner);
 
 	if (while_held) {
 		snprintf(cmd, sizeof(cmd), "%s %d", while_held, cycle);
@@ -180,10 +242,18 @@ static void run_cycle(struct kemari_ctl *k, xenevtchn_handle *xce,
 		rc = system(cmd);
 		snprintf(name, sizeof(name), "cycle%d.guest_stalled", cycle);
 		check(rc == 0, name, "cmd_status=%d", rc);
+		/* CMD tried `xl unpause`: the guest must not have run at all. */
+		rc = kemari_vcpus_running(k, dom, 1, &running, &ran_after);
+		kemari_get_held(k, dom, &st);
+		snprintf(name, sizeof(name), "cycle%d.no_cpu_while_held", cycle);
+		check(!rc && !running && ran_after == ran_before &&
+		      (st.flags & XEN_DOMCTL_KEMARI_F_PAUSED), name,
+		      "rc=%d ran_ns=%llu flags=%#x", rc,
+		      (unsigned long long)(ran_after - ran_before), st.flags);
 	}
 
 	t0 = now_ms();
-	rc = kemari_simple_op(k, dom, XEN_DOMCTL_KEMARI_RELEASE, &st);
+	rc = kemari_owner_op(k, dom, XEN_DOMCTL_KEMARI_RELEASE, owner, &st);
 	snprintf(name, sizeof(name), "cycle%d.release", cycle);
 	check(!rc && !(st.flags & XEN_DOMCTL_KEMARI_F_PAUSED) &&
 	      (st.flags & XEN_DOMCTL_KEMARI_F_ARMED), name,
@@ -193,8 +263,31 @@ static void run_cycle(struct kemari_ctl *k, xenevtchn_handle *xce,
 	rc = kemari_dom_paused(k, dom, &paused);
 	kemari_get_held(k, dom, &st);
 	snprintf(name, sizeof(name), "cycle%d.resumed", cycle);
-	check(!rc && (!paused || (st.flags & XEN_DOMCTL_KEMARI_F_PAUSED)),
-	      name, "xl_paused=%d tap_flags=%#x", paused, st.flags);
+	check(!rc && !paused, name, "xl_paused=%d tap_flags=%#x", paused,
+	      st.flags);
+}
+
+/*
+ * On a domain that never runs: RELEASE with nothing held says so, and the
+ * tap's bitmaps are bounded by the event-channel ABI, whatever the domain's
+ * max_event_channels.
+ */
+static void test_release_and_bound(struct kemari_ctl *k, uint16_t dom)
+{
+	uint32_t port = 1, owner = 0;
+	struct kemari_state st;
+	int rc;
+
+	rc = kemari_arm(k, dom, &port, 1, 0, false, &owner, &st);
+	check(!rc && owner, "idle.arm", "rc=%d owner=%u", rc, owner);
+	rc = kemari_owner_op(k, dom, XEN_DOMCTL_KEMARI_RELEASE, owner, &st);
+	check(rc == -ENOENT, "idle.release_nothing_held", "rc=%d", rc);
+	rc = kemari_get_held(k, dom, &st);
+	check(!rc && st.nr_ports > 0 && st.nr_ports <= 1u << 17,
+	      "idle.bitmap_bounded", "rc=%d nr_ports=%u", rc, st.nr_ports);
+	rc = kemari_owner_op(k, dom, XEN_DOMCTL_KEMARI_DISARM, owner, &st);
+	check(!rc && !(st.flags & XEN_DOMCTL_KEMARI_F_OWNED), "idle.disarm",
+	      "rc=%d flags=%#x", rc, st.flags);
 }
 
 static void test_alloc_unbound(struct kemari_ctl *k, xenevtchn_handle *xce,
@@ -285,7 +378,8 @@ static void usage(void)
 {
 	fprintf(stderr, "usage: kemari-tap-test --domid N --port NAME=PORT... "
 		"[--while-held CMD] [--ring-ref NAME=REF]... "
-		"[--restore-into DOMID] [--max-cycles N] [--virq-timeout SEC]\n");
+		"[--restore-into DOMID] [--max-cycles N] [--virq-timeout SEC] "
+		"[--notify port|virq]\n");
 	exit(2);
 }
 
@@ -299,6 +393,7 @@ int main(int argc, char **argv)
 		{ "virq-timeout", required_argument, NULL, 't' },
 		{ "ring-ref", required_argument, NULL, 'r' },
 		{ "restore-into", required_argument, NULL, 'R' },
+		{ "notify", required_argument, NULL, 'n' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct tapped t[MAX_TAPPED];
@@ -307,10 +402,12 @@ int main(int argc, char **argv)
 	const char *while_held = NULL, *ring_refs[MAX_TAPPED];
 	unsigned int nr_refs = 0;
 	int dom = -1, restore_dom = -1, max_cycles = 8, virq_timeout = 30, c, rc, cycle;
+	bool use_virq = false;
+	uint32_t owner = 0, other_owner = 0;
 	struct kemari_state st;
 	struct kemari_ctl *k;
 	xenevtchn_handle *xce;
-	xenevtchn_port_or_error_t virq_port;
+	xenevtchn_port_or_error_t virq_port, notify_port;
 	char *eq;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -349,6 +446,11 @@ int main(int argc, char **argv)
 		case 'R':
 			restore_dom = atoi(optarg);
 			break;
+		case 'n':
+			use_virq = !strcmp(optarg, "virq");
+			if (!use_virq && strcmp(optarg, "port"))
+				usage();
+			break;
 		default:
 			usage();
 		}
@@ -365,18 +467,34 @@ int main(int argc, char **argv)
 		   VIRQ_KEMARI, virq_port, virq_port < 0 ? errno : 0))
 		return 1;
 
+	/* Our own notification port: unbound, only we (dom0) may bind it. */
+	notify_port = virq_port;
+	if (!use_virq) {
+		notify_port = xenevtchn_bind_unbound_port(xce, 0);
+		if (!check(notify_port >= 0, "notify_port", "port=%d errno=%d",
+			   notify_port, notify_port < 0 ? errno : 0))
+			return 1;
+	}
+
 	/* The controller must not be able to tap itself (FLASK: -EACCES). */
-	rc = kemari_arm(k, 0, ports, nr, NULL);
+	rc = kemari_arm(k, 0, ports, nr, 0, false, &other_owner, NULL);
 	check(rc == -EINVAL || rc == -EACCES, "refuse_dom0", "rc=%d", rc);
 
-	rc = kemari_arm(k, dom, ports, nr, &st);
-	if (!check(!rc && (st.flags & XEN_DOMCTL_KEMARI_F_ARMED), "arm",
-		   "rc=%d flags=%#x ports=%u", rc, st.flags, nr))
+	rc = kemari_arm(k, dom, ports, nr, use_virq ? 0 : notify_port, false,
+			&owner, &st);
+	if (!check(!rc && (st.flags & XEN_DOMCTL_KEMARI_F_ARMED) &&
+		   (st.flags & XEN_DOMCTL_KEMARI_F_OWNED) && owner, "arm",
+		   "rc=%d flags=%#x ports=%u notify=%s owner=%u", rc, st.flags,
+		   nr, use_virq ? "virq" : "port", owner))
 		return 1;
 
 	for (cycle = 1; cycle <= max_cycles && !kinds_all_seen(t, nr); cycle++)
-		run_cycle(k, xce, virq_port, dom, t, nr, cycle, while_held,
-			  virq_timeout);
+		run_cycle(k, xce, notify_port, dom, owner, t, nr, cycle,
+			  while_held, virq_timeout);
+	/* Lost notifications are rare: most holds must have been told. */
+	check(cycles_by_event * 2 >= cycle - 1, "notified",
+	      "by_event=%d cycles=%d via=%s", cycles_by_event, cycle - 1,
+	      use_virq ? "virq" : "port");
 
 	for (i = 0; i < nr; i++) {
 		char name[64];
@@ -396,12 +514,14 @@ int main(int argc, char **argv)
 		check(seen, name, "cycles=%d", cycle - 1);
 	}
 
-	rc = kemari_simple_op(k, dom, XEN_DOMCTL_KEMARI_DISARM, &st);
+	rc = kemari_owner_op(k, dom, XEN_DOMCTL_KEMARI_DISARM, owner, &st);
 	check(!rc && !(st.flags & (XEN_DOMCTL_KEMARI_F_ARMED |
-				   XEN_DOMCTL_KEMARI_F_PAUSED)),
+				   XEN_DOMCTL_KEMARI_F_PAUSED |
+				   XEN_DOMCTL_KEMARI_F_OWNED)),
 	      "disarm", "rc=%d flags=%#x", rc, st.flags);
 
 	if (restore_dom > 0) {
+		test_release_and_bound(k, restore_dom);
 		/* The restored domain gets the domU's own port numbers. */
 		test_alloc_unbound(k, xce, restore_dom, t[0].port);
 		for (i = 1; i < nr; i++)

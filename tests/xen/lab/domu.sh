@@ -1,14 +1,15 @@
 # Helpers for dom0 test scripts (/kemari/run): start the lab's standard
 # domU -- the Debian 6.1 kernel with a busybox initramfs, a 16 MiB
-# loop-backed disk (xvda) and a vif routed to dom0 (10.213.0.1 <-> .2) --
-# and follow its console.  Source it: . /kemari/lab/domu.sh
+# loop-backed disk (xvda) and a vif routed to dom0 (10.213.N.1 <-> .2, N=0
+# unless given) -- and follow its console.  Source it: . /kemari/lab/domu.sh
 DOMU_DIR=/kemari/domu
 
 domu_log() { echo "/var/log/xen/console/guest-$1.log"; }
 
-# domu_start NAME [pv|pvh]: create the domU and wait for DOMU-READY.
+# domu_start NAME [pv|pvh] [N]: create the domU (its vif on 10.213.N.0/24,
+# N=0..9) and wait for DOMU-READY.
 domu_start() {
-    local name=$1 type=${2:-pv} img=/tmp/$1.img dev i
+    local name=$1 type=${2:-pv} net=${3:-0} img=/tmp/$1.img dev i
     truncate -s 16M "$img"
     dev=$(losetup -f --show "$img") || return 1
     cat > "/tmp/$name.cfg" <<CFG
@@ -16,12 +17,12 @@ name = "$name"
 type = "$type"
 kernel = "$DOMU_DIR/vmlinuz"
 ramdisk = "$DOMU_DIR/initrd.cpio.gz"
-extra = "console=hvc0 quiet"
+extra = "console=hvc0 quiet kemari_ip=10.213.$net.2"
 memory = 128
 vcpus = 1
 on_crash = "preserve"
 disk = [ "format=raw, vdev=xvda, access=rw, backendtype=phy, script=/kemari/lab/hotplug-block, target=$dev" ]
-vif = [ "mac=00:16:3e:4b:00:02, script=/kemari/lab/hotplug-vif" ]
+vif = [ "mac=00:16:3e:4b:0$net:02, ip=10.213.$net.2, script=/kemari/lab/hotplug-vif" ]
 CFG
     xl create "/tmp/$name.cfg" || return 1
     for i in $(seq 1 240); do

@@ -155,6 +155,7 @@ def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300) -> dict:
         spid = lab.secondary.pid()
         ppid = lab.primary.pid()
         c0 = lab.secondary.status()["checkpoints"]
+        p0 = lab.primary.status()
         t0, _ = _cpu_ticks(spid)
         time.sleep(seconds)
         t1, scpu = _cpu_ticks(spid)
@@ -186,7 +187,9 @@ def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300) -> dict:
             "n": len(seqs), "stages": stages,
             "secondary_cpu_us_per_checkpoint": (t1 - t0) / hz * 1e6 / max(1, ncp),
             "placement": f"unpinned; last on CPU primary {pcpu}, secondary {scpu}",
-            "bytes_per_checkpoint": pst["bytes_sent"] / max(1, pst["checkpoints"])}
+            "pages_harvested_p50": percentile([prim[s].get("pages", 0) for s in seqs], 50),
+            "bytes_per_checkpoint": (pst["bytes_sent"] - p0["bytes_sent"])
+            / max(1, pst["checkpoints"] - p0["checkpoints"])}
 
 
 def sec_rows(status: dict) -> list[dict]:

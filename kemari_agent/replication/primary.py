@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from enum import Enum
 
+from . import native_codec
 from .codec import (
     DEFAULT_CAPABILITIES,
     MAX_PAGES_PER_RECORD,
@@ -49,7 +50,6 @@ from .errors import (
     StreamError,
     UnexpectedRecord,
 )
-from . import native_codec
 from .events import Acked, Event, PeerDead, PeerGoodbye, PeerHello, SyncComplete
 from .liveness import Liveness
 

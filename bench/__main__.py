@@ -2,6 +2,7 @@
 each prints its table and writes bench/results/NAME.json."""
 
 from bench import (
+    bench_checkpoint_stages,
     bench_cluster_failover,
     bench_codec,
     bench_handshake_crowd,
@@ -14,6 +15,7 @@ if __name__ == "__main__":
     bench_kv.main()
     bench_codec.main()
     bench_replication.main()
+    bench_checkpoint_stages.main()
     bench_handshake_crowd.main()
     bench_resync.main()
     bench_cluster_failover.main()

@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import stages
 from .config import VmConfig
 from .devices.block import BlockBackend
 from .devices.console import Console
@@ -88,6 +89,7 @@ class Vmm:
         self.tap_hook: TapHook | None = None
         self.services: list[Service] = []
         self.exit_code: int | None = None
+        self.exit_ns = 0          # when the last exit returned (KEMARI_STAGES=1)
         self._stop = False
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -212,6 +214,8 @@ class Vmm:
         machine = self.machine
         while not self._stop:
             ex = machine.run()
+            if stages.ENABLED:
+                self.exit_ns = stages.now_ns()
             self.counters.exits += 1
             if ex.reason == EXIT_IO:
                 self._handle_io(ex)

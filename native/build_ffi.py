@@ -13,8 +13,8 @@ from pathlib import Path
 from cffi import FFI
 
 NATIVE = Path(__file__).resolve().parent
-HEADERS = ["kemari_abi.h", "vmm.h"]
-SOURCES = ["vmm.c"]
+HEADERS = ["kemari_abi.h", "vmm.h", "codec.h"]
+SOURCES = ["vmm.c", "codec.c"]
 
 
 def cdef_from_header(text: str) -> str:

@@ -8,6 +8,7 @@ import select
 import time
 from collections.abc import Callable
 
+from .. import stages
 from ..replication.codec import encode_error
 from ..replication.errors import PeerError, StreamError, TransportError
 from ..replication.events import Event
@@ -26,6 +27,7 @@ class Link:
         self.closed = False
         self.io_timeout = io_timeout
         self.bytes_sent = 0
+        self.recv_ns = self.decoded_ns = 0    # KEMARI_STAGES=1: last read's moments
         channel.settimeout(io_timeout)
 
     def fileno(self) -> int:
@@ -51,6 +53,8 @@ class Link:
             raise SessionLost(str(exc)) from exc
         if not data:
             raise SessionLost("the peer closed the connection")
+        if stages.ENABLED:
+            self.recv_ns = stages.now_ns()
         try:
             events = self.sm.receive_data(data, time.monotonic())
         except StreamError as exc:
@@ -58,6 +62,8 @@ class Link:
                 with contextlib.suppress(TransportError):
                     self.channel.send_all(encode_error(exc))
             raise SessionLost(f"{type(exc).__name__}: {exc}") from exc
+        if stages.ENABLED:
+            self.decoded_ns = stages.now_ns()
         if flush:
             self.flush()
         return events

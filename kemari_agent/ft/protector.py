@@ -31,6 +31,7 @@ import os
 import threading
 import time
 
+from .. import stages
 from ..config import VmConfig
 from ..replication import transport
 from ..replication.codec import Device, DiskWrite, Vcpu
@@ -83,6 +84,7 @@ class Protector:
         self.bytes_received = 0
         self.last_checkpoint_at: float | None = None
         self.latencies: collections.deque[float] = collections.deque(maxlen=2000)
+        self.stages = stages.StageLog() if stages.ENABLED else None
         self.sync_progress: dict | None = None
         self.last_sync: dict | None = None
         self.last_error: str | None = None
@@ -138,7 +140,8 @@ class Protector:
                 "latency_us": {"p50": pct(0.5), "p99": pct(0.99)},
                 "sync": self.sync_progress, "mode": self.config.replication.mode,
                 "last_sync": self.last_sync,
-                "last_error": self.last_error}
+                "last_error": self.last_error,
+                **({"stages": self.stages.export()} if self.stages is not None else {})}
 
     # ---- connecting and full sync (connector thread) -----------------------------
     def _connect_loop(self) -> None:
@@ -357,10 +360,20 @@ class Protector:
     def _checkpoint(self, wait: bool) -> int:
         link = self.link
         assert link is not None
+        trace = self.stages if wait else None
+        if trace is not None:
+            trace.note("exit", self.vmm.exit_ns)
+            trace.mark("start")
         t0 = time.perf_counter()
         pfns = self.machine.harvest_dirty()
+        if trace is not None:
+            trace.mark("harvested")
         records = self._state_records()
+        if trace is not None:
+            trace.mark("state")
         seq = link.sm.checkpoint(self.machine.mem, pfns, records, now=time.monotonic())
+        if trace is not None:
+            trace.mark("encoded")
         self._sent(seq, pfns, records)
         block = self.vmm.block
         if self.epoch_mode and block is not None and block.has_work():
@@ -370,10 +383,17 @@ class Protector:
             link.channel.send_all(data[: len(data) // 2])
             self.faults.die()
         link.flush()
+        if trace is not None:
+            trace.mark("sent")
         if wait:
             self._check_peer_events(
                 link.wait_for(lambda: link.sm.is_acked(seq), self.timeout_s))
             self.latencies.append(time.perf_counter() - t0)
+            if trace is not None:
+                trace.note("ack_recv", link.recv_ns)
+                trace.note("ack_decoded", link.decoded_ns)
+                trace.note("pages", len(pfns))
+                trace.close(seq)
             self._acked(seq)
             if self.faults.due("after-ack"):
                 self.faults.die()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import stages
 from ..config import VmConfig
 from ..errors import KemariError
 from ..kvm.machine import Machine
@@ -62,14 +63,18 @@ class StandbySink(ImageSink):
         self._undo: list[tuple[int, bytes]] = []     # (offset, old bytes) of this checkpoint
         self.vcpu_full: bytes | None = None
         self.vcpu_fast: bytes | None = None
+        self.apply_ns = 0      # KEMARI_STAGES=1: time in apply_pages since the last commit
 
     def apply_pages(self, pfns, data, zero_pfns) -> None:
         """Straight into the standby VM's RAM, copied in C."""
         self._settle_disk()
+        t0 = stages.now_ns() if stages.ENABLED else 0
         if pfns:
             self.machine.scatter_pages(list(pfns), data)
         if zero_pfns:
             self.machine.zero_pages(list(zero_pfns))
+        if t0:
+            self.apply_ns += stages.now_ns() - t0
 
     def set_vcpu(self, vcpu_id, version, blob) -> None:
         """A full blob replaces both; a fast one goes on top of the last full one."""
@@ -162,6 +167,8 @@ class Receiver:
         self.rejections: list[str] = []
         self.handed_over = False
         self.settings = pair_settings(config)
+        self.stages = stages.StageLog() if stages.ENABLED else None
+        self._first_wake = 0      # KEMARI_STAGES=1: first wake-up of the checkpoint in progress
         if disk_fd is None and not node.consistent:
             # Only a replicated disk keeps a half-done full sync across a restart;
             # guest RAM starts empty, so there is no mix left to refuse.
@@ -188,7 +195,8 @@ class Receiver:
                 "recent_errors": self.rejections[-5:],
                 "consistent": self.node.consistent, "outdated": self.node.outdated,
                 "promotable": self.promote_blocker() is None,
-                "promote_blocker": self.promote_blocker()}
+                "promote_blocker": self.promote_blocker(),
+                **({"stages": self.stages.export()} if self.stages is not None else {})}
 
     def promote_blocker(self) -> str | None:
         """Why promoting this node would resume a state that is not the guest's last
@@ -230,6 +238,9 @@ class Receiver:
                 deadline = min(deadline, self.link.sm.next_deadline())
             readable, writable, _ = select.select(fds, self.admission.write_fds(), [],
                                                   max(0.0, deadline - time.monotonic()))
+            woke = stages.now_ns() if self.stages is not None else 0
+            if self.link is None or self.link.fileno() not in readable:
+                woke = 0     # a heartbeat deadline or another fd: not the stream waking us
             if wake_fd in readable:
                 try:
                     while os.read(wake_fd, 512):
@@ -243,17 +254,37 @@ class Receiver:
                     events = self.link.read(flush=False) \
                         if self.link.fileno() in readable else []
                     events += self.link.sm.poll(time.monotonic())
+                    decoded = self.link.decoded_ns if woke else 0
                     self._handle(events)
                     if self.link is not None:
+                        handled = stages.now_ns() if woke else 0
                         self.link.flush()
                         acked = time.monotonic()
                         self.ack_latencies.extend(acked - started for ev in events
                                                   if isinstance(ev, Committed))
+                        if woke:
+                            self._trace(woke, decoded, handled, events)
                 except SessionLost as exc:
                     self._session_failed(str(exc))
             admitted = self.admission.service(set(readable) | set(writable), time.monotonic())
             if admitted is not None:
                 self._replace_session(*admitted)
+
+    def _trace(self, woke: int, decoded: int, handled: int, events: list) -> None:
+        """KEMARI_STAGES=1: the moments of each checkpoint this pass committed."""
+        link = self.link
+        first = self._first_wake or woke
+        self._first_wake = first
+        committed = [ev.seq for ev in events if isinstance(ev, Committed)]
+        if not committed:
+            return
+        self.stages.pending = {"wake": first, "last_wake": woke, "recv": link.recv_ns,
+                               "decoded": decoded, "apply": self.sink.apply_ns,
+                               "handled": handled, "ack_sent": stages.now_ns()}
+        for seq in committed:
+            self.stages.close(seq)
+        self.sink.apply_ns = 0
+        self._first_wake = 0
 
     def _new_session(self, channel: transport.Channel) -> Link:
         """A session for an authenticated peer, our HELLO sent; it replaces the

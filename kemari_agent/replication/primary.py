@@ -14,8 +14,11 @@ from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from enum import Enum
 
+from . import native_codec
 from .codec import (
     DEFAULT_CAPABILITIES,
+    MAX_PAGES_PER_RECORD,
+    PAGE_SIZE,
     VERSION,
     Ack,
     Buffer,
@@ -200,7 +203,17 @@ class Primary:
             raise RuntimeError("the sync's closing checkpoint is not acknowledged yet")
         if len(self.outstanding) >= self.max_outstanding:
             raise RuntimeError(f"{len(self.outstanding)} checkpoints already outstanding")
-        parts, nrecords, npages = pages_parts(memory, pfns, detect_zero=detect_zero)
+        # The C encoder writes the pages straight into the send buffer (same bytes);
+        # below a few pages its call overhead costs more than it saves.
+        native = native_codec.ENABLED and not detect_zero and len(pfns) >= native_codec.MIN_PAGES
+        if native:
+            pfns = pfns if isinstance(pfns, (list, tuple)) else list(pfns)
+            if pfns and (min(pfns) < 0 or max(pfns) >= len(memory) // PAGE_SIZE):
+                raise ValueError("pfn outside guest memory")
+            parts, npages = [], len(pfns)
+            nrecords = -(-len(pfns) // MAX_PAGES_PER_RECORD)
+        else:
+            parts, nrecords, npages = pages_parts(memory, pfns, detect_zero=detect_zero)
         for record in records:
             if not isinstance(record, (Pages, Vcpu, Device, DiskWrite)):
                 raise TypeError(f"{type(record).__name__} cannot be part of a checkpoint")
@@ -212,7 +225,15 @@ class Primary:
         # One copy out of guest memory into the send buffer, then the checksum
         # over that (now cache-hot) buffer, then END written into its slot.
         parts.append(_END_SLOT)
-        data = bytearray().join(parts)
+        if native:
+            pos = native_codec.pages_size(len(pfns))
+            data = bytearray(pos + sum(len(part) for part in parts))
+            native_codec.write_pages(memory, pfns, data)
+            for part in parts:
+                data[pos:pos + len(part)] = part
+                pos += len(part)
+        else:
+            data = bytearray().join(parts)
         body = memoryview(data)[:-len(_END_SLOT)]
         crc = zlib.crc32(body, self._crc)
         end = CheckpointEnd(seq, self.generation, self._records + nrecords,

@@ -1,0 +1,287 @@
+"""Where a checkpoint's time goes (issue 10), and the machine's floor, in one run.
+
+1. the floor: the VMM's bare port-I/O exit round trip (testguest, one `out`
+   per iteration, timed around Machine.run()), and a TLS 1.3 ping-pong on
+   loopback between two processes (the replication transport's own ssl
+   setup) carrying a 1-page checkpoint's bytes out and an ACK's bytes back;
+2. the checkpoint round trip (tap -> release) of the `stress` guest at
+   1, 8, 32, 256 dirty pages per event, with both daemons run with
+   KEMARI_STAGES=1, each stage's median from the two daemons' timestamps
+   (CLOCK_MONOTONIC, one host), joined by checkpoint seq;
+3. the secondary's CPU time per checkpoint (/proc/<pid>/stat);
+4. kv ops/s protected / unprotected with the same clients.
+
+Each codec setting (KEMARI_NATIVE_CODEC=1 and =0) runs `--runs` times,
+interleaved, and the medians of the runs are reported. No CPU pinning:
+the scheduler places the daemons on the machine's CPUs; the CPU each
+daemon last ran on is recorded per run.
+
+Run: python -m bench.bench_checkpoint_stages [--quick] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import percentile, report
+
+# (stage, from moment, to moment, which daemon's clock pair)
+STAGES = [
+    ("exit -> tap hook (Python exit dispatch)", "p.exit", "p.start"),
+    ("harvest dirty log", "p.start", "p.harvested"),
+    ("vCPU + device state", "p.harvested", "p.state"),
+    ("encode (pages, records, CRC, END)", "p.state", "p.encoded"),
+    ("TLS send (encrypt + write)", "p.encoded", "p.sent"),
+    ("wake-up of the secondary", "p.sent", "s.wake"),
+    ("TLS receive (read + decrypt)", "s.last_wake", "s.recv"),
+    ("decode + verify + apply", "s.recv", "s.decoded"),
+    ("  of which apply (scatter into guest RAM)", None, "s.apply"),
+    ("record checkpoint (node state)", "s.decoded", "s.handled"),
+    ("ACK send (encode + TLS)", "s.handled", "s.ack_sent"),
+    ("wake-up of the primary (+ TLS receive)", "s.ack_sent", "p.ack_recv"),
+    ("ACK decode (primary)", "p.ack_recv", "p.ack_decoded"),
+]
+
+
+def tmpdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="kemari-bench-"))
+
+
+# ---- the floor ---------------------------------------------------------------------------
+def exit_round_trip(n: int = 20000) -> dict:
+    """One `out` to an unhandled port per guest iteration: Machine.run() round trips."""
+    from helpers import TESTGUEST
+
+    from kemari_agent.kvm.boot import BootInfo, boot
+    from kemari_agent.kvm.machine import EXIT_IO, Machine
+
+    times = []
+    with Machine(32 << 20) as m:
+        boot(m, TESTGUEST.read_bytes(), BootInfo(args=(1, n, 1)))
+        clock = time.perf_counter_ns
+        while True:
+            t0 = clock()
+            ex = m.run()
+            times.append(clock() - t0)
+            if ex.reason != EXIT_IO or ex.io_port != 0x600:
+                break
+    times = times[100:-1]
+    return {"p50": percentile(times, 50) / 1e3, "p99": percentile(times, 99) / 1e3,
+            "n": len(times)}
+
+
+def _tls_server(key: str, port_q, nbytes: int, reply: int, n: int) -> None:
+    from kemari_agent.replication import transport
+
+    with transport.listen(key) as lst:
+        port_q.put(lst.address[1])
+        ch = lst.accept(timeout=30)
+        out = bytes(reply)
+        for _ in range(n):
+            got = 0
+            while got < nbytes:
+                got += len(ch.recv_some())
+            ch.send_all(out)
+        ch.close()
+
+
+def tls_ping_pong(key: str, nbytes: int, reply: int = 24, n: int = 2000) -> dict:
+    """The replication transport between two processes on loopback: nbytes out,
+    `reply` bytes back, timed on the client."""
+    from kemari_agent.replication import transport
+
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    server = ctx.Process(target=_tls_server, args=(key, q, nbytes, reply, n), daemon=True)
+    server.start()
+    try:
+        ch = transport.connect(key, "127.0.0.1", q.get(timeout=30))
+        payload = os.urandom(nbytes)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            ch.send_all(payload)
+            got = 0
+            while got < reply:
+                got += len(ch.recv_some())
+            times.append(time.perf_counter_ns() - t0)
+        ch.close()
+        times = times[50:]
+        return {"p50": percentile(times, 50) / 1e3, "p99": percentile(times, 99) / 1e3,
+                "bytes": nbytes}
+    finally:
+        server.join(10)
+        if server.is_alive():
+            server.kill()
+
+
+def _keygen() -> str:
+    import subprocess
+
+    from helpers import KEMARI, REPO
+    key = tmpdir() / "bench.key"
+    subprocess.run(KEMARI + ["keygen", str(key)], cwd=REPO, check=True, capture_output=True)
+    return str(key)
+
+
+# ---- the checkpoint, per stage --------------------------------------------------------
+def _cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime + stime in clock ticks, CPU last run on)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12]), int(fields[36])
+
+
+def _moment(row_p: dict, row_s: dict, key: str) -> int | None:
+    side, name = key.split(".")
+    return (row_p if side == "p" else row_s).get(name) or None
+
+
+def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300) -> dict:
+    from ftlab import FtLab
+
+    os.environ["KEMARI_STAGES"] = "1"
+    lab = FtLab(tmpdir(), image="stress",
+                extra=f"[stress]\npages = {pages}\nrate_hz = {rate_hz}")
+    try:
+        lab.start_pair()
+        time.sleep(0.5)                      # past the full sync's after-effects
+        spid = lab.secondary.pid()
+        ppid = lab.primary.pid()
+        c0 = lab.secondary.status()["checkpoints"]
+        p0 = lab.primary.status()
+        t0, _ = _cpu_ticks(spid)
+        time.sleep(seconds)
+        t1, scpu = _cpu_ticks(spid)
+        _, pcpu = _cpu_ticks(ppid)
+        sst = lab.secondary.status()
+        pst = lab.primary.status()
+        ncp = sst["checkpoints"] - c0
+    finally:
+        lab.close()
+        os.environ.pop("KEMARI_STAGES", None)
+    prim = {r["seq"]: r for r in pst.get("stages", [])}
+    sec = {r["seq"]: r for r in sec_rows(sst)}
+    seqs = sorted(set(prim) & set(sec))[20:]        # drop the first (cold) ones
+    total = [(prim[s]["ack_decoded"] - prim[s]["start"]) / 1e3 for s in seqs]
+    stages = {}
+    for name, a, b in STAGES:
+        vals = []
+        for s in seqs:
+            if a is None:
+                vals.append(sec[s].get(b.split(".")[1], 0) / 1e3)
+                continue
+            x, y = _moment(prim[s], sec[s], a), _moment(prim[s], sec[s], b)
+            if x and y:
+                vals.append((y - x) / 1e3)
+        stages[name] = {"p50": percentile(vals, 50), "p99": percentile(vals, 99)}
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"p50": percentile(total, 50), "p99": percentile(total, 99),
+            "daemon_p50": pst["latency_us"]["p50"], "daemon_p99": pst["latency_us"]["p99"],
+            "n": len(seqs), "stages": stages,
+            "secondary_cpu_us_per_checkpoint": (t1 - t0) / hz * 1e6 / max(1, ncp),
+            "placement": f"unpinned; last on CPU primary {pcpu}, secondary {scpu}",
+            "pages_harvested_p50": percentile([prim[s].get("pages", 0) for s in seqs], 50),
+            "bytes_per_checkpoint": (pst["bytes_sent"] - p0["bytes_sent"])
+            / max(1, pst["checkpoints"] - p0["checkpoints"])}
+
+
+def sec_rows(status: dict) -> list[dict]:
+    return status.get("stages", [])
+
+
+def kv_ratio(seconds: float) -> dict:
+    from bench.bench_replication import protected, unprotected_ops
+
+    unprot = unprotected_ops(seconds)
+    prot, lat = protected("tap", seconds)
+    return {"unprotected": unprot, "protected": prot, "ratio": prot / unprot,
+            "reply_p50_us": percentile(lat, 50) * 1e6, "reply_p99_us": percentile(lat, 99) * 1e6}
+
+
+# ---- the run ------------------------------------------------------------------------------
+def _median(runs: list[dict], *path: str) -> float:
+    vals = []
+    for r in runs:
+        for p in path:
+            r = r[p]
+        vals.append(r)
+    return statistics.median(vals)
+
+
+def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32, 256)) -> dict:
+    secs = 2.0 if quick else 4.0
+    key = _keygen()
+    load_before = os.getloadavg()
+    codecs = ["1", "0"]
+    results: dict[str, dict[int, list[dict]]] = {c: {p: [] for p in sizes} for c in codecs}
+    floors = []
+    for _ in range(runs):
+        for pages in sizes:
+            for codec in codecs:
+                os.environ["KEMARI_NATIVE_CODEC"] = codec
+                results[codec][pages].append(checkpoint_stages(pages, secs))
+        floors.append({"exit": exit_round_trip(),
+                       "tls": tls_ping_pong(key, int(statistics.median(
+                           r["bytes_per_checkpoint"] for r in results["1"][1])))})
+    os.environ.pop("KEMARI_NATIVE_CODEC", None)
+    kv = [kv_ratio(secs) for _ in range(max(1, runs // 2))]
+    load_after = os.getloadavg()
+
+    exit_p50 = _median(floors, "exit", "p50")
+    tls_p50 = _median(floors, "tls", "p50")
+    floor = exit_p50 + tls_p50
+    rows: list[tuple[str, object, str]] = [
+        ("floor: port-I/O exit round trip p50 (Machine.run)", exit_p50, "us"),
+        ("floor: TLS ping-pong p50, 1-page checkpoint bytes out, ACK back", tls_p50, "us"),
+        ("floor: exit + TLS ping-pong", floor, "us"),
+    ]
+    for codec in codecs:
+        label = "native codec" if codec == "1" else "Python codec"
+        for pages in sizes:
+            rs = results[codec][pages]
+            p50, p99 = _median(rs, "p50"), _median(rs, "p99")
+            rows.append((f"[{label}] checkpoint p50 / p99, {pages} dirty pages",
+                         f"{p50:.0f} / {p99:.0f}", "us"))
+            rows.append((f"[{label}]   p50 / floor ({pages} pages; goal <= 1.5 up to 32)",
+                         p50 / floor, ""))
+            rows.append((f"[{label}]   p99 / p50 (goal <= 3)", p99 / p50, ""))
+            rows.append((f"[{label}]   secondary CPU per checkpoint",
+                         _median(rs, "secondary_cpu_us_per_checkpoint"), "us"))
+    for codec in codecs:
+        label = "native" if codec == "1" else "Python"
+        for pages in (p for p in sizes if p in (1, 32)):
+            rs = results[codec][pages]
+            for name, _a, _b in STAGES:
+                rows.append((f"[{label}, {pages} p] {name}",
+                             statistics.median(r["stages"][name]["p50"] for r in rs), "us p50"))
+    rows += [
+        ("kv ops/s unprotected (4 clients)", _median(kv, "unprotected"), "ops/s"),
+        ("kv ops/s protected, event-tapped (same clients)", _median(kv, "protected"), "ops/s"),
+        ("ratio protected / unprotected (goal >= 0.5)", _median(kv, "ratio"), ""),
+        ("kv reply latency p50 / p99, protected",
+         f"{_median(kv, 'reply_p50_us'):.0f} / {_median(kv, 'reply_p99_us'):.0f}", "us"),
+        ("load average before / after (1 min)",
+         f"{load_before[0]:.2f} / {load_after[0]:.2f}", ""),
+        ("placement", "unpinned (2 CPUs)", ""),
+    ]
+    return report("checkpoint_stages", rows, {
+        "runs": runs, "seconds_per_run": secs, "floors": floors, "kv": kv,
+        "load_before": load_before, "load_after": load_after,
+        "checkpoints": {c: {str(p): v for p, v in d.items()} for c, d in results.items()}})
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sizes", default="1,8,32,256")
+    a = ap.parse_args()
+    socket.setdefaulttimeout(None)
+    main(a.quick, a.runs, tuple(int(x) for x in a.sizes.split(",")))

@@ -1,0 +1,46 @@
+"""The C encoder for a checkpoint's pages (native/codec.c), when it is built.
+
+KEMARI_NATIVE_CODEC=0 in a daemon's environment selects the Python encoder
+(codec.pages_parts) instead, e.g. to compare the two in one benchmark run
+(bench/bench_checkpoint_stages.py). Both write the same bytes; tests/unit
+check that on random inputs. Without the native module (a source tree not
+built) the Python encoder is used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from .codec import Buffer
+
+try:
+    from .._native import ffi, lib
+except ImportError:  # pragma: no cover - depends on the build
+    ffi = lib = None
+
+ENABLED = lib is not None and os.environ.get("KEMARI_NATIVE_CODEC", "1") != "0"
+# Checkpoints of fewer pages use the Python encoder: cffi's per-call cost
+# (~3 us, bench/bench_checkpoint_stages.py) is more than it saves there.
+MIN_PAGES = 8
+
+
+def pages_size(count: int) -> int:
+    """Bytes of the PAGES records of `count` pages (no zero-page detection)."""
+    return int(lib.kcodec_pages_size(count))
+
+
+def write_pages(memory: Buffer, pfns: Sequence[int], out: bytearray) -> int:
+    """PAGES records of guest pages `pfns` of `memory` at the start of `out`;
+    the same bytes as codec.pages_parts(memory, pfns) joined. Returns the length."""
+    mem = ffi.from_buffer(memory)
+    n = len(pfns)
+    if n and min(pfns) < 0:
+        raise ValueError("pfn outside guest memory")
+    arr = ffi.new("uint64_t[]", pfns) if n else ffi.NULL
+    written = lib.kcodec_pages(mem, len(mem), arr, n, ffi.from_buffer(out), len(out))
+    if written == -1:
+        raise ValueError("pfn outside guest memory")
+    if written < 0:
+        raise ValueError("output buffer too small for the pages")
+    return int(written)

@@ -1,0 +1,25 @@
+/*
+ * codec.h - the replication stream's hot encoder (docs/stream-format.md).
+ *
+ * kemari_agent/replication/primary.py decides what a checkpoint holds; this
+ * only writes its PAGES records straight from guest memory into the send
+ * buffer (one copy, no Python object per page). The Python encoder
+ * (codec.pages_parts) stays the reference; tests/unit compare the two.
+ */
+#ifndef KEMARI_CODEC_H
+#define KEMARI_CODEC_H
+
+#include <stdint.h>
+
+#define KCODEC_MAX_PAGES_PER_RECORD 4096
+
+/* Bytes kcodec_pages writes for n pages. */
+uint64_t kcodec_pages_size(uint32_t n);
+
+/* PAGES records (header, entry list, page data) for guest pages pfns[0..n)
+ * of mem, at most 4096 pages per record, into out. Returns the bytes written,
+ * or -1 when a pfn lies outside mem, -2 when out is too small. */
+int64_t kcodec_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,
+                     uint8_t *out, uint64_t out_size);
+
+#endif

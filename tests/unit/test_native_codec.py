@@ -1,0 +1,79 @@
+"""The C page encoder (native/codec.c) writes exactly what the Python one does."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kemari_agent.replication import native_codec
+from kemari_agent.replication.codec import (
+    PAGE_SIZE,
+    Decoder,
+    Pages,
+    Vcpu,
+    encode,
+    pages_parts,
+)
+from kemari_agent.replication.primary import Primary, PrimaryState
+
+pytestmark = pytest.mark.unit
+
+MEM_PAGES = 64
+MEMORY = bytearray(os.urandom(MEM_PAGES * PAGE_SIZE))
+
+
+def native_bytes(memory, pfns) -> bytes:
+    out = bytearray(native_codec.pages_size(len(pfns)))
+    assert native_codec.write_pages(memory, pfns, out) == len(out)
+    return bytes(out)
+
+
+@given(st.lists(st.integers(0, MEM_PAGES - 1), max_size=80))
+@settings(max_examples=200, deadline=None)
+def test_pages_same_bytes_as_python(pfns):
+    expected = b"".join(bytes(p) for p in pages_parts(MEMORY, pfns)[0])
+    assert native_bytes(MEMORY, pfns) == expected
+
+
+def test_pages_split_into_records_of_4096():
+    memory = bytearray(os.urandom(4100 * PAGE_SIZE))
+    pfns = list(range(4099, -1, -1))
+    got = native_bytes(memory, pfns)
+    assert got == b"".join(bytes(p) for p in pages_parts(memory, pfns)[0])
+    records = Decoder().feed(encode(_hello()) + got)[1:]
+    assert [r.page_count for r in records] == [4096, 4]
+    assert isinstance(records[1], Pages) and list(records[1].pfns) == [3, 2, 1, 0]
+
+
+@pytest.mark.parametrize("pfn", [MEM_PAGES, -1, 1 << 60])
+def test_pfn_outside_memory_is_refused(pfn):
+    with pytest.raises((ValueError, OverflowError)):
+        native_bytes(MEMORY, [0, pfn])
+
+
+def _hello():
+    from kemari_agent.replication.codec import Hello, Role
+    return Hello("vm", Role.PRIMARY, 1, 0, len(MEMORY))
+
+
+def _checkpoint(native: bool, pfns, blob: bytes) -> bytes:
+    old = native_codec.ENABLED
+    native_codec.ENABLED = native
+    try:
+        p = Primary(name="vm", memory_size=len(MEMORY), generation=3, checkpoint_seq=0, now=0.0)
+        p.data_to_send()
+        p.state = PrimaryState.PROTECTED
+        p.checkpoint(MEMORY, pfns, [Vcpu(0, 2, blob)], now=0.0)
+        return p.data_to_send()
+    finally:
+        native_codec.ENABLED = old
+
+
+@given(st.lists(st.integers(0, MEM_PAGES - 1), min_size=native_codec.MIN_PAGES, max_size=64),
+       st.binary(max_size=300))
+@settings(max_examples=100, deadline=None)
+def test_checkpoint_same_bytes_native_or_python(pfns, blob):
+    assert _checkpoint(True, pfns, blob) == _checkpoint(False, pfns, blob)

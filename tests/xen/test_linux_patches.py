@@ -83,7 +83,12 @@ def test_modules_match_the_dom0_kernel(modules: Path) -> None:
     assert f"linux-image-{info['kernel']}" in served, "the lab's kernel is not the served one"
     for name, words in {
         "xen-blkback": ["kemari-attach", "kemari-attached", "unanswered requests"],
-        "xen-netback": ["kemari-attach", "kemari-attached", "unanswered tx requests"],
+        "xen-netback": [
+            "kemari-attach",
+            "kemari-attached",
+            "unanswered tx requests",
+            "kemari_gate",
+        ],
     }.items():
         ko = modules / f"{name}.ko"
         vermagic = subprocess.run(

@@ -199,3 +199,41 @@ def test_stock_backends_publish_initwait(tmp_path: Path) -> None:
         assert results[f"{step}io_continues"][0] == "ok", results
         states = results[f"stock_{step}backend_states"][1].split("(")[0].split()
         assert "2" in states, results[f"stock_{step}backend_states"]
+
+
+def test_netback_gate_in_xen(modules: Path, tmp_path: Path) -> None:
+    """linux-patches/0010: armed, frozen and thawed netback consumes no tx request past the limit.
+
+    Fails on a series without 0010 (no kemari_gate attribute).
+    """
+    log = tmp_path / "netgate.log"
+    files = tmp_path / "files"
+    files.mkdir()
+    cmd = [
+        str(xen_lab.LAB / "boot.sh"),
+        "--run",
+        str(LINUX / "netgate-test.sh"),
+        "--files",
+        str(files),
+        "--modules",
+        str(modules),
+        "--log",
+        str(log),
+        "--timeout",
+        "900",
+    ]
+    boot = xen_lab.run(cmd, timeout=1200)
+    text = log.read_text(errors="replace").replace("\r", "") if log.exists() else ""
+    results = {m[1]: (m[2], m[3]) for m in RESULT_RE.finditer(text)}
+    print(boot.stdout[-4000:])
+    assert boot.returncode == 0 and "NETGATE-TEST PASS" in text, (results, boot.stderr[-2000:])
+    for name in (
+        "armed_tx_bounded",
+        "freeze",
+        "frozen_tx_bounded",
+        "thawed_still_bounded",
+        "commit_up_to_limit",
+        "bad_commit_refused",
+        "io_resumes",
+    ):
+        assert results.get(name, ("missing",))[0] == "ok", (name, results.get(name))

@@ -131,11 +131,36 @@ def test_replication_link_cut_with_continue_outdates_the_secondary_first(cluster
         assert outdated_at <= answered, (outdated_at, answered)
         crm = vm.attributes()
         assert secondary in crm
+        # the primary runs on unprotected: its recurring monitor says degraded
+        # (191), which Pacemaker takes as Promoted: no recovery, no failure
+        cluster.wait(lambda: _promoted_monitor_rc(cluster, primary) == "191", 60,
+                     "the primary's monitor reports degraded")
+        assert vm.promoted() == [primary]
+        # crm_mon shows it among the resource actions with the agent's reason
+        shown = [line for line in cluster.crm_mon_xml(primary).splitlines()
+                 if "<failure " in line and f'node="{primary}"' in line]
+        assert any('exitstatus="promoted (degraded)"' in line
+                   and "running unprotected" in line for line in shown), shown
+        failcount = cluster.exec(primary, "crm_failcount", "--query", "-r", RESOURCE,
+                                 "-N", primary).stdout
+        assert "value=0" in failcount, failcount
     finally:
         cluster.heal_link(primary)
     vm.wait_protected()
+    assert vm.promoted() == [primary]                       # never restarted nor moved
     with cluster.in_client(), KvClient(GUEST, attempts=50) as c:
         assert c.get("during-cut").value == "1"
+
+
+def _promoted_monitor_rc(cluster, node: str) -> str | None:
+    """rc-code of the last recurring monitor on `node` that did not return what
+    Pacemaker expected (its *_last_failure_0 entry in the CIB), if any."""
+    xpath = (f"//node_state[@uname='{node}']//lrm_resource[starts-with(@id, '{RESOURCE}')]"
+             "/lrm_rsc_op[@operation='monitor' and contains(@id, 'last_failure')]")
+    r = cluster.exec(node, "cibadmin", "--query", "--xpath", xpath, check=False)
+    codes = re.findall(r'rc-code="(\d+)"', r.stdout)
+    return codes[-1] if codes else None
+
 
 
 def test_stale_node_is_never_promoted_ahead_of_the_current_one(cluster, vm):

@@ -184,6 +184,8 @@ class AgentNode:
         self.pids: set[int] = set()
 
     def run(self, action: str, timeout: float = 200, **extra: str) -> subprocess.CompletedProcess:
+        if action == "monitor":     # a recurring monitor unless the test asks for a probe
+            extra.setdefault("OCF_RESKEY_CRM_meta_interval", "10000")
         env = dict(self.env, **extra)
         r = subprocess.run([str(self.inst.agent), action], env=env, capture_output=True,
                            text=True, timeout=timeout)

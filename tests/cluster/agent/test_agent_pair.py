@@ -20,10 +20,13 @@ from kemari_agent.kvclient import KvClient
 pytestmark = [pytest.mark.cluster, pytest.mark.kvm]
 
 OCF_SUCCESS, OCF_NOT_RUNNING, OCF_RUNNING_PROMOTED = 0, 7, 8
+OCF_DEGRADED, OCF_DEGRADED_PROMOTED = 190, 191
+PROMOTED = {OCF_RUNNING_PROMOTED, OCF_DEGRADED_PROMOTED}    # protected or not yet
 
 
-def ok(result, code: int = 0) -> None:
-    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+def ok(result, code: int | set[int] = 0) -> None:
+    codes = code if isinstance(code, set) else {code}
+    assert result.returncode in codes, (result.returncode, result.stderr[-2000:])
 
 
 def test_pair_scores_fencing_failover(cluster_nodes, vm_config):
@@ -45,7 +48,7 @@ def test_pair_scores_fencing_failover(cluster_nodes, vm_config):
 
     # promote node1: cold boot; its peer (node2, from [replication.nodes]) syncs
     ok(node1.run("promote"))
-    ok(node1.run("monitor"), OCF_RUNNING_PROMOTED)
+    ok(node1.run("monitor"), PROMOTED)
     assert cib.score("node1", name) == 10000
     assert cib.node_attr("node1", f"kemari-{name}-last-generation", transient=False) == "1"
     wait_for("node2 in sync", lambda: node2.status(name)["state"] == "synced"
@@ -97,7 +100,9 @@ def test_pair_scores_fencing_failover(cluster_nodes, vm_config):
     ok(node2.run("monitor"), OCF_SUCCESS)
     assert cib.score("node2", name) == 100
     ok(node2.run("promote"))
-    ok(node2.run("monitor"), OCF_RUNNING_PROMOTED)
+    unprotected = node2.run("monitor")            # node1 is dead: degraded, with the reason
+    ok(unprotected, OCF_DEGRADED_PROMOTED)
+    assert "unprotected" in unprotected.stderr
     assert node2.status(name)["generation"] == 2
     assert [kv.get(f"k{i}").value for i in range(20)] == [f"v{i}" for i in range(20)]
     assert kv.put("after", "failover").kind == "OK"
@@ -106,8 +111,19 @@ def test_pair_scores_fencing_failover(cluster_nodes, vm_config):
              detail=node2.log)
     assert cib.fenced_for(clone) == "node2"
 
+    # node1 returns while the primary cannot reach it (stopped): older generation,
+    # nothing synced -> no score, and its monitor says degraded with the reason
+    os.kill(node2.pid(), signal.SIGSTOP)
+    try:
+        ok(node1.run("start"))
+        outdated = node1.run("monitor")
+    finally:
+        os.kill(node2.pid(), signal.SIGCONT)
+    ok(outdated, OCF_DEGRADED)
+    assert "cannot take over" in outdated.stderr
+    assert cib.score("node1", name) is None
+    ok(node1.run("monitor", OCF_RESKEY_CRM_meta_interval="0"), OCF_SUCCESS)   # a probe: plain
     # node1 returns: older generation -> no score until it is in sync again
-    ok(node1.run("start"))
     first = node1.status(name)
     if first["state"] != "synced":
         assert cib.score("node1", name) is None
@@ -124,7 +140,7 @@ def test_pair_scores_fencing_failover(cluster_nodes, vm_config):
     ok(node2.run("demote"))
     ok(node2.run("monitor"), OCF_SUCCESS)
     ok(node1.run("promote"))
-    ok(node1.run("monitor"), OCF_RUNNING_PROMOTED)
+    ok(node1.run("monitor"), PROMOTED)
     assert node1.status(name)["generation"] == 3
     assert kv.get("after").value == "failover" and kv.get("k19").value == "v19"
     kv.close()
@@ -147,7 +163,7 @@ def test_a_node_behind_the_cluster_is_never_promoted(cluster_nodes, vm_config):
     subprocess.run(["crm_attribute", "--node", "node2", "--lifetime", "forever", "--name",
                     f"kemari-{name}-last-generation", "--update", "7"],
                    env=node1.env, check=True, capture_output=True)
-    ok(node1.run("monitor"), OCF_SUCCESS)
+    ok(node1.run("monitor"), OCF_DEGRADED)         # running, but it could not take over
     assert cib.score("node1", name) is None
     assert cib.node_attr("node1", f"kemari-{name}-sync") == "outdated"
     refused = node1.run("promote")

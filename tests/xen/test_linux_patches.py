@@ -243,6 +243,7 @@ def test_backend_gate_and_exact_attach_in_xen(modules: Path, tmp_path: Path) -> 
     for name in (
         "workers_running",
         "two_queues",
+        "gate_present",
         # Armed: 32 requests pushed over 2 queues, none consumed.
         "depth32_held",
         "both_queues_held",

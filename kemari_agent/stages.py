@@ -40,9 +40,5 @@ class StageLog:
         while len(self.rows) > KEEP:
             self.rows.popitem(last=False)
 
-    def add(self, seq: int, name: str, value: int) -> None:
-        if seq in self.rows or len(self.rows) < KEEP:
-            self.rows.setdefault(seq, {})[name] = value
-
     def export(self) -> list[dict[str, int]]:
         return [dict(row, seq=seq) for seq, row in list(self.rows.items())]

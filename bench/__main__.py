@@ -5,6 +5,7 @@ from bench import (
     bench_checkpoint_stages,
     bench_cluster_failover,
     bench_codec,
+    bench_full_sync,
     bench_handshake_crowd,
     bench_kv,
     bench_replication,
@@ -18,4 +19,5 @@ if __name__ == "__main__":
     bench_checkpoint_stages.main()
     bench_handshake_crowd.main()
     bench_resync.main()
+    bench_full_sync.main()
     bench_cluster_failover.main()

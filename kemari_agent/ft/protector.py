@@ -237,11 +237,14 @@ class Protector:
         pfns = self.machine.harvest_dirty()
         total = len(pfns)
         while True:
+            round_started = time.monotonic()
             for i in range(0, len(pfns), SYNC_BATCH_PAGES):
                 sm.sync_pages(self.machine.mem, pfns[i : i + SYNC_BATCH_PAGES],
                               now=time.monotonic())
                 link.flush()
                 self._check_peer_events(link.drain())
+            log.info("%s: full sync round %d: %d pages in %.3f s", self.config.name,
+                     sm.sync_round, len(pfns), time.monotonic() - round_started)
             pfns = self.machine.harvest_dirty()
             self.sync_progress = {"round": sm.sync_round, "pages_sent": sm.sync_pages_sent,
                                   "pages_total": total, "pages_remaining": len(pfns)}
@@ -249,7 +252,10 @@ class Protector:
                 break
             link.flush()
         leftover = pfns
+        finish_started = time.monotonic()
         self.vmm.call_in_loop(lambda: self._finish_sync(link, leftover), timeout=60)
+        log.info("%s: full sync closing checkpoint: %d pages left, %.3f s to its ACK",
+                 self.config.name, len(leftover), time.monotonic() - finish_started)
         elapsed = time.monotonic() - started
         self.last_sync = {"kind": "full", "seconds": round(elapsed, 4), "rounds": sm.sync_round,
                           "pages": sm.sync_pages_sent, "bytes": sm.bytes_sent,

@@ -1,0 +1,104 @@
+"""Full sync of a guest whose memory is all in use (issue 10): page-data
+bytes/s, pages, rounds, and the guest's slowdown while it runs (stress
+events/s during the sync vs before it). Medians of RUNS syncs in one run.
+
+The `stress` guest dirties PAGES pages per I/O event at RATE events/s over a
+working set of all its memory, so after FILL_S every page is non-zero. Each
+run restarts the secondary (it loses its checkpoint), so the primary sends a
+full sync while the guest keeps dirtying pages. Doorbells (one per stress
+event) are the guest's progress counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from ftlab import FtLab
+
+from bench.common import report
+
+PAGES, RATE = 256, 100          # 25,600 pages/s dirtied: 100 MiB/s
+RUNS = 3
+
+
+def _doorbells(node) -> tuple[int, float]:
+    vm = node.status()["vm"]
+    return vm["doorbells"], vm["uptime_s"]
+
+
+def _rate(node, seconds: float) -> float:
+    d0, t0 = _doorbells(node)
+    time.sleep(seconds)
+    d1, t1 = _doorbells(node)
+    return (d1 - d0) / max(1e-9, t1 - t0)
+
+
+def _one_sync(lab: FtLab) -> dict:
+    """Restart the secondary; returns the primary's last_sync plus the guest's
+    event rate over the sync (sampled from the primary's status)."""
+    before = lab.primary.status()["last_sync"]
+    lab.secondary.kill()
+    lab.secondary.start("secondary")
+    d0, t0 = _doorbells(lab.primary)
+    end = time.monotonic() + 300
+    while time.monotonic() < end:
+        st = lab.primary.status()
+        if st["state"] == "synced" and st["last_sync"] != before:
+            d1, t1 = st["vm"]["doorbells"], st["vm"]["uptime_s"]
+            sync = st["last_sync"]
+            assert sync["kind"] == "full", sync
+            # the sync started after t0 (the secondary's start): the rate over
+            # [t0, t1] covers it plus the handshake
+            return dict(sync, events_per_s=(d1 - d0) / max(1e-9, t1 - t0))
+        time.sleep(0.05)
+    raise RuntimeError(f"never in sync: {lab.primary.status()}")
+
+
+def main(memory_mib: int = 256, runs: int = RUNS) -> dict:
+    lab = FtLab(Path(tempfile.mkdtemp(prefix="kemari-bench-")), memory_mib=memory_mib,
+                image="stress",
+                extra=f"[stress]\npages = {PAGES}\nrate_hz = {RATE}\nworking_set = 1000000")
+    syncs, before = [], []
+    try:
+        lab.primary.start("primary")
+        fill_s = (memory_mib << 8) / (PAGES * RATE) + 1.0   # every page written once
+        time.sleep(fill_s)
+        lab.secondary.start("secondary")
+        lab.wait_synced(300)
+        for _ in range(runs):
+            before.append(_rate(lab.primary, 2.0))
+            syncs.append(_one_sync(lab))
+    finally:
+        lab.close()
+    load = os.getloadavg()
+    med = lambda key: statistics.median(s[key] for s in syncs)  # noqa: E731
+    page_bytes = [s["pages"] * 4096 / s["seconds"] for s in syncs]
+    slow = [s["events_per_s"] / b for s, b in zip(syncs, before, strict=True) if b > 0]
+    rows = [
+        ("pages sent (median)", int(med("pages")), ""),
+        ("rounds (median)", int(med("rounds")), ""),
+        ("sync time (median)", med("seconds") * 1e3, "ms"),
+        ("page data rate (median)", statistics.median(page_bytes) / (1 << 30), "GiB/s"),
+        ("stream bytes / page data", med("bytes") / (med("pages") * 4096), "x"),
+        ("guest events/s before sync (median)", statistics.median(before), "/s"),
+        ("guest events/s during sync (median)", med("events_per_s"), "/s"),
+        ("guest speed during / before (median)", statistics.median(slow) if slow else 0.0, "x"),
+        ("load average (1 min) after", load[0], ""),
+    ]
+    guest = (f"{memory_mib} MiB stress guest, {PAGES} pages x {RATE}/s over all memory, "
+             f"{runs} full syncs")
+    return report("full_sync", rows, {"guest": guest, "syncs": syncs, "events_before": before,
+                                      "loadavg": load})
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--memory-mib", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=RUNS)
+    a = ap.parse_args()
+    main(a.memory_mib, a.runs)

@@ -7,9 +7,12 @@ replicated daemon of `kemari start` reuses the same pieces.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import paths, snapshot
@@ -21,6 +24,9 @@ from .vmm import Vmm
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# A stop still running after this long dumps every thread's stack to the log:
+# a daemon that hangs on SIGTERM must say where (Pacemaker would fence it).
+STOP_GRACE_S = 10.0
 
 
 @contextlib.contextmanager
@@ -32,6 +38,36 @@ def signals_to_main_thread():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def stop_handler(request_stop: Callable[[], None]):
+    """The SIGINT/SIGTERM handler: request the stop and arm the stack dump."""
+    def handle(signum: int, _frame: object) -> None:
+        faulthandler.dump_traceback_later(STOP_GRACE_S, file=sys.stderr)
+        request_stop()
+    return handle
+
+
+def install_stop_handler(request_stop: Callable[[], None], wake_fd: int) -> dict:
+    """Install stop_handler for STOP_SIGNALS; returns the previous handlers.
+    `wake_fd`: the write end of the main loop's wake pipe (see wake_loop_on_signal)."""
+    wake_loop_on_signal(wake_fd)
+    return {s: signal.signal(s, stop_handler(request_stop)) for s in STOP_SIGNALS}
+
+
+def wake_loop_on_signal(wake_fd: int) -> None:
+    """Python runs a signal handler only between bytecodes: a signal that lands
+    after the loop's last check and before it sleeps in select() would wait
+    for the next event (forever, for an idle guest). The C-level handler
+    writes a byte to this pipe, so that select() returns at once."""
+    signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
+
+
+def restore_handlers(previous: dict) -> None:
+    faulthandler.cancel_dump_traceback_later()
+    signal.set_wakeup_fd(-1)
+    for s, h in previous.items():
+        signal.signal(s, h)
 
 
 def write_pid_file(name: str) -> Path:
@@ -81,7 +117,7 @@ def run(config: VmConfig, restore: Path | None = None) -> int:
             vmm.close()
             raise
     pid_file = write_pid_file(config.name)
-    previous = {s: signal.signal(s, lambda *_: vmm.request_stop()) for s in STOP_SIGNALS}
+    previous = install_stop_handler(vmm.request_stop, vmm.wake_fd)
     try:
         if snap is not None:
             snapshot.apply(vmm, snap)
@@ -92,8 +128,7 @@ def run(config: VmConfig, restore: Path | None = None) -> int:
                      config.memory_mib)
         return vmm.run()
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        restore_handlers(previous)    # first: the wakeup fd is closed below
         server.close()
         pid_file.unlink(missing_ok=True)
         vmm.close()

@@ -171,6 +171,12 @@ class Vmm:
         os.close(self._wake_w)
 
     # ---- other threads -----------------------------------------------------
+    @property
+    def wake_fd(self) -> int:
+        """The write end of the loop's wake pipe: any byte written there ends the
+        loop's wait (e.g. signal.set_wakeup_fd)."""
+        return self._wake_w
+
     def wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"!")

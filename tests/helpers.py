@@ -22,6 +22,9 @@ from kemari_agent.devices.block import create_disk_image
 
 REPO = Path(__file__).resolve().parent.parent
 KEMARI = [sys.executable, "-m", "kemari_agent.cli"]
+# generous: CI shares the machine with other work; a daemon stuck for this
+# long has dumped its stacks (STOP_GRACE_S) and describe_stuck adds the kernel's view
+STOP_TIMEOUT_S = 45.0
 TESTGUEST = REPO / "build" / "testguest" / "testguest.bin"
 
 
@@ -82,15 +85,35 @@ class KemariProcess:
             os.kill(self.proc.pid, sig)
         self.proc.wait(timeout=30)
 
-    def stop(self) -> int:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                self.log.write(describe_stuck(self.proc.pid, timeout).encode())
                 self.kill()
         self.log.close()
         return self.proc.returncode
+
+
+def describe_stuck(pid: int, waited: float) -> str:
+    """Where each thread of a process that ignored SIGTERM sits in the kernel
+    (the daemon dumps its Python stacks itself after STOP_GRACE_S)."""
+    lines = [f"\n--- pid {pid} did not stop on SIGTERM within {waited:.0f} s; its threads:"]
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        def read(name: str, task: Path = task) -> str:
+            try:
+                return (task / name).read_text(errors="replace").strip()
+            except OSError as exc:
+                return f"({exc.strerror})"
+        status = dict(ln.split(":\t", 1) for ln in read("status").splitlines() if ":\t" in ln)
+        sig = " ".join(f"{k}={status.get(k, '?')}" for k in ("SigPnd", "ShdPnd", "SigBlk",
+                                                             "SigCgt"))
+        lines.append(f"{task.name} {read('comm')} {status.get('State', '?')} "
+                     f"wchan={read('wchan')} {sig}")
+        lines += ["    " + ln for ln in read("stack").splitlines()]
+    return "\n".join(lines) + "\n"
 
 
 class Watched:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
 import threading
 import time
 
@@ -26,7 +25,13 @@ from ..devices.block import BlockBackend, open_disk_image
 from ..errors import KemariError
 from ..kvm.machine import Machine
 from ..metrics import LatencyWindow
-from ..standalone import STOP_SIGNALS, signals_to_main_thread, write_pid_file
+from ..standalone import (
+    install_stop_handler,
+    restore_handlers,
+    signals_to_main_thread,
+    wake_loop_on_signal,
+    write_pid_file,
+)
 from ..vmm import Vmm
 from .activation import PROMOTE_LOCK_WAIT_S, resume_from_checkpoint
 from .node import Node
@@ -167,15 +172,20 @@ class Daemon:
                 self._teardown()
                 raise
         pid_file = write_pid_file(self.config.name)
-        previous = {s: signal.signal(s, lambda *_: self._request("stop")) for s in STOP_SIGNALS}
+        previous = install_stop_handler(lambda: self._request("stop"), self._wake_w)
         try:
             if role == "primary":
                 self._want = "promote"
             while self.role != "stopped":
                 if self.role == "secondary":
+                    wake_loop_on_signal(self._wake_w)
                     self.receiver.serve(lambda: self._want is not None, self._wake_r)
                 else:
-                    code = self.vmm.run()
+                    wake_loop_on_signal(self.vmm.wake_fd)
+                    try:
+                        code = self.vmm.run()
+                    finally:     # before _transition can close the VM's pipe
+                        wake_loop_on_signal(self._wake_w)
                     if self._want is None:      # the guest powered off by itself
                         log.info("%s: guest stopped with code %d", self.config.name, code)
                         self.exit_code = code
@@ -183,11 +193,10 @@ class Daemon:
                 self._transition()
             return self.exit_code
         finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
             self._teardown()
             server.close()
             pid_file.unlink(missing_ok=True)
+            restore_handlers(previous)
 
     def _transition(self) -> None:
         want, self._want = self._want, None

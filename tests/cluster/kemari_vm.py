@@ -177,12 +177,17 @@ commit
         return self.lab.promoted(RESOURCE, on)
 
     def protected(self) -> bool:
-        """One Promoted, one Unpromoted, the pair in sync."""
+        """One Promoted, one Unpromoted, the pair in sync, and the Unpromoted node
+        promotable again: after a resync the primary lifts its fence-peer
+        constraint in the background, and a primary lost before that leaves
+        the cluster nothing it may promote (docs/cluster.md)."""
         roles = self.lab.roles(RESOURCE)
         if sorted(roles.values()) not in (["Promoted", "Unpromoted"], ["Master", "Slave"]):
             return False
         primary = next(n for n, r in roles.items() if r in ("Promoted", "Master"))
-        return self.status(primary).get("state") == "synced"
+        status = self.status(primary)
+        return status.get("state") == "synced" and \
+            not (status.get("peer_fence") or {}).get("fenced")
 
     def wait_protected(self, timeout: float = 180) -> float:
         return self.lab.wait(self.protected, timeout, "vm Promoted + Unpromoted, in sync")

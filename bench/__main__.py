@@ -20,4 +20,5 @@ if __name__ == "__main__":
     bench_handshake_crowd.main()
     bench_resync.main()
     bench_full_sync.main()
+    bench_full_sync.auto_converge()
     bench_cluster_failover.main()

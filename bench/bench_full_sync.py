@@ -96,9 +96,67 @@ def main(memory_mib: int = 256, runs: int = RUNS) -> dict:
                                       "loadavg": load})
 
 
+FAST_PAGES, FAST_RATE = 2048, 500      # all of memory dirty again in every round
+
+
+def _fast_dirtier_sync(memory_mib: int, auto_converge: bool) -> dict:
+    """One full sync of a guest that dirties memory faster than the link."""
+    lab = FtLab(Path(tempfile.mkdtemp(prefix="kemari-bench-")), memory_mib=memory_mib,
+                image="stress", extra=f"[stress]\npages = {FAST_PAGES}\n"
+                                      f"rate_hz = {FAST_RATE}\nworking_set = 1000000")
+    cfg = lab.primary.config
+    cfg.write_text(cfg.read_text().replace(
+        "[replication]\n", f"[replication]\nauto_converge = {str(auto_converge).lower()}\n", 1))
+    try:
+        lab.primary.start("primary")
+        time.sleep((memory_mib << 8) / (FAST_PAGES * FAST_RATE) + 1.0)
+        before = _rate(lab.primary, 2.0)
+        lab.secondary.start("secondary")
+        lab.wait_synced(300)
+        return _one_sync(lab) | {"events_before": before}
+    finally:
+        lab.close()
+
+
+def auto_converge(memory_mib: int = 128, runs: int = RUNS) -> dict:
+    """The same fast-dirtying guest synced with and without auto-converge,
+    interleaved: rounds, the guest's pause for the closing checkpoint, the
+    time it was throttled, and its speed during the sync."""
+    runs_by = {True: [], False: []}
+    for _ in range(runs):
+        for setting in (True, False):
+            runs_by[setting].append(_fast_dirtier_sync(memory_mib, setting))
+    load = os.getloadavg()
+    rows = []
+    for setting, syncs in runs_by.items():
+        tag = "auto-converge on " if setting else "auto-converge off"
+        med = lambda key, s=syncs: statistics.median(x[key] for x in s)  # noqa: E731
+        rows += [
+            (f"{tag}: rounds (median)", int(med("rounds")), ""),
+            (f"{tag}: pages left for the closing checkpoint", int(med("closing_pages")), ""),
+            (f"{tag}: guest paused for it (closing checkpoint)", med("closing_s") * 1e3, "ms"),
+            (f"{tag}: highest throttle", int(med("throttle_max_percent")), "%"),
+            (f"{tag}: guest held by the throttle", med("throttle_held_s") * 1e3, "ms"),
+            (f"{tag}: sync time", med("seconds") * 1e3, "ms"),
+            (f"{tag}: guest speed during / before",
+             statistics.median(x["events_per_s"] / x["events_before"] for x in syncs), "x"),
+        ]
+    rows.append(("load average (1 min) after", load[0], ""))
+    guest = (f"{memory_mib} MiB stress guest, {FAST_PAGES} pages x {FAST_RATE}/s asked over "
+             f"all memory, {runs} syncs per setting")
+    return report("full_sync_auto_converge", rows,
+                  {"guest": guest, "syncs": {str(k): v for k, v in runs_by.items()},
+                   "loadavg": load})
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory-mib", type=int, default=256)
     ap.add_argument("--runs", type=int, default=RUNS)
+    ap.add_argument("--auto-converge", action="store_true",
+                    help="a guest that outruns the link, with and without auto-converge")
     a = ap.parse_args()
-    main(a.memory_mib, a.runs)
+    if a.auto_converge:
+        auto_converge(min(a.memory_mib, 128), a.runs)
+    else:
+        main(a.memory_mib, a.runs)

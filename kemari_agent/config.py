@@ -53,6 +53,7 @@ class ReplicationConfig:
     peer_timeout_ms: int = 2000
     port: int = DEFAULT_PORT
     nodes: dict[str, tuple[str, int]] = field(default_factory=dict)   # node name -> address
+    auto_converge: bool = True   # throttle a guest that outruns its full sync
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
     heartbeat_ms = t.int_in("heartbeat_ms", 10, 60_000, default=200)
     timeout_ms = t.int_in("peer_timeout_ms", 50, 600_000, default=2000)
     port = t.int_in("port", 1, 65535, default=DEFAULT_PORT)
+    auto_converge = t.get("auto_converge", bool, default=True)
     nodes_t = t.table("nodes")
     t.finish()
     nodes = _nodes(nodes_t, port) if nodes_t else {}
@@ -216,6 +218,7 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
         peer=parse_hostport(peer, "replication.peer") if peer else None,
         key_file=key, mode=mode, epoch_ms=epoch_ms,
         heartbeat_ms=heartbeat_ms, peer_timeout_ms=timeout_ms, port=port, nodes=nodes,
+        auto_converge=auto_converge,
     )
 
 

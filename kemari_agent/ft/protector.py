@@ -39,6 +39,7 @@ from ..replication.errors import TransportError
 from ..replication.events import Acked, PeerDead, PeerGoodbye
 from ..replication.primary import Primary, PrimaryState
 from ..vmm import Vmm
+from .auto_converge import AutoConverge
 from .faults import Faults
 from .fence_peer import PeerFence
 from .link import Link, SessionLost
@@ -236,30 +237,46 @@ class Protector:
             self._sync_disk(link)
         pfns = self.machine.harvest_dirty()
         total = len(pfns)
-        while True:
-            round_started = time.monotonic()
-            for i in range(0, len(pfns), SYNC_BATCH_PAGES):
-                sm.sync_pages(self.machine.mem, pfns[i : i + SYNC_BATCH_PAGES],
-                              now=time.monotonic())
+        throttle = AutoConverge(self.vmm, self.config.name, self.config.replication.auto_converge)
+        try:
+            while True:
+                round_started = time.monotonic()
+                for i in range(0, len(pfns), SYNC_BATCH_PAGES):
+                    sm.sync_pages(self.machine.mem, pfns[i : i + SYNC_BATCH_PAGES],
+                                  now=time.monotonic())
+                    link.flush()
+                    self._check_peer_events(link.drain())
+                log.info("%s: full sync round %d: %d pages in %.3f s (throttle %d%%)",
+                         self.config.name, sm.sync_round, len(pfns),
+                         time.monotonic() - round_started, throttle.percent)
+                sent, pfns = len(pfns), self.machine.harvest_dirty()
+                throttle.after_round(sent, len(pfns))
+                self.sync_progress = {"round": sm.sync_round, "pages_sent": sm.sync_pages_sent,
+                                      "pages_total": total, "pages_remaining": len(pfns),
+                                      "throttle_percent": throttle.percent}
+                more = sm.end_sync_round(len(pfns), now=time.monotonic())
+                # not converging yet, but the throttle is still rising: it will
+                # (within the round limit: at most ~18 rounds from 20% to 99%)
+                if not more and not (throttle.can_still_help() and
+                                     len(pfns) > sm.sync_stop_pages and
+                                     sm.sync_round < sm.sync_max_rounds):
+                    break
                 link.flush()
-                self._check_peer_events(link.drain())
-            log.info("%s: full sync round %d: %d pages in %.3f s", self.config.name,
-                     sm.sync_round, len(pfns), time.monotonic() - round_started)
-            pfns = self.machine.harvest_dirty()
-            self.sync_progress = {"round": sm.sync_round, "pages_sent": sm.sync_pages_sent,
-                                  "pages_total": total, "pages_remaining": len(pfns)}
-            if not sm.end_sync_round(len(pfns), now=time.monotonic()):
-                break
-            link.flush()
+        finally:
+            throttle.stop()
         leftover = pfns
         finish_started = time.monotonic()
         self.vmm.call_in_loop(lambda: self._finish_sync(link, leftover), timeout=60)
+        closing_s = time.monotonic() - finish_started
         log.info("%s: full sync closing checkpoint: %d pages left, %.3f s to its ACK",
-                 self.config.name, len(leftover), time.monotonic() - finish_started)
+                 self.config.name, len(leftover), closing_s)
         elapsed = time.monotonic() - started
         self.last_sync = {"kind": "full", "seconds": round(elapsed, 4), "rounds": sm.sync_round,
                           "pages": sm.sync_pages_sent, "bytes": sm.bytes_sent,
-                          "memory_bytes": self.machine.mem_bytes, "reason": reason}
+                          "memory_bytes": self.machine.mem_bytes, "reason": reason,
+                          "closing_pages": len(leftover), "closing_s": round(closing_s, 4),
+                          "throttle_max_percent": round(throttle.max_fraction * 100),
+                          "throttle_held_s": round(throttle.stopped_s, 3)}
         log.info("%s: in sync with %s after %.2f s (%d rounds, %d pages): protected",
                  self.config.name, self.peer, time.monotonic() - started, sm.sync_round,
                  sm.sync_pages_sent)

@@ -1,6 +1,8 @@
 """Full sync of a guest whose memory is all in use (issue 10): page-data
 bytes/s, pages, rounds, and the guest's slowdown while it runs (stress
-events/s during the sync vs before it). Medians of RUNS syncs in one run.
+events/s during the sync vs before it). Medians of RUNS syncs in one run,
+for each content of memory (`stress.fill`: none = one counter per page,
+text = random words, random = incompressible) with LZ4 on and off.
 
 The `stress` guest dirties PAGES pages per I/O event at RATE events/s over a
 working set of all its memory, so after FILL_S every page is non-zero. Each
@@ -59,15 +61,26 @@ def _one_sync(lab: FtLab) -> dict:
     raise RuntimeError(f"never in sync: {lab.primary.status()}")
 
 
-def main(memory_mib: int = 256, runs: int = RUNS) -> dict:
+FILLS = ("none", "text", "random")     # the stress guest's memory: see docs/configuration.md
+
+
+def _settings(fill: str, compression: str) -> str:
+    return f"fill={fill}, compression={compression}"
+
+
+def _syncs_of(memory_mib: int, fill: str, compression: str, runs: int) -> tuple[list, list]:
+    """`runs` full syncs of one guest, each after restarting the secondary."""
     lab = FtLab(Path(tempfile.mkdtemp(prefix="kemari-bench-")), memory_mib=memory_mib,
                 image="stress",
-                extra=f"[stress]\npages = {PAGES}\nrate_hz = {RATE}\nworking_set = 1000000")
+                extra=f"[stress]\npages = {PAGES}\nrate_hz = {RATE}\n"
+                      f"working_set = 1000000\nfill = \"{fill}\"")
+    cfg = lab.primary.config
+    cfg.write_text(cfg.read_text().replace(
+        "[replication]\n", f"[replication]\ncompression = \"{compression}\"\n", 1))
     syncs, before = [], []
     try:
         lab.primary.start("primary")
-        fill_s = (memory_mib << 8) / (PAGES * RATE) + 1.0   # every page written once
-        time.sleep(fill_s)
+        time.sleep((memory_mib << 8) / (PAGES * RATE) + 1.0)   # every page written once
         lab.secondary.start("secondary")
         lab.wait_synced(300)
         for _ in range(runs):
@@ -75,25 +88,41 @@ def main(memory_mib: int = 256, runs: int = RUNS) -> dict:
             syncs.append(_one_sync(lab))
     finally:
         lab.close()
+    return syncs, before
+
+
+def main(memory_mib: int = 256, runs: int = RUNS, fills: tuple[str, ...] = FILLS,
+         compressions: tuple[str, ...] = ("lz4", "none")) -> dict:
+    """Each content of guest memory with LZ4 on and off, one guest per setting,
+    the settings interleaved: page-data GiB/s, wire bytes per page byte, rounds,
+    guest speed."""
+    results = {}
+    for fill in fills:
+        for compression in compressions:
+            results[_settings(fill, compression)] = _syncs_of(memory_mib, fill, compression,
+                                                              runs)
     load = os.getloadavg()
-    med = lambda key: statistics.median(s[key] for s in syncs)  # noqa: E731
-    page_bytes = [s["pages"] * 4096 / s["seconds"] for s in syncs]
-    slow = [s["events_per_s"] / b for s, b in zip(syncs, before, strict=True) if b > 0]
-    rows = [
-        ("pages sent (median)", int(med("pages")), ""),
-        ("rounds (median)", int(med("rounds")), ""),
-        ("sync time (median)", med("seconds") * 1e3, "ms"),
-        ("page data rate (median)", statistics.median(page_bytes) / (1 << 30), "GiB/s"),
-        ("stream bytes / page data", med("bytes") / (med("pages") * 4096), "x"),
-        ("guest events/s before sync (median)", statistics.median(before), "/s"),
-        ("guest events/s during sync (median)", med("events_per_s"), "/s"),
-        ("guest speed during / before (median)", statistics.median(slow) if slow else 0.0, "x"),
-        ("load average (1 min) after", load[0], ""),
-    ]
+    rows = []
+    for tag, (syncs, before) in results.items():
+        med = lambda key, s=syncs: statistics.median(x[key] for x in s)  # noqa: E731
+        page_bytes = [x["pages"] * 4096 / x["seconds"] for x in syncs]
+        slow = [x["events_per_s"] / b for x, b in zip(syncs, before, strict=True) if b > 0]
+        rows += [
+            (f"{tag}: pages sent", int(med("pages")), ""),
+            (f"{tag}: rounds", int(med("rounds")), ""),
+            (f"{tag}: sync time", med("seconds") * 1e3, "ms"),
+            (f"{tag}: page data rate", statistics.median(page_bytes) / (1 << 30), "GiB/s"),
+            (f"{tag}: stream bytes / page data",
+             med("bytes") / (med("pages") * 4096), "x"),
+            (f"{tag}: guest speed during / before",
+             statistics.median(slow) if slow else 0.0, "x"),
+        ]
+    rows.append(("load average (1 min) after", load[0], ""))
     guest = (f"{memory_mib} MiB stress guest, {PAGES} pages x {RATE}/s over all memory, "
-             f"{runs} full syncs")
-    return report("full_sync", rows, {"guest": guest, "syncs": syncs, "events_before": before,
-                                      "loadavg": load})
+             f"{runs} full syncs per setting (medians)")
+    return report("full_sync", rows, {"guest": guest, "loadavg": load,
+                                      "syncs": {k: v[0] for k, v in results.items()},
+                                      "events_before": {k: v[1] for k, v in results.items()}})
 
 
 FAST_PAGES, FAST_RATE = 2048, 500      # all of memory dirty again in every round
@@ -103,7 +132,8 @@ def _fast_dirtier_sync(memory_mib: int, auto_converge: bool) -> dict:
     """One full sync of a guest that dirties memory faster than the link."""
     lab = FtLab(Path(tempfile.mkdtemp(prefix="kemari-bench-")), memory_mib=memory_mib,
                 image="stress", extra=f"[stress]\npages = {FAST_PAGES}\n"
-                                      f"rate_hz = {FAST_RATE}\nworking_set = 1000000")
+                                      f"rate_hz = {FAST_RATE}\nworking_set = 1000000\n"
+                                      'fill = "random"')   # LZ4 cannot help
     cfg = lab.primary.config
     cfg.write_text(cfg.read_text().replace(
         "[replication]\n", f"[replication]\nauto_converge = {str(auto_converge).lower()}\n", 1))
@@ -153,10 +183,15 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory-mib", type=int, default=256)
     ap.add_argument("--runs", type=int, default=RUNS)
+    ap.add_argument("--fill", choices=FILLS, action="append",
+                    help="memory contents to sync (repeatable; default: all)")
+    ap.add_argument("--compression", choices=("lz4", "none"), action="append",
+                    help="replication.compression settings (repeatable; default: both)")
     ap.add_argument("--auto-converge", action="store_true",
                     help="a guest that outruns the link, with and without auto-converge")
     a = ap.parse_args()
     if a.auto_converge:
         auto_converge(min(a.memory_mib, 128), a.runs)
     else:
-        main(a.memory_mib, a.runs)
+        main(a.memory_mib, a.runs, tuple(a.fill or FILLS),
+             tuple(a.compression or ("lz4", "none")))

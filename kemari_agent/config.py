@@ -54,6 +54,7 @@ class ReplicationConfig:
     port: int = DEFAULT_PORT
     nodes: dict[str, tuple[str, int]] = field(default_factory=dict)   # node name -> address
     auto_converge: bool = True   # throttle a guest that outruns its full sync
+    compression: str = "lz4"     # of a full sync's rounds, where it pays (or "none")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class StressConfig:
     pages: int = 8
     rate_hz: int = 0
     working_set: int = 0
+    fill: str = "none"        # the working set at boot: "none", "text" or "random"
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,7 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
     timeout_ms = t.int_in("peer_timeout_ms", 50, 600_000, default=2000)
     port = t.int_in("port", 1, 65535, default=DEFAULT_PORT)
     auto_converge = t.get("auto_converge", bool, default=True)
+    compression = t.choice("compression", ("lz4", "none"), "lz4")
     nodes_t = t.table("nodes")
     t.finish()
     nodes = _nodes(nodes_t, port) if nodes_t else {}
@@ -218,7 +221,7 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
         peer=parse_hostport(peer, "replication.peer") if peer else None,
         key_file=key, mode=mode, epoch_ms=epoch_ms,
         heartbeat_ms=heartbeat_ms, peer_timeout_ms=timeout_ms, port=port, nodes=nodes,
-        auto_converge=auto_converge,
+        auto_converge=auto_converge, compression=compression,
     )
 
 
@@ -304,6 +307,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> VmConfig:
             pages=stress_t.int_in("pages", 0, 1 << 20, default=8),
             rate_hz=stress_t.int_in("rate_hz", 0, 1_000_000, default=0),
             working_set=stress_t.int_in("working_set", 0, 1 << 24, default=0),
+            fill=stress_t.choice("fill", ("none", "text", "random"), "none"),
         )
         stress_t.finish()
     if disk and disk.size_mib * 2048 > (1 << 40):

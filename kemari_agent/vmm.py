@@ -128,7 +128,8 @@ class Vmm:
         cfg = self.config
         args: tuple[int, ...] = ()
         if cfg.image == "stress":
-            args = (cfg.stress.pages, cfg.stress.rate_hz, cfg.stress.working_set)
+            fill = ("none", "text", "random").index(cfg.stress.fill)  # KEMARI_STRESS_FILL_*
+            args = (cfg.stress.pages, cfg.stress.rate_hz, cfg.stress.working_set, 0, fill)
         net = cfg.net
         return kboot.BootInfo(
             mac=net.mac if net else b"\x52\x54\x00\x00\x00\x01",

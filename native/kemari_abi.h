@@ -78,10 +78,16 @@ struct kemari_boot_info {
 };
 
 /* stress image: args[0] pages dirtied per I/O event, args[1] events/s (0 = flat out),
- * args[2] working-set pages (pages cycled through; 0 = pages per event). */
+ * args[2] working-set pages (pages cycled through; 0 = pages per event),
+ * args[3] stop after this many events, args[4] what the working set holds at
+ * boot (KEMARI_STRESS_FILL_*). */
 #define KEMARI_STRESS_ARG_PAGES   0
 #define KEMARI_STRESS_ARG_RATE    1
 #define KEMARI_STRESS_ARG_WSET    2
+#define KEMARI_STRESS_ARG_FILL    4
+#define KEMARI_STRESS_FILL_NONE   0            /* zeros (each dirtied page: one counter) */
+#define KEMARI_STRESS_FILL_TEXT   1            /* words: compresses like text, ~1.5x by LZ4 */
+#define KEMARI_STRESS_FILL_RANDOM 2            /* incompressible */
 
 /* ---- rings ------------------------------------------------------------ */
 #define KEMARI_RING_SIZE          32           /* slots per ring, power of two */

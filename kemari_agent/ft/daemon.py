@@ -34,6 +34,7 @@ from ..standalone import (
 )
 from ..vmm import Vmm
 from .activation import PROMOTE_LOCK_WAIT_S, resume_from_checkpoint
+from .heap import keep_large_buffers
 from .node import Node
 from .protector import Protector
 from .receiver import Receiver
@@ -162,6 +163,7 @@ class Daemon:
 
     # ---- main thread -----------------------------------------------------------------
     def serve(self, role: str) -> int:
+        keep_large_buffers()
         # Listening before answering: once `kemari start` sees the daemon, its
         # replication port is open too.
         with signals_to_main_thread():
@@ -219,6 +221,8 @@ class Daemon:
 
     def _become_secondary(self) -> None:
         self.machine = Machine(self.config.memory_mib << 20)
+        # a full sync writes every page: fault them in beforehand, off the loop
+        threading.Thread(target=self.machine.prefault, name="prefault", daemon=True).start()
         disk_fd = None
         disk = self.config.disk
         if disk is not None and disk.mode == "replicated":

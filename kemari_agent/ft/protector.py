@@ -45,6 +45,7 @@ from .fence_peer import PeerFence
 from .link import Link, SessionLost
 from .node import Node
 from .settings import pair_settings
+from .sync_compression import CompressionChooser
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,8 @@ class Protector:
                      generation=self.node.generation, checkpoint_seq=self.last_seq, now=now,
                      heartbeat_interval=self.heartbeat_s, peer_timeout=self.timeout_s,
                      force_full_sync=True, config=self.settings, resync_from=resync_from,
-                     unprotected=self._unprotected)
+                     unprotected=self._unprotected,
+                     compress=self.config.replication.compression == "lz4")
         link = Link(channel, sm, self.timeout_s)
         link.flush()
         link.wait_for(lambda: sm.state is not PrimaryState.HANDSHAKE, self.timeout_s)
@@ -238,14 +240,22 @@ class Protector:
         pfns = self.machine.harvest_dirty()
         total = len(pfns)
         throttle = AutoConverge(self.vmm, self.config.name, self.config.replication.auto_converge)
+        chooser = CompressionChooser(sm.compress_sync)
         try:
             while True:
                 round_started = time.monotonic()
                 for i in range(0, len(pfns), SYNC_BATCH_PAGES):
-                    sm.sync_pages(self.machine.mem, pfns[i : i + SYNC_BATCH_PAGES],
-                                  now=time.monotonic())
+                    batch, lz4 = pfns[i : i + SYNC_BATCH_PAGES], chooser.choose()
+                    batch_started = time.perf_counter()
+                    sm.sync_pages(self.machine.mem, batch, now=time.monotonic(), compress=lz4)
                     link.flush()
+                    chooser.record(lz4, len(batch), time.perf_counter() - batch_started)
                     self._check_peer_events(link.drain())
+                link.flush()
+                # the previous round applied before this one's dirty pages are
+                # harvested: one round in flight, and what the guest dirtied
+                # while the secondary caught up goes in the next round
+                self._await_round(link, sm.sync_round - 1)
                 log.info("%s: full sync round %d: %d pages in %.3f s (throttle %d%%)",
                          self.config.name, sm.sync_round, len(pfns),
                          time.monotonic() - round_started, throttle.percent)
@@ -262,6 +272,8 @@ class Protector:
                                      sm.sync_round < sm.sync_max_rounds):
                     break
                 link.flush()
+            link.flush()
+            self._await_round(link, sm.sync_round - 1)        # before the guest pauses
         finally:
             throttle.stop()
         leftover = pfns
@@ -276,10 +288,22 @@ class Protector:
                           "memory_bytes": self.machine.mem_bytes, "reason": reason,
                           "closing_pages": len(leftover), "closing_s": round(closing_s, 4),
                           "throttle_max_percent": round(throttle.max_fraction * 100),
-                          "throttle_held_s": round(throttle.stopped_s, 3)}
+                          "throttle_held_s": round(throttle.stopped_s, 3),
+                          "batches": chooser.batches,
+                          "lz4_batches": chooser.compressed_batches}
         log.info("%s: in sync with %s after %.2f s (%d rounds, %d pages): protected",
                  self.config.name, self.peer, time.monotonic() - started, sm.sync_round,
                  sm.sync_pages_sent)
+
+    def _await_round(self, link: Link, round_: int) -> None:
+        """Wait (guest running) until the secondary applied round `round_`, when it
+        says so (SYNC_ACKS). Without it the rounds' pages could wait in socket
+        buffers (a whole round when LZ4 shrinks them 100x), and the closing
+        checkpoint, with the guest paused, would wait behind them."""
+        sm = link.sm
+        if sm.sync_acks and round_ > sm.sync_round_acked:
+            self._check_peer_events(link.wait_for(lambda: sm.sync_round_acked >= round_,
+                                                  max(self.timeout_s, SYNC_ACK_TIMEOUT_S)))
 
     def _restart_dirty_log(self) -> None:
         self._tracking_since = None          # what a secondary held is now unbounded

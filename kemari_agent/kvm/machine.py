@@ -6,6 +6,7 @@ run loop and the replication engine compose; no device knows about it.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 from ..errors import KvmError
@@ -33,6 +34,10 @@ EXIT_NAMES = {
 
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
+MADV_POPULATE_WRITE = 23        # <linux/mman.h>, Linux 5.14
+PREFAULT_STEP = 64 << 20        # close() waits for one step at most
+_madvise = ctypes.CDLL(None, use_errno=True).madvise
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def _check(rc: int, what: str) -> int:
@@ -68,6 +73,23 @@ class Machine:
                 self.mem.release()
                 lib.kvmm_destroy(self._vm)
                 self._vm = None
+
+    def prefault(self) -> bool:
+        """Fault all of guest RAM in now, in the kernel (MADV_POPULATE_WRITE), so
+        a standby's full sync copies into mapped pages: a page fault taken on
+        first touch costs several microseconds on these PVM machines, 0.17 s per
+        256 MiB. Contents do not change (concurrent writers are safe). Returns
+        False if the kernel cannot (older than 5.14, or short of memory): pages
+        are then faulted on first use, as before."""
+        for offset in range(0, self.mem_bytes, PREFAULT_STEP):
+            with self._closing:
+                if self._vm is None:
+                    return False
+                base = int(ffi.cast("uintptr_t", lib.kvmm_mem(self._vm)))
+                size = min(PREFAULT_STEP, self.mem_bytes - offset)
+                if _madvise(base + offset, size, MADV_POPULATE_WRITE) != 0:
+                    return False
+        return True
 
     def __enter__(self) -> Machine:
         return self

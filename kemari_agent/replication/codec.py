@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import ClassVar
 
+import lz4.block as lz4_block
+
 from .errors import (
     MalformedRecord,
     NotAKemariStream,
@@ -62,6 +64,9 @@ class RecordType(IntEnum):
     SYNC_PROGRESS = 9
     ERROR = 10
     GOODBYE = 11
+    PAGES_LZ4 = 12
+    SYNC_ACK = 13
+
 
 
 class RecordFlag(IntFlag):
@@ -90,9 +95,17 @@ class HelloFlag(IntFlag):
 class Capability(IntFlag):
     ZERO_PAGES = 0x01
     DISK_WRITES = 0x02
+    # The receiver decodes PAGES_LZ4; the primary may send it once both HELLOs had it.
+    LZ4_PAGES = 0x04
+    # The secondary answers each SYNC_PROGRESS with a SYNC_ACK once the round is applied.
+    SYNC_ACKS = 0x08
 
 
-DEFAULT_CAPABILITIES = Capability.ZERO_PAGES | Capability.DISK_WRITES
+DEFAULT_CAPABILITIES = (Capability.ZERO_PAGES | Capability.DISK_WRITES | Capability.LZ4_PAGES
+                        | Capability.SYNC_ACKS)
+# A compressed batch is sent only if it is at most this fraction of its pages:
+# less saves too few bytes to pay for the receiver's decompression.
+LZ4_WORTH = 0.9
 
 
 class GoodbyeReason(IntEnum):
@@ -271,26 +284,7 @@ class Pages:
 
     @classmethod
     def from_body(cls, body: memoryview) -> Pages:
-        _require(len(body) >= 8, "PAGES too short")
-        count, reserved = _II.unpack_from(body)
-        _require(reserved == 0, "PAGES reserved field not zero")
-        _require(count <= MAX_PAGES_PER_RECORD, f"PAGES with {count} pages (max 4096)")
-        _require(len(body) >= 8 + 8 * count, "PAGES shorter than its page list")
-        entries = struct.unpack_from(f"<{count}Q", body, 8)
-        if entries and max(entries) > PFN_MASK:
-            pfns: list[int] = []
-            zeros: list[int] = []
-            for entry in entries:
-                _require(entry & ENTRY_RESERVED == 0, f"PAGES entry {entry:#x} uses reserved bits")
-                if entry & ENTRY_ZERO:
-                    zeros.append(entry & PFN_MASK)
-                else:
-                    pfns.append(entry)
-            data_pfns: Sequence[int] = pfns
-            zero_pfns: Sequence[int] = zeros
-        else:
-            data_pfns, zero_pfns = entries, ()
-        start = 8 + 8 * count
+        data_pfns, zero_pfns, start = _page_entries(body, "PAGES")
         _require(len(body) == start + PAGE_SIZE * len(data_pfns),
                  "PAGES payload length does not match its page list")
         return cls(data_pfns, body[start:], zero_pfns)
@@ -300,6 +294,55 @@ class Pages:
             return NotImplemented
         return (self.pfns == other.pfns and self.zero_pfns == other.zero_pfns
                 and bytes(self.data) == bytes(other.data))
+
+
+def _page_entries(body: memoryview, what: str) -> tuple[Sequence[int], Sequence[int], int]:
+    """The entry list of a PAGES or PAGES_LZ4 body: (data pfns, zero pfns, payload offset)."""
+    _require(len(body) >= 8, f"{what} too short")
+    count, reserved = _II.unpack_from(body)
+    _require(reserved == 0, f"{what} reserved field not zero")
+    _require(count <= MAX_PAGES_PER_RECORD, f"{what} with {count} pages (max 4096)")
+    _require(len(body) >= 8 + 8 * count, f"{what} shorter than its page list")
+    entries = struct.unpack_from(f"<{count}Q", body, 8)
+    if entries and max(entries) > PFN_MASK:
+        pfns: list[int] = []
+        zeros: list[int] = []
+        for entry in entries:
+            _require(entry & ENTRY_RESERVED == 0, f"{what} entry {entry:#x} uses reserved bits")
+            if entry & ENTRY_ZERO:
+                zeros.append(entry & PFN_MASK)
+            else:
+                pfns.append(entry)
+        return pfns, zeros, 8 + 8 * count
+    return entries, (), 8 + 8 * count
+
+
+class CompressedPages(Pages):
+    """PAGES_LZ4: the same entries as PAGES, the data pages as one LZ4 block.
+
+    Decoded, it is a Pages (the secondary applies it the same way); the
+    decompressed size is fixed by the entry list, so a forged block can
+    neither grow past it nor come up short."""
+
+    TYPE: ClassVar[RecordType] = RecordType.PAGES_LZ4
+
+    def body_parts(self) -> list[Buffer]:
+        head, data = super().body_parts()
+        return [head, lz4_block.compress(data, store_size=False)]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> Pages:
+        data_pfns, zero_pfns, start = _page_entries(body, "PAGES_LZ4")
+        size = PAGE_SIZE * len(data_pfns)
+        _require(size > 0 and len(body) > start, "PAGES_LZ4 without compressed pages")
+        try:
+            data = lz4_block.decompress(body[start:], uncompressed_size=size)
+        except lz4_block.LZ4BlockError:
+            raise MalformedRecord("PAGES_LZ4 block does not decompress to its "
+                                  f"{len(data_pfns)} pages") from None
+        _require(len(data) == size, f"PAGES_LZ4 block holds {len(data)} bytes, "
+                                    f"its {len(data_pfns)} pages need {size}")
+        return cls(data_pfns, data, zero_pfns)
 
 
 @dataclass(frozen=True)
@@ -486,6 +529,28 @@ class SyncProgress:
 
 
 @dataclass(frozen=True)
+class SyncAck:
+    """Secondary: every record up to SYNC_PROGRESS(round) is applied. Lets the
+    primary keep at most one round in flight, so the guest's closing pause does
+    not wait behind a backlog (a socket buffer holds a whole round of LZ4 pages)."""
+
+    TYPE: ClassVar[RecordType] = RecordType.SYNC_ACK
+    round: int
+
+    def __post_init__(self) -> None:
+        _u32(self.round, "round")
+
+    def body_parts(self) -> list[Buffer]:
+        return [_II.pack(self.round, 0)]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> SyncAck:
+        rnd, reserved = _fixed(_II, "SYNC_ACK", body)
+        _require(reserved == 0, "SYNC_ACK reserved field not zero")
+        return cls(rnd)
+
+
+@dataclass(frozen=True)
 class Error:
     """The sender is about to close because of `code` (an errors.StreamError code)."""
 
@@ -551,13 +616,13 @@ class Unknown:
 
 Record = (
     Hello | Pages | Vcpu | Device | DiskWrite | CheckpointEnd | Ack | Heartbeat | SyncProgress
-    | Error | Goodbye | Unknown
+    | SyncAck | Error | Goodbye | Unknown
 )
 
 _CLASSES: dict[int, type] = {
     cls.TYPE: cls
-    for cls in (Hello, Pages, Vcpu, Device, DiskWrite, CheckpointEnd, Ack, Heartbeat,
-                SyncProgress, Error, Goodbye)
+    for cls in (Hello, Pages, CompressedPages, Vcpu, Device, DiskWrite, CheckpointEnd, Ack,
+                Heartbeat, SyncProgress, SyncAck, Error, Goodbye)
 }
 
 
@@ -587,14 +652,15 @@ def encode_error(exc: BaseException) -> bytes:
     return encode(Error(code, message.decode(errors="ignore")))
 
 
-def pages_parts(memory: Buffer, pfns: Sequence[int], *,
-                detect_zero: bool = False) -> tuple[list[Buffer], int, int]:
+def pages_parts(memory: Buffer, pfns: Sequence[int], *, detect_zero: bool = False,
+                compress: bool = False) -> tuple[list[Buffer], int, int]:
     """Encode guest pages `pfns` of `memory` as PAGES records without building records.
 
     Returns (parts, record_count, page_count). The parts reference `memory`
     (unless zero detection copied them): join them before the guest resumes.
     Consecutive pfns become one slice, so a full-memory round costs one
-    memcpy per run instead of one per page.
+    memcpy per run instead of one per page. `compress`: a batch whose pages
+    LZ4 shrinks to at most LZ4_WORTH of their size goes as PAGES_LZ4.
     """
     view = memory if isinstance(memory, memoryview) else memoryview(memory)
     limit = len(view) // PAGE_SIZE
@@ -631,12 +697,24 @@ def pages_parts(memory: Buffer, pfns: Sequence[int], *,
             if run_start >= 0:
                 data.append(view[run_start * PAGE_SIZE:run_end * PAGE_SIZE])
         count = len(entries)
-        length = 8 + 8 * count + PAGE_SIZE * ndata
-        parts.append(HEADER.pack(RecordType.PAGES, 0, length) + _II.pack(count, 0)
-                     + struct.pack(f"<{count}Q", *entries))
-        parts.extend(data)
+        head = _II.pack(count, 0) + struct.pack(f"<{count}Q", *entries)
+        packed = _compressed(data, ndata) if compress and ndata else None
+        if packed is not None:
+            length = len(head) + len(packed)
+            parts += [HEADER.pack(RecordType.PAGES_LZ4, 0, length), head, packed]
+            if _pad(length):
+                parts.append(_PADDING[:_pad(length)])
+        else:
+            parts.append(HEADER.pack(RecordType.PAGES, 0, len(head) + PAGE_SIZE * ndata) + head)
+            parts.extend(data)
         records += 1
     return parts, records, len(pfns)
+
+
+def _compressed(data: list[Buffer], ndata: int) -> bytes | None:
+    """The LZ4 block of a batch's pages, or None where it does not pay."""
+    packed = lz4_block.compress(b"".join(data), store_size=False)
+    return packed if len(packed) <= LZ4_WORTH * PAGE_SIZE * ndata else None
 
 
 class Decoder:

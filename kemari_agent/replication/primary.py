@@ -22,6 +22,7 @@ from .codec import (
     VERSION,
     Ack,
     Buffer,
+    Capability,
     CheckpointEnd,
     Decoder,
     Device,
@@ -35,6 +36,7 @@ from .codec import (
     Pages,
     Record,
     Role,
+    SyncAck,
     SyncProgress,
     Unknown,
     Vcpu,
@@ -100,12 +102,15 @@ class Primary:
         config: Mapping[str, str] | None = None,
         resync_from: Collection[int] = (),
         unprotected: bool = False,
+        compress: bool = True,
     ) -> None:
         """`config`: settings the secondary's must equal (sent and compared at HELLO).
         `resync_from`: checkpoints of this generation from which the driver can send
         every change (dirty pages, written sectors) as one checkpoint instead of a
         full sync. `unprotected`: output went out that no acknowledged checkpoint
-        covers (the secondary is told it is outdated until the next commit)."""
+        covers (the secondary is told it is outdated until the next commit).
+        `compress`: send a full sync's rounds as PAGES_LZ4 where it pays, if the
+        secondary decodes it (its HELLO has Capability.LZ4_PAGES)."""
         self.name = name
         self.memory_size = memory_size
         self.generation = generation
@@ -117,6 +122,10 @@ class Primary:
         self.config = dict(config or {})
         self.resync_from = frozenset(resync_from)
         self.unprotected = unprotected
+        self.compress = compress
+        self.compress_sync = False         # negotiated at HELLO
+        self.sync_acks = False             # ditto: the secondary answers SYNC_PROGRESS
+        self.sync_round_acked = -1         # the last round the secondary applied
         # Why this session is a full sync (None: it resumes or resyncs).
         self.full_sync_reason: str | None = None
         self.resync_base: int | None = None    # the peer's checkpoint a resync starts from
@@ -259,12 +268,14 @@ class Primary:
     # -- full sync --------------------------------------------------------
 
     def sync_pages(self, memory: Buffer, pfns: Sequence[int], *, now: float,
-                   detect_zero: bool = True) -> None:
+                   detect_zero: bool = True, compress: bool = True) -> None:
         """Queue one batch of a pre-copy round (guest running). Send it before the
-        next batch so the outbox stays small."""
+        next batch so the outbox stays small. `compress`: as PAGES_LZ4 where it
+        shrinks the pages, if the session negotiated it."""
         if self.state is not PrimaryState.SYNCING or self.sync_seq is not None:
             raise RuntimeError("sync_pages is only allowed during a full sync's rounds")
-        parts, nrecords, npages = pages_parts(memory, pfns, detect_zero=detect_zero)
+        parts, nrecords, npages = pages_parts(memory, pfns, detect_zero=detect_zero,
+                                              compress=compress and self.compress_sync)
         self._queue(parts, nrecords, npages, now)
         self.sync_pages_sent += npages
 
@@ -340,8 +351,19 @@ class Primary:
             events.append(PeerGoodbye(record.reason, record.checkpoint_seq))
         elif isinstance(record, Error):
             raise PeerError(record.code, record.message)
+        elif isinstance(record, SyncAck):
+            self._on_sync_ack(record)
         else:
             raise UnexpectedRecord(f"primary received {type(record).__name__}")
+
+    def _on_sync_ack(self, ack: SyncAck) -> None:
+        if not self.sync_acks or self.state is not PrimaryState.SYNCING:
+            raise UnexpectedRecord("SYNC_ACK outside a full sync that negotiated it")
+        if not self.sync_round_acked < ack.round < self.sync_round:
+            raise ProtocolError(f"SYNC_ACK for round {ack.round}: rounds "
+                                f"{self.sync_round_acked + 1} to {self.sync_round - 1} "
+                                "are the ones awaiting it")
+        self.sync_round_acked = ack.round
 
     def _on_hello(self, hello: Hello, now: float, events: list[Event]) -> None:
         if self.state is not PrimaryState.HANDSHAKE:
@@ -374,6 +396,9 @@ class Primary:
         if not (resync or resume):
             self.full_sync_reason = self._why_full_sync(hello, has, version)
         self.peer = hello
+        self.compress_sync = self.compress and bool(
+            self.capabilities & hello.capabilities & Capability.LZ4_PAGES)
+        self.sync_acks = bool(self.capabilities & hello.capabilities & Capability.SYNC_ACKS)
         flags = HelloFlag(0) if resume else HelloFlag.RESYNC if resync else HelloFlag.FULL_SYNC
         if self.unprotected and version >= 2:
             flags |= HelloFlag.UNPROTECTED

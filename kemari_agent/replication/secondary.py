@@ -30,7 +30,9 @@ from .codec import (
     PAGE_SIZE,
     Ack,
     Buffer,
+    Capability,
     CheckpointEnd,
+    CompressedPages,
     Decoder,
     Device,
     DiskWrite,
@@ -42,6 +44,7 @@ from .codec import (
     Pages,
     Record,
     Role,
+    SyncAck,
     SyncProgress,
     Unknown,
     Vcpu,
@@ -261,6 +264,8 @@ class Secondary:
             raise ProtocolError(f"checkpoint {self._expected_seq} exceeds {self._staging_limit} "
                                 "bytes without an END")
         if isinstance(record, Pages):
+            if isinstance(record, CompressedPages):
+                self._check_compressed()
             self._check_pages(record)
             self._pages += record.page_count
             self._stage(record)
@@ -272,6 +277,8 @@ class Secondary:
             self.sync_progress = record
             events.append(SyncProgressed(record.round, record.pages_sent,
                                          record.pages_remaining))
+            if self.peer and self.peer.capabilities & Capability.SYNC_ACKS:
+                self._send(encode(SyncAck(record.round)), now)   # the round is applied
         else:
             assert isinstance(record, Heartbeat | Unknown)
 
@@ -369,6 +376,14 @@ class Secondary:
             if pfns and max(pfns) >= self._npages:
                 raise ProtocolError(f"PAGES names pfn {max(pfns)}, guest memory has "
                                     f"{self._npages} pages")
+
+    def _check_compressed(self) -> None:
+        # Only a full sync's write-through may be compressed: a staged checkpoint is
+        # bounded by the bytes received, and a small LZ4 block expands up to 16 MiB.
+        if not (self.peer and self.peer.capabilities & Capability.LZ4_PAGES):
+            raise UnexpectedRecord("PAGES_LZ4 in a session that did not negotiate it")
+        if self.state is not SecondaryState.SYNCING:
+            raise UnexpectedRecord("PAGES_LZ4 outside a full sync")
 
     def _stage(self, record: Pages | Vcpu | Device | DiskWrite) -> None:
         if self.state is SecondaryState.SYNCING:

@@ -3,7 +3,9 @@
  *
  * args[0] pages dirtied per event, args[1] events/s (0 = flat out),
  * args[2] working-set pages cycled through (0 = args[0]),
- * args[3] stop (power off, code 0) after this many events (0 = never).
+ * args[3] stop (power off, code 0) after this many events (0 = never),
+ * args[4] the working set's contents at boot (KEMARI_STRESS_FILL_*), so a
+ * full sync meets memory that is in use, compressible or not.
  * The event counter is guest_stats.events at GUEST_STATS_GPA + 8. */
 #include "guest.h"
 #include "blkfront.h"
@@ -20,6 +22,61 @@
 extern char __bss_end[];
 
 static uint8_t sector_buf[KEMARI_BLK_SECTOR_SIZE] __attribute__((aligned(512)));
+
+#define DICT_WORDS      2048
+#define WORD_MAX        10
+
+static char dict[DICT_WORDS][WORD_MAX];
+static uint8_t dict_len[DICT_WORDS];
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+static uint64_t next_random(void)   /* xorshift64 */
+{
+	rng_state ^= rng_state << 13;
+	rng_state ^= rng_state >> 7;
+	rng_state ^= rng_state << 17;
+	return rng_state;
+}
+
+static void make_dictionary(void)
+{
+	for (unsigned w = 0; w < DICT_WORDS; w++) {
+		uint64_t r = next_random();
+
+		dict_len[w] = 2 + r % (WORD_MAX - 1);
+		for (unsigned k = 0; k < dict_len[w]; k++)
+			dict[w][k] = 'a' + (next_random() % 26);
+	}
+}
+
+/* A page of words drawn at random from the dictionary, or of random bytes. */
+static void fill_page(uint8_t *page, uint64_t kind)
+{
+	size_t i = 0;
+
+	if (kind == KEMARI_STRESS_FILL_RANDOM) {
+		for (; i < 4096; i += 8)
+			*(uint64_t *)(page + i) = next_random();
+		return;
+	}
+	while (i < 4096) {
+		unsigned w = next_random() % DICT_WORDS;
+
+		for (unsigned k = 0; k < dict_len[w] && i < 4096; k++)
+			page[i++] = dict[w][k];
+		if (i < 4096)
+			page[i++] = ' ';
+	}
+}
+
+static void fill_working_set(uint8_t *region, uint64_t wset, uint64_t kind)
+{
+	if (kind != KEMARI_STRESS_FILL_TEXT && kind != KEMARI_STRESS_FILL_RANDOM)
+		return;
+	make_dictionary();
+	for (uint64_t p = 0; p < wset; p++)
+		fill_page(region + p * 4096, kind);
+}
 
 /* TSC ticks per microsecond, measured against the BLOCK port timeout. */
 static uint64_t calibrate_tsc(void)
@@ -82,6 +139,7 @@ int guest_main(void)
 		wset = avail;
 	if (!wset)
 		pages = 0;
+	fill_working_set(region, wset, boot_info->args[KEMARI_STRESS_ARG_FILL]);
 	if (rate) {
 		tpu = calibrate_tsc();
 		if (tpu < 50 || tpu > 100000)

@@ -55,10 +55,12 @@ def fill_wheelhouse() -> Path:
     """Wheels of what `make install` pip-installs: its tools and the package's
     dependencies (for Debian's python3, which the nodes' venv is made from)."""
     stamp = WHEELHOUSE / ".complete"
-    if not stamp.exists():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = "\n".join(["pip", "setuptools", "wheel", "cffi", *deps])
+    # the stamp names what was downloaded: a new dependency fills it again
+    if not stamp.exists() or stamp.read_text() != wanted:
         WHEELHOUSE.mkdir(parents=True, exist_ok=True)
-        deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(WHEELHOUSE),
-                        "pip", "setuptools", "wheel", "cffi", *deps], check=True)
-        stamp.touch()
+                        *wanted.split("\n")], check=True)
+        stamp.write_text(wanted)
     return WHEELHOUSE

@@ -1,0 +1,43 @@
+"""Whether a full-sync batch goes LZ4-compressed: whichever moved pages faster.
+
+LZ4 pays when the link, or the secondary behind it, is slower than
+compressing: on a 1 Gb/s link nearly always; on loopback only for memory
+that compresses very well (docs/benchmarks.md: words compress 1.5x at
+0.35 GB/s, slower than sending them). So the primary measures instead of
+guessing: each batch's encode + send time per page, for each choice, in a
+moving average, and takes the cheaper one, trying the other every
+PROBE_EVERY batches so a change in memory contents or link is noticed.
+"""
+
+from __future__ import annotations
+
+PROBE_EVERY = 8
+WEIGHT = 0.3          # of the newest batch in the moving average
+
+
+class CompressionChooser:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.cost: dict[bool, float | None] = {True: None, False: None}   # seconds per page
+        self.batches = 0
+        self.compressed_batches = 0
+
+    def choose(self) -> bool:
+        """True: compress the next batch."""
+        self.batches += 1
+        if not self.enabled:
+            return False
+        untried = [option for option, cost in self.cost.items() if cost is None]
+        if untried:
+            choice = untried[0]
+        else:
+            best = min(self.cost, key=lambda option: self.cost[option] or 0.0)
+            choice = (not best) if self.batches % PROBE_EVERY == 0 else best
+        self.compressed_batches += choice
+        return choice
+
+    def record(self, compressed: bool, pages: int, seconds: float) -> None:
+        """A batch of `pages` took `seconds` to encode and send."""
+        per_page = seconds / max(1, pages)
+        old = self.cost[compressed]
+        self.cost[compressed] = per_page if old is None else (1 - WEIGHT) * old + WEIGHT * per_page

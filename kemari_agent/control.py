@@ -29,7 +29,9 @@ MAX_REQUEST = 1 << 16
 class ControlServer:
     """Serves requests on a unix socket in a background thread."""
 
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, *, serve_now: bool = True) -> None:
+        """serve_now=False: bound and listening, but requests wait (in the backlog)
+        until start(), e.g. until the daemon's pid file is written."""
         self.path = path
         self.handler = handler
         private_dir(path.parent)
@@ -45,6 +47,10 @@ class ControlServer:
         self.sock.listen(16)
         self._closed = False
         self.thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        if serve_now:
+            self.thread.start()
+
+    def start(self) -> None:
         self.thread.start()
 
     def close(self) -> None:

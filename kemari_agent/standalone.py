@@ -112,11 +112,13 @@ def run(config: VmConfig, restore: Path | None = None) -> int:
     with signals_to_main_thread():
         vmm = Vmm.create(config)
         try:
-            server = ControlServer(paths.socket_path(config.name), handler(vmm))
+            server = ControlServer(paths.socket_path(config.name), handler(vmm), serve_now=False)
         except BaseException:
             vmm.close()
             raise
-    pid_file = write_pid_file(config.name)
+    pid_file = write_pid_file(config.name)     # before anyone can see the daemon answer
+    with signals_to_main_thread():
+        server.start()
     previous = install_stop_handler(vmm.request_stop, vmm.wake_fd)
     try:
         if snap is not None:

@@ -169,11 +169,15 @@ class Daemon:
         with signals_to_main_thread():
             self._become_secondary()
             try:
-                server = ControlServer(paths.socket_path(self.config.name), self.handle)
+                server = ControlServer(paths.socket_path(self.config.name), self.handle,
+                                       serve_now=False)
             except BaseException:
                 self._teardown()
                 raise
+        # the pid file first: whoever sees the daemon answer may read it
         pid_file = write_pid_file(self.config.name)
+        with signals_to_main_thread():
+            server.start()
         previous = install_stop_handler(lambda: self._request("stop"), self._wake_w)
         try:
             if role == "primary":

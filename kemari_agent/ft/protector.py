@@ -289,8 +289,8 @@ class Protector:
                           "closing_pages": len(leftover), "closing_s": round(closing_s, 4),
                           "throttle_max_percent": round(throttle.max_fraction * 100),
                           "throttle_held_s": round(throttle.stopped_s, 3),
-                          "batches": chooser.batches,
-                          "lz4_batches": chooser.compressed_batches}
+                          "lz4_pages": sm.sync_stats["lz4_pages"],
+                          "lz4_batches_tried": chooser.compressed_batches}
         log.info("%s: in sync with %s after %.2f s (%d rounds, %d pages): protected",
                  self.config.name, self.peer, time.monotonic() - started, sm.sync_round,
                  sm.sync_pages_sent)

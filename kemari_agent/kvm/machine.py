@@ -35,7 +35,7 @@ EXIT_NAMES = {
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
 MADV_POPULATE_WRITE = 23        # <linux/mman.h>, Linux 5.14
-PREFAULT_STEP = 64 << 20        # close() waits for one step at most
+PREFAULT_STEP = 16 << 20        # close() and kick() wait for one step at most (~10 ms)
 _madvise = ctypes.CDLL(None, use_errno=True).madvise
 _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 

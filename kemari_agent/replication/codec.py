@@ -653,14 +653,16 @@ def encode_error(exc: BaseException) -> bytes:
 
 
 def pages_parts(memory: Buffer, pfns: Sequence[int], *, detect_zero: bool = False,
-                compress: bool = False) -> tuple[list[Buffer], int, int]:
+                compress: bool = False, stats: dict[str, int] | None = None,
+                ) -> tuple[list[Buffer], int, int]:
     """Encode guest pages `pfns` of `memory` as PAGES records without building records.
 
     Returns (parts, record_count, page_count). The parts reference `memory`
     (unless zero detection copied them): join them before the guest resumes.
     Consecutive pfns become one slice, so a full-memory round costs one
     memcpy per run instead of one per page. `compress`: a batch whose pages
-    LZ4 shrinks to at most LZ4_WORTH of their size goes as PAGES_LZ4.
+    LZ4 shrinks to at most LZ4_WORTH of their size goes as PAGES_LZ4, and
+    `stats["lz4_pages"]` (if given) counts its data pages.
     """
     view = memory if isinstance(memory, memoryview) else memoryview(memory)
     limit = len(view) // PAGE_SIZE
@@ -702,6 +704,8 @@ def pages_parts(memory: Buffer, pfns: Sequence[int], *, detect_zero: bool = Fals
         if packed is not None:
             length = len(head) + len(packed)
             parts += [HEADER.pack(RecordType.PAGES_LZ4, 0, length), head, packed]
+            if stats is not None:
+                stats["lz4_pages"] = stats.get("lz4_pages", 0) + ndata
             if _pad(length):
                 parts.append(_PADDING[:_pad(length)])
         else:

@@ -126,6 +126,7 @@ class Primary:
         self.compress_sync = False         # negotiated at HELLO
         self.sync_acks = False             # ditto: the secondary answers SYNC_PROGRESS
         self.sync_round_acked = -1         # the last round the secondary applied
+        self.sync_stats: dict[str, int] = {"lz4_pages": 0}   # pages sent as PAGES_LZ4
         # Why this session is a full sync (None: it resumes or resyncs).
         self.full_sync_reason: str | None = None
         self.resync_base: int | None = None    # the peer's checkpoint a resync starts from
@@ -275,7 +276,8 @@ class Primary:
         if self.state is not PrimaryState.SYNCING or self.sync_seq is not None:
             raise RuntimeError("sync_pages is only allowed during a full sync's rounds")
         parts, nrecords, npages = pages_parts(memory, pfns, detect_zero=detect_zero,
-                                              compress=compress and self.compress_sync)
+                                              compress=compress and self.compress_sync,
+                                              stats=self.sync_stats)
         self._queue(parts, nrecords, npages, now)
         self.sync_pages_sent += npages
 

@@ -4,6 +4,7 @@
 
 #define PAGE 4096u
 #define TYPE_PAGES 2u
+#define ENTRY_ZERO (1ull << 63)
 
 uint64_t kcodec_pages_size(uint32_t n)
 {
@@ -40,5 +41,70 @@ int64_t kcodec_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns
         for (uint32_t i = 0; i < count; i++, p += PAGE)
             memcpy(p, mem + pfns[start + i] * PAGE, PAGE);
     }
+    return p - out;
+}
+
+static int page_is_zero(const uint8_t *page)
+{
+    const uint64_t *w = (const uint64_t *)page;
+    uint64_t any = 0;
+    for (unsigned i = 0; i < PAGE / 8; i += 8) {     /* 64 bytes per step, early out */
+        any = w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+        if (any)
+            return 0;
+    }
+    return 1;
+}
+
+int64_t kcodec_pages_z(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,
+                       uint8_t *out, uint64_t out_size, uint32_t *data_pages)
+{
+    uint64_t limit = mem_size / PAGE;
+    if (kcodec_pages_size(n) > out_size)
+        return -2;
+    for (uint32_t i = 0; i < n; i++)
+        if (pfns[i] >= limit)
+            return -1;
+    uint8_t *p = out;
+    uint32_t total_data = 0;
+    for (uint32_t start = 0; start < n; start += KCODEC_MAX_PAGES_PER_RECORD) {
+        uint32_t count = n - start;
+        if (count > KCODEC_MAX_PAGES_PER_RECORD)
+            count = KCODEC_MAX_PAGES_PER_RECORD;
+        uint8_t *head = p;
+        uint64_t *entries = (uint64_t *)(head + 16);
+        uint8_t *data = head + 16 + 8 * (size_t)count;
+        uint32_t ndata = 0, nzero = 0;
+        /* data pages copied as found; zero pfns parked at the end of the list */
+        for (uint32_t i = 0; i < count; i++) {
+            uint64_t pfn = pfns[start + i];
+            const uint8_t *page = mem + pfn * PAGE;
+            if (page_is_zero(page)) {
+                nzero++;
+                entries[count - nzero] = pfn | ENTRY_ZERO;
+            } else {
+                memcpy(&entries[ndata], &pfn, 8);
+                memcpy(data + (size_t)ndata * PAGE, page, PAGE);
+                ndata++;
+            }
+        }
+        /* the zero entries went in from the end: put them back in pfn-list order */
+        for (uint32_t a = ndata, b = count - 1; a < b; a++, b--) {
+            uint64_t t = entries[a];
+            entries[a] = entries[b];
+            entries[b] = t;
+        }
+        uint32_t length = 8 + 8 * count + PAGE * ndata;
+        uint16_t type = TYPE_PAGES, flags = 0;
+        uint32_t reserved = 0;
+        memcpy(head, &type, 2);
+        memcpy(head + 2, &flags, 2);
+        memcpy(head + 4, &length, 4);
+        memcpy(head + 8, &count, 4);
+        memcpy(head + 12, &reserved, 4);
+        p = data + (size_t)ndata * PAGE;
+        total_data += ndata;
+    }
+    *data_pages = total_data;
     return p - out;
 }

@@ -22,4 +22,12 @@ uint64_t kcodec_pages_size(uint32_t n);
 int64_t kcodec_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,
                      uint8_t *out, uint64_t out_size);
 
+/* The same with zero-page detection (a full sync's rounds): an all-zero page
+ * becomes an entry with bit 63 (ZERO) and no data. Per record: the data
+ * pages' pfns in order, then the zero pages' (as codec.pages_parts with
+ * detect_zero=True writes them). out must hold kcodec_pages_size(n); returns
+ * the bytes written, -1 or -2 as kcodec_pages. *data_pages: pages with data. */
+int64_t kcodec_pages_z(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,
+                       uint8_t *out, uint64_t out_size, uint32_t *data_pages);
+
 #endif

@@ -715,6 +715,31 @@ def pages_parts(memory: Buffer, pfns: Sequence[int], *, detect_zero: bool = Fals
     return parts, records, len(pfns)
 
 
+def compress_pages_records(records: Buffer, stats: dict[str, int] | None = None) -> list[Buffer]:
+    """PAGES records (as the native encoder writes them, one after the other),
+    each turned into PAGES_LZ4 where that pays, as pages_parts(compress=True)."""
+    view = memoryview(records)
+    parts: list[Buffer] = []
+    offset = 0
+    while offset < len(view):
+        _rtype, _flags, length = HEADER.unpack_from(view, offset)
+        count, _reserved = _II.unpack_from(view, offset + HEADER_SIZE)
+        start = offset + HEADER_SIZE + 8 + 8 * count
+        end = offset + HEADER_SIZE + length
+        ndata = (end - start) // PAGE_SIZE
+        packed = _compressed([view[start:end]], ndata) if ndata else None
+        if packed is None:
+            parts.append(view[offset:end])
+        else:
+            body = length - PAGE_SIZE * ndata + len(packed)
+            parts += [HEADER.pack(RecordType.PAGES_LZ4, 0, body), view[offset + HEADER_SIZE:start],
+                      packed, _PADDING[:_pad(body)]]
+            if stats is not None:
+                stats["lz4_pages"] = stats.get("lz4_pages", 0) + ndata
+        offset = end
+    return parts
+
+
 def _compressed(data: list[Buffer], ndata: int) -> bytes | None:
     """The LZ4 block of a batch's pages, or None where it does not pay."""
     packed = lz4_block.compress(b"".join(data), store_size=False)

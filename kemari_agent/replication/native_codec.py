@@ -44,3 +44,23 @@ def write_pages(memory: Buffer, pfns: Sequence[int], out: bytearray) -> int:
     if written < 0:
         raise ValueError("output buffer too small for the pages")
     return int(written)
+
+
+def write_pages_detect_zero(memory: Buffer, pfns: Sequence[int], out: bytearray) -> tuple[int, int]:
+    """write_pages with all-zero pages sent as ZERO entries: the same bytes as
+    codec.pages_parts(memory, pfns, detect_zero=True) joined. `out` holds
+    pages_size(len(pfns)). Returns (length written, pages with data)."""
+    mem = ffi.from_buffer(memory)
+    n = len(pfns)
+    if n and min(pfns) < 0:
+        raise ValueError("pfn outside guest memory")
+    arr = ffi.new("uint64_t[]", pfns if isinstance(pfns, list | tuple) else list(pfns)) \
+        if n else ffi.NULL
+    data_pages = ffi.new("uint32_t *")
+    written = lib.kcodec_pages_z(mem, len(mem), arr, n, ffi.from_buffer(out), len(out),
+                                 data_pages)
+    if written == -1:
+        raise ValueError("pfn outside guest memory")
+    if written < 0:
+        raise ValueError("output buffer too small for the pages")
+    return int(written), int(data_pages[0])

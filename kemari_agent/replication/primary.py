@@ -40,6 +40,7 @@ from .codec import (
     SyncProgress,
     Unknown,
     Vcpu,
+    compress_pages_records,
     encode,
     encode_parts,
     pages_parts,
@@ -275,11 +276,22 @@ class Primary:
         shrinks the pages, if the session negotiated it."""
         if self.state is not PrimaryState.SYNCING or self.sync_seq is not None:
             raise RuntimeError("sync_pages is only allowed during a full sync's rounds")
-        parts, nrecords, npages = pages_parts(memory, pfns, detect_zero=detect_zero,
-                                              compress=compress and self.compress_sync,
-                                              stats=self.sync_stats)
-        self._queue(parts, nrecords, npages, now)
-        self.sync_pages_sent += npages
+        compress = compress and self.compress_sync
+        if native_codec.ENABLED and detect_zero and len(pfns) >= native_codec.MIN_PAGES:
+            out = bytearray(native_codec.pages_size(len(pfns)))
+            written, _data_pages = native_codec.write_pages_detect_zero(memory, pfns, out)
+            del out[written:]
+            nrecords = -(-len(pfns) // MAX_PAGES_PER_RECORD)
+            if compress:
+                self._queue(compress_pages_records(out, self.sync_stats), nrecords, len(pfns),
+                            now)
+            else:
+                self._queue([out], nrecords, len(pfns), now)
+        else:
+            parts, nrecords, npages = pages_parts(memory, pfns, detect_zero=detect_zero,
+                                                  compress=compress, stats=self.sync_stats)
+            self._queue(parts, nrecords, npages, now)
+        self.sync_pages_sent += len(pfns)
 
     def sync_disk(self, writes: Sequence[DiskWrite], *, now: float) -> None:
         """Queue replicated-disk contents during a full sync's rounds (guest running).
@@ -329,8 +341,9 @@ class Primary:
         self._bytes = 0
 
     def _queue(self, parts: list[Buffer], nrecords: int, npages: int, now: float) -> None:
-        """Queue records that belong to the next checkpoint's checksum."""
-        data = b"".join(parts)
+        """Queue records that belong to the next checkpoint's checksum. A lone part
+        is queued as it is: only the native encoder's own buffer comes alone."""
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         self._crc = zlib.crc32(data, self._crc)
         self._records += nrecords
         self._pages += npages

@@ -77,3 +77,31 @@ def _checkpoint(native: bool, pfns, blob: bytes) -> bytes:
 @settings(max_examples=100, deadline=None)
 def test_checkpoint_same_bytes_native_or_python(pfns, blob):
     assert _checkpoint(True, pfns, blob) == _checkpoint(False, pfns, blob)
+
+
+ZEROY = bytearray(MEMORY)
+for _pfn in range(0, MEM_PAGES, 3):                       # every third page all zero
+    ZEROY[_pfn * PAGE_SIZE:(_pfn + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
+ZEROY[6 * PAGE_SIZE:7 * PAGE_SIZE] = bytes(PAGE_SIZE - 1) + b"\x01"   # zero but its last byte
+
+
+@given(st.lists(st.integers(0, MEM_PAGES - 1), max_size=80))
+@settings(max_examples=200, deadline=None)
+def test_zero_detecting_pages_same_bytes_as_python(pfns):
+    expected = b"".join(bytes(p) for p in pages_parts(ZEROY, pfns, detect_zero=True)[0])
+    out = bytearray(native_codec.pages_size(len(pfns)))
+    written, data_pages = native_codec.write_pages_detect_zero(ZEROY, pfns, out)
+    assert bytes(out[:written]) == expected
+    assert data_pages == sum(any(ZEROY[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]) for p in pfns)
+
+
+def test_zero_detecting_split_into_records_of_4096():
+    memory = bytearray(4100 * PAGE_SIZE)
+    for pfn in range(0, 4100, 2):
+        memory[pfn * PAGE_SIZE + 100] = 7
+    pfns = list(range(4099, -1, -1))
+    out = bytearray(native_codec.pages_size(len(pfns)))
+    written, data_pages = native_codec.write_pages_detect_zero(memory, pfns, out)
+    assert data_pages == 2050
+    assert bytes(out[:written]) == b"".join(
+        bytes(p) for p in pages_parts(memory, pfns, detect_zero=True)[0])

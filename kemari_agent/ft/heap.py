@@ -21,7 +21,7 @@ log = logging.getLogger("kemari.heap")
 M_TRIM_THRESHOLD = -1          # <malloc.h>
 M_MMAP_THRESHOLD = -3
 MMAP = 32 << 20                # glibc's largest accepted mmap threshold on 64-bit
-TRIM = 64 << 20
+TRIM = 16 << 20                # a sync's few live buffers fit; more goes back
 
 
 def keep_large_buffers() -> bool:

@@ -247,9 +247,11 @@ class Protector:
                 for i in range(0, len(pfns), SYNC_BATCH_PAGES):
                     batch, lz4 = pfns[i : i + SYNC_BATCH_PAGES], chooser.choose()
                     batch_started = time.perf_counter()
+                    packed_before = sm.sync_stats["lz4_pages"]
                     sm.sync_pages(self.machine.mem, batch, now=time.monotonic(), compress=lz4)
                     link.flush()
-                    chooser.record(lz4, len(batch), time.perf_counter() - batch_started)
+                    chooser.record(lz4, len(batch), time.perf_counter() - batch_started,
+                                   shrank=sm.sync_stats["lz4_pages"] > packed_before)
                     self._check_peer_events(link.drain())
                 link.flush()
                 # the previous round applied before this one's dirty pages are

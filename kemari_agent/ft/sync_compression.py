@@ -7,9 +7,13 @@ that compresses very well (docs/benchmarks.md: words compress 1.5x at
 guessing: each batch's encode + send time per page, for each choice, in a
 moving average, and takes the cheaper one, trying the other every
 PROBE_EVERY batches so a change in memory contents or link is noticed.
+A try that saved nothing (random pages) rules compression out until the
+next probe.
 """
 
 from __future__ import annotations
+
+import math
 
 PROBE_EVERY = 8
 WEIGHT = 0.3          # of the newest batch in the moving average
@@ -36,8 +40,14 @@ class CompressionChooser:
         self.compressed_batches += choice
         return choice
 
-    def record(self, compressed: bool, pages: int, seconds: float) -> None:
-        """A batch of `pages` took `seconds` to encode and send."""
+    def record(self, compressed: bool, pages: int, seconds: float, shrank: bool = True) -> None:
+        """A batch of `pages` took `seconds` to encode and send. `shrank`: a
+        compressed try saved bytes (else its pages went plain, and the try was
+        pure cost: compression stays off until the next probe)."""
+        if compressed and not shrank:
+            self.cost[True] = math.inf
+            return
         per_page = seconds / max(1, pages)
         old = self.cost[compressed]
-        self.cost[compressed] = per_page if old is None else (1 - WEIGHT) * old + WEIGHT * per_page
+        fresh = old is None or math.isinf(old)
+        self.cost[compressed] = per_page if fresh else (1 - WEIGHT) * old + WEIGHT * per_page

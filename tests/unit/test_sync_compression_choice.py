@@ -38,3 +38,14 @@ def test_disabled_never_compresses_and_counts_batches() -> None:
     chooser = CompressionChooser(False)
     assert run(chooser, {True: 0.0, False: 1.0}, 20) == [False] * 20
     assert (chooser.batches, chooser.compressed_batches) == (20, 0)
+
+
+def test_a_try_that_saved_nothing_rules_compression_out_until_the_next_probe() -> None:
+    chooser = CompressionChooser(True)
+    choices = []
+    for _ in range(4 * PROBE_EVERY):
+        choice = chooser.choose()
+        # incompressible pages: a try costs about the same, but never shrinks anything
+        chooser.record(choice, 512, 512e-6, shrank=False)
+        choices.append(choice)
+    assert choices.count(True) <= 1 + 4          # the first try, then one probe per 8

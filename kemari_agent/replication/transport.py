@@ -101,36 +101,29 @@ class Channel:
             return data
         parts = [data]
         got = len(data)
-        if got < batch and (self._sock.pending() or _readable(self._sock)):
+        if got < batch:
             got += self._take_ready(parts, max_bytes, batch - got)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _take_ready(self, parts: list[bytes], max_bytes: int, limit: int) -> int:
-        """Append records already decrypted or already on the socket, up to about
-        `limit` bytes, never waiting for one still in flight (non-blocking reads:
-        OpenSSL keeps a partial record until the rest arrives). Errors and the
-        peer's close are left for the next recv_some to meet."""
+        """Append records already decrypted or already (at least in part) on the
+        socket, up to about `limit` bytes. A record that has begun to arrive is
+        read whole, as the first one is (its sender is writing it now); the
+        peer's close is left for the next recv_some."""
         got = 0
-        self._sock.setblocking(False)
         try:
-            while got < limit:
-                more = self._sock.recv(max(max_bytes, self._sock.pending()))
+            while got < limit and (self._sock.pending() or _readable(self._sock)):
+                more = self._sock.recv(max_bytes)
                 if not more:
                     break
                 parts.append(more)
                 got += len(more)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError,
-                ssl.SSLZeroReturnError):
+        except ssl.SSLZeroReturnError:
             pass
-        except (OSError, ssl.SSLError):
-            pass   # the connection failed: the next read raises it
-        finally:
-            self._sock.settimeout(self._timeout)
-        if self._sock.pending():   # a record decrypted beyond the limit: keep it out of OpenSSL
-            with contextlib.suppress(OSError, ssl.SSLError):
-                more = self._sock.recv(self._sock.pending())
-                parts.append(more)
-                got += len(more)
+        except TimeoutError:
+            raise TransportTimeout("receive timed out inside a record") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(f"receive from {self.peer} failed: {exc}") from exc
         return got
 
     def settimeout(self, timeout: float | None) -> None:

@@ -269,3 +269,34 @@ def test_channel_reports_timeout_and_orderly_close(keydir: Path) -> None:
         server.join()
         assert server.result == b"bye"
         assert ch.recv_some() == b""  # the server closed its end
+
+
+def test_recv_some_takes_every_record_already_arrived_without_waiting(keydir: Path) -> None:
+    payload = os.urandom(3 << 20)
+    sent = threading.Event()
+
+    def send(ch: transport.Channel) -> None:
+        ch.send_all(payload)                 # ~190 TLS records
+        sent.set()
+        time.sleep(1.0)                      # keep the connection open, send nothing more
+
+    server = Server(keydir / "vm.key", then=send)
+    with transport.connect(str(keydir / "vm.key"), *server.address, timeout=5) as ch:
+        ch.settimeout(5)
+        got, calls = b"", 0
+        while len(got) < len(payload):
+            if not got:
+                assert sent.wait(5)
+                time.sleep(0.2)              # all of it has arrived
+            chunk = ch.recv_some()
+            assert len(chunk) <= transport.RECV_BATCH + transport.RECV_SIZE
+            got += chunk
+            calls += 1
+        assert got == payload                # in order, nothing lost or repeated
+        assert calls <= 5                    # one call per MiB, not one per 16 KiB record
+        started = time.monotonic()
+        with pytest.raises(transport.TransportTimeout):
+            ch.settimeout(0.3)
+            ch.recv_some()                   # nothing more: waits only its own timeout
+        assert time.monotonic() - started < 1.0
+    server.join()

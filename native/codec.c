@@ -6,14 +6,28 @@
 #define TYPE_PAGES 2u
 #define ENTRY_ZERO (1ull << 63)
 
+/* Record header (u16 type, u16 flags, u32 body length: a multiple of 8, so no
+ * padding) and the PAGES body's u32 count, u32 reserved. */
+static void put_pages_header(uint8_t *p, uint32_t count, uint32_t data_pages)
+{
+    uint32_t length = 8 + 8 * count + PAGE * data_pages;
+    uint16_t type = TYPE_PAGES, flags = 0;
+    uint32_t reserved = 0;
+    memcpy(p, &type, 2);
+    memcpy(p + 2, &flags, 2);
+    memcpy(p + 4, &length, 4);
+    memcpy(p + 8, &count, 4);
+    memcpy(p + 12, &reserved, 4);
+}
+
 uint64_t kcodec_pages_size(uint32_t n)
 {
     uint64_t records = (n + KCODEC_MAX_PAGES_PER_RECORD - 1) / KCODEC_MAX_PAGES_PER_RECORD;
     return records * 16 + (uint64_t)n * (8 + PAGE);
 }
 
-int64_t kcodec_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,
-                     uint8_t *out, uint64_t out_size)
+/* -2: out cannot hold the worst case; -1: a pfn outside guest memory. */
+static int check_pages(uint64_t mem_size, const uint64_t *pfns, uint32_t n, uint64_t out_size)
 {
     uint64_t limit = mem_size / PAGE;
     if (kcodec_pages_size(n) > out_size)
@@ -21,20 +35,21 @@ int64_t kcodec_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns
     for (uint32_t i = 0; i < n; i++)
         if (pfns[i] >= limit)
             return -1;
+    return 0;
+}
+
+int64_t kcodec_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,
+                     uint8_t *out, uint64_t out_size)
+{
+    int rc = check_pages(mem_size, pfns, n, out_size);
+    if (rc)
+        return rc;
     uint8_t *p = out;
     for (uint32_t start = 0; start < n; start += KCODEC_MAX_PAGES_PER_RECORD) {
         uint32_t count = n - start;
         if (count > KCODEC_MAX_PAGES_PER_RECORD)
             count = KCODEC_MAX_PAGES_PER_RECORD;
-        /* header: u16 type, u16 flags, u32 body length (a multiple of 8: no padding) */
-        uint32_t length = 8 + 8 * count + PAGE * count;
-        uint16_t type = TYPE_PAGES, flags = 0;
-        uint32_t reserved = 0;
-        memcpy(p, &type, 2);
-        memcpy(p + 2, &flags, 2);
-        memcpy(p + 4, &length, 4);
-        memcpy(p + 8, &count, 4);
-        memcpy(p + 12, &reserved, 4);
+        put_pages_header(p, count, count);
         p += 16;
         memcpy(p, pfns + start, 8 * (size_t)count);
         p += 8 * (size_t)count;
@@ -59,12 +74,9 @@ static int page_is_zero(const uint8_t *page)
 int64_t kcodec_pages_z(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,
                        uint8_t *out, uint64_t out_size, uint32_t *data_pages)
 {
-    uint64_t limit = mem_size / PAGE;
-    if (kcodec_pages_size(n) > out_size)
-        return -2;
-    for (uint32_t i = 0; i < n; i++)
-        if (pfns[i] >= limit)
-            return -1;
+    int rc = check_pages(mem_size, pfns, n, out_size);
+    if (rc)
+        return rc;
     uint8_t *p = out;
     uint32_t total_data = 0;
     for (uint32_t start = 0; start < n; start += KCODEC_MAX_PAGES_PER_RECORD) {
@@ -94,14 +106,7 @@ int64_t kcodec_pages_z(const uint8_t *mem, uint64_t mem_size, const uint64_t *pf
             entries[a] = entries[b];
             entries[b] = t;
         }
-        uint32_t length = 8 + 8 * count + PAGE * ndata;
-        uint16_t type = TYPE_PAGES, flags = 0;
-        uint32_t reserved = 0;
-        memcpy(head, &type, 2);
-        memcpy(head + 2, &flags, 2);
-        memcpy(head + 4, &length, 4);
-        memcpy(head + 8, &count, 4);
-        memcpy(head + 12, &reserved, 4);
+        put_pages_header(head, count, ndata);
         p = data + (size_t)ndata * PAGE;
         total_data += ndata;
     }

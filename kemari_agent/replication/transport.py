@@ -84,11 +84,11 @@ class Channel:
     def recv_some(self, max_bytes: int = RECV_SIZE, batch: int = RECV_BATCH) -> bytes:
         """Bytes that arrived (blocking until some do); b"" when the peer closed.
 
-        After the first TLS record it takes, without blocking, whatever else has
-        arrived, up to `batch` bytes: a full sync streams megabytes, and one
-        caller's pass per 16 KiB record cost more than the bytes. Drains what
-        TLS already decrypted, so a select() on fileno() after this call never
-        misses buffered data."""
+        After the first TLS record it takes every record that has begun to
+        arrive, up to `batch` bytes, without waiting for one that has not: a full
+        sync streams megabytes, and one caller's pass per 16 KiB record cost more
+        than the bytes. Drains what TLS already decrypted, so a select() on
+        fileno() after this call never misses buffered data."""
         try:
             data = self._sock.recv(max_bytes)
         except TimeoutError:
@@ -108,8 +108,10 @@ class Channel:
     def _take_ready(self, parts: list[bytes], max_bytes: int, limit: int) -> int:
         """Append records already decrypted or already (at least in part) on the
         socket, up to about `limit` bytes. A record that has begun to arrive is
-        read whole, as the first one is (its sender is writing it now); the
-        peer's close is left for the next recv_some."""
+        read whole, as the first one is (its sender is writing it now); if it
+        does not complete within the timeout, OpenSSL keeps its part for the
+        next call and what was gathered is returned. The peer's close is left
+        for the next recv_some."""
         got = 0
         try:
             while got < limit and (self._sock.pending() or _readable(self._sock)):
@@ -118,12 +120,14 @@ class Channel:
                     break
                 parts.append(more)
                 got += len(more)
-        except ssl.SSLZeroReturnError:
+        except (ssl.SSLZeroReturnError, TimeoutError):
             pass
-        except TimeoutError:
-            raise TransportTimeout("receive timed out inside a record") from None
         except (OSError, ssl.SSLError) as exc:
             raise TransportError(f"receive from {self.peer} failed: {exc}") from exc
+        if self._sock.pending():     # decrypted already: select() would not see it
+            more = self._sock.recv(self._sock.pending())
+            parts.append(more)
+            got += len(more)
         return got
 
     def settimeout(self, timeout: float | None) -> None:

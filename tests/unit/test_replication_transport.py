@@ -3,6 +3,7 @@ and a primary and secondary exchange a full sync, a checkpoint and its ACK."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -299,4 +300,67 @@ def test_recv_some_takes_every_record_already_arrived_without_waiting(keydir: Pa
             ch.settimeout(0.3)
             ch.recv_some()                   # nothing more: waits only its own timeout
         assert time.monotonic() - started < 1.0
+    server.join()
+
+
+class HoldingRelay:
+    """Loopback TCP relay whose server-to-client direction can stop after a set
+    number of bytes: a TLS record left half-arrived."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.target = target
+        self.relayed = 0                       # server -> client bytes
+        self.limit: int | None = None
+        self.changed = threading.Condition()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def hold_after(self, more: int | None) -> None:
+        with self.changed:
+            self.limit = None if more is None else self.relayed + more
+            self.changed.notify_all()
+
+    def _run(self) -> None:
+        client, _ = self.listener.accept()
+        server = socket.create_connection(self.target)
+        threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+        self._pump(server, client, True)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1):         # byte by byte: the limit is exact
+                if counted:
+                    with self.changed:
+                        self.changed.wait_for(lambda: self.limit is None
+                                              or self.relayed < self.limit)
+                        self.relayed += 1
+                dst.sendall(data)
+
+
+TLS13_RECORD_OVERHEAD = 5 + 1 + 16             # header, inner content type, AEAD tag
+
+
+def test_a_record_cut_in_half_is_kept_for_the_next_call(keydir: Path) -> None:
+    first, second = os.urandom(1000), os.urandom(1000)
+    go = threading.Event()
+
+    def send(ch: transport.Channel) -> None:
+        assert go.wait(5)
+        ch.send_all(first)
+        ch.send_all(second)
+        time.sleep(2)
+
+    server = Server(keydir / "vm.key", then=send)
+    relay = HoldingRelay(server.address)
+    with transport.connect(str(keydir / "vm.key"), *relay.address, timeout=5) as ch:
+        relay.hold_after(len(first) + TLS13_RECORD_OVERHEAD + 500)   # the 2nd record half there
+        go.set()
+        time.sleep(0.5)
+        ch.settimeout(0.5)
+        started = time.monotonic()
+        assert ch.recv_some() == first         # not lost with the timeout inside the second
+        assert time.monotonic() - started >= 0.4
+        relay.hold_after(None)
+        assert ch.recv_some() == second
     server.join()

@@ -68,7 +68,6 @@ class RecordType(IntEnum):
     SYNC_ACK = 13
 
 
-
 class RecordFlag(IntFlag):
     # A receiver that does not know the record's type skips it instead of failing.
     SKIPPABLE = 0x0001
@@ -700,14 +699,9 @@ def pages_parts(memory: Buffer, pfns: Sequence[int], *, detect_zero: bool = Fals
                 data.append(view[run_start * PAGE_SIZE:run_end * PAGE_SIZE])
         count = len(entries)
         head = _II.pack(count, 0) + struct.pack(f"<{count}Q", *entries)
-        packed = _compressed(data, ndata) if compress and ndata else None
+        packed = _compressed(b"".join(data), ndata) if compress and ndata else None
         if packed is not None:
-            length = len(head) + len(packed)
-            parts += [HEADER.pack(RecordType.PAGES_LZ4, 0, length), head, packed]
-            if stats is not None:
-                stats["lz4_pages"] = stats.get("lz4_pages", 0) + ndata
-            if _pad(length):
-                parts.append(_PADDING[:_pad(length)])
+            parts += _lz4_record_parts(head, packed, ndata, stats)
         else:
             parts.append(HEADER.pack(RecordType.PAGES, 0, len(head) + PAGE_SIZE * ndata) + head)
             parts.extend(data)
@@ -727,23 +721,28 @@ def compress_pages_records(records: Buffer, stats: dict[str, int] | None = None)
         start = offset + HEADER_SIZE + 8 + 8 * count
         end = offset + HEADER_SIZE + length
         ndata = (end - start) // PAGE_SIZE
-        packed = _compressed([view[start:end]], ndata) if ndata else None
+        packed = _compressed(view[start:end], ndata) if ndata else None
         if packed is None:
             parts.append(view[offset:end])
         else:
-            body = length - PAGE_SIZE * ndata + len(packed)
-            parts += [HEADER.pack(RecordType.PAGES_LZ4, 0, body), view[offset + HEADER_SIZE:start],
-                      packed, _PADDING[:_pad(body)]]
-            if stats is not None:
-                stats["lz4_pages"] = stats.get("lz4_pages", 0) + ndata
+            parts += _lz4_record_parts(view[offset + HEADER_SIZE:start], packed, ndata, stats)
         offset = end
     return parts
 
 
-def _compressed(data: list[Buffer], ndata: int) -> bytes | None:
-    """The LZ4 block of a batch's pages, or None where it does not pay."""
-    packed = lz4_block.compress(b"".join(data), store_size=False)
+def _compressed(pages: Buffer, ndata: int) -> bytes | None:
+    """The LZ4 block of `ndata` pages, or None where it does not pay."""
+    packed = lz4_block.compress(pages, store_size=False)
     return packed if len(packed) <= LZ4_WORTH * PAGE_SIZE * ndata else None
+
+
+def _lz4_record_parts(head: Buffer, packed: bytes, ndata: int,
+                      stats: dict[str, int] | None) -> list[Buffer]:
+    """A PAGES_LZ4 record: `head` (count, reserved, entries), the block, padding."""
+    length = len(head) + len(packed)
+    if stats is not None:
+        stats["lz4_pages"] = stats.get("lz4_pages", 0) + ndata
+    return [HEADER.pack(RecordType.PAGES_LZ4, 0, length), head, packed, _PADDING[:_pad(length)]]
 
 
 class Decoder:

@@ -6,8 +6,11 @@
 * From then on the loop thread owns the session. Event-tapped mode: at every
   doorbell (Vmm.tap_hook) the vCPU is already stopped; we send the pages
   dirtied since the last checkpoint, the vCPU blob, the device state and,
-  for replicated disks, the writes in flight, and wait for the ACK before the
-  backend may perform the I/O (output commit). Epoch mode: the guest runs on,
+  for replicated disks, the writes done since the last checkpoint and those
+  in flight, and wait for the ACK before the backend may perform the I/O
+  (output commit). A replicated disk is not output: its doorbell takes no
+  checkpoint, its writes are logged for the next one (taken at the next
+  network doorbell, or while the guest idles). Epoch mode: the guest runs on,
   a checkpoint is taken every epoch, and output is held until the checkpoint
   covering it is acknowledged (Remus): network frames in a list, disk
   requests unanswered in the guest's ring, so that the checkpoint itself
@@ -63,6 +66,9 @@ SYNC_ACK_TIMEOUT_S = 10.0
 # The secondary stages a resync in memory beside the guest (STAGING_SLACK on top
 # of guest RAM); more disk than this written while disconnected means a full sync.
 RESYNC_DISK_LIMIT = 48 << 20
+# Tapped mode, replicated disk: guest writes wait in a log for the next checkpoint
+# (see tap()); beyond this many bytes a disk doorbell takes the checkpoint itself.
+DISK_LOG_LIMIT = 16 << 20
 
 
 class Protector:
@@ -94,6 +100,9 @@ class Protector:
         self._last_full_vcpu = 0.0
         self._last_device_version: tuple[int, ...] | None = None
         self._disk_dirty: set[int] | None = None     # chunks written during a sync or a gap
+        # Tapped mode, replicated disk, protected: writes done since the last checkpoint.
+        self._disk_log: list[tuple[int, bytes]] = []
+        self._disk_log_bytes = 0
         # Resync bookkeeping: dirty tracking is continuous since checkpoint
         # _tracking_since (None: not since anything a secondary could hold); what
         # checkpoints after _acked_seq carried is kept until one is acknowledged.
@@ -317,6 +326,11 @@ class Protector:
             self._disk_dirty = set()
             self.vmm.block.write_observer = self._note_disk_write
 
+    def _log_disk_write(self, sector: int, data: bytes) -> None:
+        """Loop thread, protected (tapped mode): the next checkpoint carries it."""
+        self._disk_log.append((sector, data))
+        self._disk_log_bytes += len(data)
+
     def _note_disk_write(self, sector: int, data: bytes) -> None:
         """Loop thread, during a full sync or while disconnected: these sectors go
         again at the sync's end (or in the resync)."""
@@ -364,6 +378,8 @@ class Protector:
         if self._disk_dirty is not None:     # kept until now: a failed sync resends them
             self._disk_dirty = None
             self.vmm.block.write_observer = None
+        if self.replicated_disk and not self.epoch_mode and self.vmm.block is not None:
+            self.vmm.block.write_observer = self._log_disk_write
         self.last_checkpoint_at = time.monotonic()
         self.link = link
         self.state = "synced"
@@ -402,6 +418,7 @@ class Protector:
             records.append(Device(0, DEVICE_BLOB_VERSION, device))
             self._last_device_version = version
         if self.replicated_disk and self.vmm.block is not None:
+            records += [DiskWrite(0, sector, data) for sector, data in self._disk_log]
             records += [DiskWrite(0, sector, data)
                         for sector, data in self.vmm.block.pending_writes()]
         return records
@@ -424,6 +441,8 @@ class Protector:
         if trace is not None:
             trace.mark("encoded")
         self._sent(seq, pfns, records)
+        self._disk_log.clear()          # in `records`: a resync resends them until acked
+        self._disk_log_bytes = 0
         block = self.vmm.block
         if self.epoch_mode and block is not None and block.has_work():
             self._held_block.append((seq, block.position()))
@@ -461,6 +480,13 @@ class Protector:
                 self.peer_fence.before_unprotected_output(self)
             if self.link is None:
                 return False
+        if device is vmm.block and self.vmm.block.write_observer == self._log_disk_write \
+                and self._disk_log_bytes < DISK_LOG_LIMIT:
+            # A replicated disk is this guest's own state, not the outside world: its
+            # writes go to the local disk now and to the secondary with the next
+            # checkpoint, applied there before that checkpoint's memory. Output that
+            # depends on them waits for that checkpoint like any other.
+            return False
         try:
             if self.epoch_mode:
                 return self._hold_output(vmm, device)
@@ -511,6 +537,10 @@ class Protector:
                         self._release_acked_output()
                     self._checkpoint(wait=False)
                     self._next_epoch = time.monotonic() + self.epoch_s
+            elif self._disk_log:
+                # The guest is idle with disk writes no checkpoint carried yet: send
+                # them, so an idle pair's disks are the same.
+                self._checkpoint(wait=True)
         except SessionLost as exc:
             self._lost(str(exc))
 
@@ -560,6 +590,10 @@ class Protector:
         if self.replicated_disk and self.vmm.block is not None and self._disk_dirty is None:
             self._disk_dirty = set()          # a resync sends what is written meanwhile
             self.vmm.block.write_observer = self._note_disk_write
+        for sector, data in self._disk_log:   # logged, never sent: the resync sends them
+            self._note_disk_write(sector, data)
+        self._disk_log.clear()
+        self._disk_log_bytes = 0
         if self.epoch_mode and not self.suspend_on_loss:
             for _seq, frames in self._held_frames:   # unprotected now: let output go
                 for f in frames:

@@ -7,6 +7,9 @@
   real TLS 1.3 loopback connection: checkpoint() -> send -> ACK -> Acked.
 * bulk: a full sync of a guest's memory over TLS loopback (GiB/s), next to
   the raw TLS byte rate on the same connection type.
+* crc: the stream's checksum (CRC-32, both nodes compute it over every
+  byte), zlib's and zlib-ng's implementation side by side, over a 1-page
+  checkpoint's bytes, a 32-page one's, and a full-sync batch.
 
 Run: python -m bench.bench_codec [--quick]
 """
@@ -249,6 +252,31 @@ def bench_bulk(key: str, memory_size: int) -> dict[str, float]:
             "secondary_cpu_s_per_gib": secondary_cpu / gib}
 
 
+CRC_SIZES = {"1-page checkpoint (33 KiB)": 33 << 10, "32-page checkpoint (160 KiB)": 160 << 10,
+             "full-sync batch (2 MiB)": 2 << 20}
+
+
+def bench_crc(iters: int) -> dict[str, dict[str, float]]:
+    """Median us per call of each implementation (the same value: checked)."""
+    import zlib
+
+    from zlib_ng import zlib_ng
+
+    out = {}
+    for label, size in CRC_SIZES.items():
+        data = os.urandom(size)
+        assert zlib.crc32(data, 7) == zlib_ng.crc32(data, 7)
+        out[label] = {}
+        for name, fn in (("zlib", zlib.crc32), ("zlib-ng", zlib_ng.crc32)):
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter_ns()
+                fn(data)
+                times.append(time.perf_counter_ns() - t0)
+            out[label][name] = percentile(times, 50) / 1e3
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     quick = "--quick" in argv
@@ -260,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         tls, _ = bench_tls(key, iters)
         floor = bench_tls_floor(key, 32 * PAGE_SIZE + 4096, iters)
         bulk = bench_bulk(key, (64 << 20) if quick else BULK_GUEST)
+    crc = bench_crc(iters // 4)
     rows: list[tuple[str, object, str]] = []
     for size in SIZES:
         c = codec[size]
@@ -275,6 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
              ("full sync primary CPU", bulk["primary_cpu_s_per_gib"], "s/GiB"),
              ("full sync secondary CPU", bulk["secondary_cpu_s_per_gib"], "s/GiB"),
              ("raw TLS stream (same connection type)", bulk["raw_tls_gib_s"], "GiB/s")]
+    for label, by in crc.items():
+        rows += [(f"crc32 {label}, zlib / zlib-ng p50",
+                  f"{by['zlib']:.1f} / {by['zlib-ng']:.1f}", "us")]
     return report("codec", rows, {"iterations": iters, "guest_bytes": GUEST,
                                   "bulk_guest_bytes": (64 << 20) if quick else BULK_GUEST})
 

@@ -9,7 +9,6 @@ output-commit rule, and this class is where it is decided.
 
 from __future__ import annotations
 
-import zlib
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from enum import Enum
@@ -41,6 +40,7 @@ from .codec import (
     Unknown,
     Vcpu,
     compress_pages_records,
+    crc32,
     encode,
     encode_parts,
     pages_parts,
@@ -246,7 +246,7 @@ class Primary:
         else:
             data = bytearray().join(parts)
         body = memoryview(data)[:-len(_END_SLOT)]
-        crc = zlib.crc32(body, self._crc)
+        crc = crc32(body, self._crc)
         end = CheckpointEnd(seq, self.generation, self._records + nrecords,
                             self._pages + npages, self._bytes + len(body), crc)
         body.release()
@@ -344,7 +344,7 @@ class Primary:
         """Queue records that belong to the next checkpoint's checksum. A lone part
         is queued as it is: only the native encoder's own buffer comes alone."""
         data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = crc32(data, self._crc)
         self._records += nrecords
         self._pages += npages
         self._bytes += len(data)

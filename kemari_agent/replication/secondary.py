@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import zlib
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Protocol
@@ -48,6 +47,7 @@ from .codec import (
     SyncProgress,
     Unknown,
     Vcpu,
+    crc32,
     encode,
 )
 from .errors import (
@@ -255,7 +255,7 @@ class Secondary:
         if isinstance(record, Hello | Ack):
             raise UnexpectedRecord(f"secondary received {type(record).__name__} mid-session")
         # Everything else belongs to the next checkpoint's counts and checksum.
-        self._crc = zlib.crc32(raw, self._crc)
+        self._crc = crc32(raw, self._crc)
         self._records += 1
         self._bytes += len(raw)
         # A full sync writes through (nothing staged), and its rounds may resend

@@ -9,7 +9,9 @@
    KEMARI_STAGES=1, each stage's median from the two daemons' timestamps
    (CLOCK_MONOTONIC, one host), joined by checkpoint seq;
 3. the secondary's CPU time per checkpoint (/proc/<pid>/stat);
-4. kv ops/s protected / unprotected with the same clients.
+4. kv ops/s protected / unprotected with the same clients, protected with a
+   shared disk (a write is output: two checkpoints per request) and with a
+   replicated one (a write goes with the reply's checkpoint: one).
 
 Each daemon setting (SETTINGS: KEMARI_NATIVE_CODEC=1 and =0) runs `--runs`
 times, interleaved, and the medians of the runs are reported; kv is
@@ -202,8 +204,12 @@ def kv_ratio(seconds: float) -> dict:
 
     unprot = unprotected_ops(seconds)
     prot, lat = protected("tap", seconds)
+    repl, repl_lat = protected("tap", seconds, disk_mode="replicated")
     return {"unprotected": unprot, "protected": prot, "ratio": prot / unprot,
-            "reply_p50_us": percentile(lat, 50) * 1e6, "reply_p99_us": percentile(lat, 99) * 1e6}
+            "reply_p50_us": percentile(lat, 50) * 1e6, "reply_p99_us": percentile(lat, 99) * 1e6,
+            "protected_replicated": repl, "ratio_replicated": repl / unprot,
+            "replicated_reply_p50_us": percentile(repl_lat, 50) * 1e6,
+            "replicated_reply_p99_us": percentile(repl_lat, 99) * 1e6}
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -288,6 +294,13 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
             (f"[{setting}] kv reply latency p50 / p99, protected",
              f"{_median(kv[setting], 'reply_p50_us'):.0f} / "
              f"{_median(kv[setting], 'reply_p99_us'):.0f}", "us"),
+            (f"[{setting}] kv ops/s protected, replicated disk (same clients)",
+             _median(kv[setting], "protected_replicated"), "ops/s"),
+            (f"[{setting}] kv ratio, replicated disk / unprotected (goal >= 0.5)",
+             _median(kv[setting], "ratio_replicated"), ""),
+            (f"[{setting}] kv reply latency p50 / p99, replicated disk",
+             f"{_median(kv[setting], 'replicated_reply_p50_us'):.0f} / "
+             f"{_median(kv[setting], 'replicated_reply_p99_us'):.0f}", "us"),
         ]
     rows += [
         ("load average before / after (1 min)",

@@ -97,8 +97,9 @@ def reply_latency(addr, n: int = 400) -> list[float]:
     return out
 
 
-def protected(mode: str, seconds: float) -> tuple[float, list[float]]:
-    lab = FtLab(tmpdir(), mode=mode)
+def protected(mode: str, seconds: float, disk_mode: str = "shared"
+              ) -> tuple[float, list[float]]:
+    lab = FtLab(tmpdir(), mode=mode, disk_mode=disk_mode)
     try:
         lab.start_pair()
         ops = kv_throughput(lab.addr, seconds) if mode == "tap" else 0.0

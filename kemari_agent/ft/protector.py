@@ -331,6 +331,11 @@ class Protector:
         self._disk_log.append((sector, data))
         self._disk_log_bytes += len(data)
 
+    def _take_disk_log(self) -> list[tuple[int, bytes]]:
+        """The writes logged since the last checkpoint, leaving the log empty."""
+        taken, self._disk_log, self._disk_log_bytes = self._disk_log, [], 0
+        return taken
+
     def _note_disk_write(self, sector: int, data: bytes) -> None:
         """Loop thread, during a full sync or while disconnected: these sectors go
         again at the sync's end (or in the resync)."""
@@ -441,8 +446,7 @@ class Protector:
         if trace is not None:
             trace.mark("encoded")
         self._sent(seq, pfns, records)
-        self._disk_log.clear()          # in `records`: a resync resends them until acked
-        self._disk_log_bytes = 0
+        self._take_disk_log()           # in `records`: a resync resends them until acked
         block = self.vmm.block
         if self.epoch_mode and block is not None and block.has_work():
             self._held_block.append((seq, block.position()))
@@ -590,10 +594,8 @@ class Protector:
         if self.replicated_disk and self.vmm.block is not None and self._disk_dirty is None:
             self._disk_dirty = set()          # a resync sends what is written meanwhile
             self.vmm.block.write_observer = self._note_disk_write
-        for sector, data in self._disk_log:   # logged, never sent: the resync sends them
+        for sector, data in self._take_disk_log():   # logged, never sent: the resync sends them
             self._note_disk_write(sector, data)
-        self._disk_log.clear()
-        self._disk_log_bytes = 0
         if self.epoch_mode and not self.suspend_on_loss:
             for _seq, frames in self._held_frames:   # unprotected now: let output go
                 for f in frames:

@@ -95,6 +95,9 @@ def test_modules_match_the_dom0_kernel(modules: Path) -> None:
             "kemari-attached",
             "unanswered tx requests",
             "kemari_gate",
+            "kemari-attach-error",
+            "kemari-negotiated/%s",
+            "kemari-checkpoint/queue-%u/%s",
         ],
     }.items():
         ko = modules / f"{name}.ko"
@@ -243,41 +246,46 @@ def test_stock_backends_publish_initwait(tmp_path: Path) -> None:
 
 
 def test_netback_gate_in_xen(modules: Path, tmp_path: Path) -> None:
-    """linux-patches/0010: armed, frozen and thawed netback consumes no tx request past the limit.
+    """linux-patches/0010, 0011: the netback gate holds 32 packets over 2 queues; attach checks.
 
-    Fails on a series without 0010 (no kemari_gate attribute).
+    Fails on a series without 0010 (no kemari_gate) and on one without 0011
+    (the wrong-key re-binds attach instead of being refused).
     """
-    log = tmp_path / "netgate.log"
-    files = tmp_path / "files"
-    files.mkdir()
-    cmd = [
-        str(xen_lab.LAB / "boot.sh"),
-        "--run",
-        str(LINUX / "netgate-test.sh"),
-        "--files",
-        str(files),
-        "--modules",
-        str(modules),
-        "--log",
-        str(log),
-        "--timeout",
-        "900",
-    ]
-    boot = xen_lab.run(cmd, timeout=1200)
-    text = log.read_text(errors="replace").replace("\r", "") if log.exists() else ""
-    results = {m[1]: (m[2], m[3]) for m in RESULT_RE.finditer(text)}
-    print(boot.stdout[-4000:])
-    assert boot.returncode == 0 and "NETGATE-TEST PASS" in text, (results, boot.stderr[-2000:])
+    results = boot_attach_test(tmp_path, modules, "patched", test="netgate")
     for name in (
-        "armed_tx_bounded",
-        "freeze",
-        "frozen_tx_bounded",
-        "thawed_still_bounded",
-        "commit_up_to_limit",
+        "senders_running",
+        "two_queues",
+        "gate_present",
+        # Armed: 32 echo requests pushed over 2 queues, none consumed.
+        "depth32_held",
+        "both_queues_held",
+        "req_cons_still",
+        "irq_count_still",
+        "peer_rx_still",
+        "peer_echos_still",
+        "guest_blocked",
+        "freeze_drains",
+        # Committed: exactly the packets below the new limits left, once.
+        "commit_runs_each_once",
+        "commit_completes",
         "bad_commit_refused",
-        "io_resumes",
+        "disarm_resumes",
+        # Attach: refused on a wrong feature or ring, exact with the right keys.
+        "checkpoint_drained",
+        "negotiated_line",
+        "attach_refuses_feature",
+        "attach_refuses_feature_frontend_untold",
+        "attach_refuses_ring",
+        "attach_refuses_ring_frontend_untold",
+        "attach_exact",
+        "io_after_attach",
+        "each_echo_once",
+        "frontend_no_errors",
+        "frontend_stayed_connected",
     ):
         assert results.get(name, ("missing",))[0] == "ok", (name, results.get(name))
+    assert "feature-gso-tcpv4" in results["attach_refuses_feature"][1]
+    assert "queue-1/tx-req-prod" in results["attach_refuses_ring"][1]
 
 
 def test_backend_gate_and_exact_attach_in_xen(modules: Path, tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ finish() { [ $FAILED = 0 ] && echo "NETGATE-TEST PASS" || echo "NETGATE-TEST FAI
 # The gate's read-out: "state ...", "negotiated k=v ...", "<q> k=v ..." lines.
 gate() { cat "$G"; }
 qfield() { # FIELD: "<queue> <value>" per queue (tx ring unless the field says rx_)
-    gate | sed -n "s/^\([0-9][0-9]*\) .* $1=\([0-9]*\).*/\1 \2/p"; }
+    gate | awk -v k="$1" '$1 ~ /^[0-9]+$/ {for (i = 2; i <= NF; i++) {
+        n = index($i, "="); if (substr($i, 1, n - 1) == k) {v = substr($i, n + 1); sub(/^off:/, "", v); print $1, v}}}'; }
 qsum() { qfield "$1" | awk '{s+=$2} END{print s+0}'; }
 waiting() { # tx requests pushed and not consumed, per queue "<q> <n>"
     paste -d' ' <(qfield req_prod) <(qfield req_cons) | awk '{print $1, ($2-$4)%4294967296}'; }

@@ -17,7 +17,7 @@ T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 mkdir -p "$T"/{bin,lib,proc,sys,dev,tmp}
 cp "$BB" "$T/bin/busybox"
-for a in sh mount cat echo sleep head dd printf ip ping insmod seq grep ls; do ln -s busybox "$T/bin/$a"; done
+for a in sh mount cat echo sleep head dd printf ip ping insmod seq grep ls arp; do ln -s busybox "$T/bin/$a"; done
 cp "$MODS/kernel/drivers/block/xen-blkfront.ko" "$MODS/kernel/drivers/net/xen-netfront.ko" "$T/lib/"
 install -m 755 "$HERE/domu-init" "$T/init"
 (cd "$T" && find . | cpio -o -H newc 2>/dev/null | gzip -1 > "$OUT.tmp")

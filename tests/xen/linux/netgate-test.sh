@@ -130,6 +130,8 @@ ol=$(last_ok)
 all_advanced() { [ "$(advanced "$ol")" = 32 ]; }
 wait_for 120 all_advanced
 check disarm_resumes "senders answered again: $(advanced "$ol")/32" all_advanced
+stuck() { join <(echo "$1") <(last_ok) | awk '$3<=$2{print "sender", $1, "last answered", $2}' | tr '\n' ';'; }
+all_advanced || result stuck_senders info "$(stuck "$ol")"
 
 # 5. Attach mode.  Armed again so that the checkpoint has tx requests pushed
 #    and not consumed on both queues; the guest paused (the tap's pause), the

@@ -100,12 +100,20 @@ def test_hypervisor_contains_the_kemari_interface() -> None:
     syms = subprocess.run(
         ["nm", str(xen / "xen-syms")], capture_output=True, text=True, check=True
     ).stdout
-    for sym in ("kemari_domctl", "kemari_tap_hold", "kemari_domain_destroy"):
+    restore_side = (
+        "evtchn_bind_virq_in",
+        "evtchn_bind_ipi_in",
+        "evtchn_fifo_init_control_in",
+        "evtchn_fifo_relink_queues",
+        "gnttab_shared_frame_gfn",
+    )  # patch 6
+    for sym in ("kemari_domctl", "kemari_tap_hold", "kemari_domain_destroy", *restore_side):
         assert re.search(rf" [Tt] {sym}$", syms, re.M), sym
     assert (xen / "xen").stat().st_size > 1_000_000
     domctl = (xen / "include/public/domctl.h").read_text()
     assert re.search(r"#define XEN_DOMCTL_kemari\s+87\b", domctl)
     assert re.search(r"#define XEN_DOMCTL_KEMARI_ALLOC_UNBOUND\s+4\b", domctl)
+    assert re.search(r"#define XEN_DOMCTL_KEMARI_RESUME_VCPU\s+11\b", domctl)
     assert re.search(r"#define VIRQ_KEMARI\s+14\b", (xen / "include/public/xen.h").read_text())
     perms = (xen / "xsm/flask/include/av_permissions.h").read_text()
     assert "DOMAIN2__KEMARI" in perms

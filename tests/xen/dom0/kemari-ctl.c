@@ -191,3 +191,89 @@ int kemari_vcpus_running(struct kemari_ctl *k, uint16_t dom,
 	}
 	return 0;
 }
+
+int kemari_evtchn_status_full(struct kemari_ctl *k, uint16_t dom,
+			      uint32_t port, evtchn_status_t *out)
+{
+	memset(k->status, 0, sizeof(*k->status));
+	k->status->dom = dom;
+	k->status->port = port;
+	if (xencall2(k->xcall, __HYPERVISOR_event_channel_op, EVTCHNOP_status,
+		     (uintptr_t)k->status) < 0)
+		return -errno;
+	*out = *k->status;
+	return 0;
+}
+
+static struct xen_domctl_kemari *kemari_op(struct kemari_ctl *k, uint32_t op)
+{
+	memset(k->domctl, 0, sizeof(*k->domctl));
+	k->domctl->u.kemari.op = op;
+	return &k->domctl->u.kemari;
+}
+
+int kemari_get_vcpu(struct kemari_ctl *k, uint16_t dom, uint32_t vcpu,
+		    struct xen_domctl_kemari *out)
+{
+	int rc;
+
+	kemari_op(k, XEN_DOMCTL_KEMARI_GET_VCPU)->u.vcpu.vcpu = vcpu;
+	rc = domctl(k, XEN_DOMCTL_kemari, dom);
+	*out = k->domctl->u.kemari;
+	return rc;
+}
+
+int kemari_set_vcpu(struct kemari_ctl *k, uint16_t dom,
+		    const struct xen_domctl_kemari *in)
+{
+	kemari_op(k, XEN_DOMCTL_KEMARI_SET_VCPU)->u.vcpu = in->u.vcpu;
+	return domctl(k, XEN_DOMCTL_kemari, dom);
+}
+
+int kemari_get_frame(struct kemari_ctl *k, uint16_t dom, uint32_t kind,
+		     uint32_t index, uint64_t *gfn, uint32_t *count)
+{
+	struct xen_domctl_kemari *kop = kemari_op(k, XEN_DOMCTL_KEMARI_GET_FRAME);
+	int rc;
+
+	kop->u.frame.kind = kind;
+	kop->u.frame.index = index;
+	rc = domctl(k, XEN_DOMCTL_kemari, dom);
+	*gfn = kop->u.frame.gfn;
+	*count = kop->u.frame.count;
+	return rc;
+}
+
+int kemari_add_event_array(struct kemari_ctl *k, uint16_t dom, uint64_t gfn)
+{
+	kemari_op(k, XEN_DOMCTL_KEMARI_ADD_EVENT_ARRAY)->u.frame.gfn = gfn;
+	return domctl(k, XEN_DOMCTL_kemari, dom);
+}
+
+int kemari_bind_at(struct kemari_ctl *k, uint16_t dom, uint32_t port,
+		   uint32_t vcpu, uint32_t virq)
+{
+	struct xen_domctl_kemari *kop = kemari_op(k, XEN_DOMCTL_KEMARI_BIND_AT);
+
+	kop->u.bind.port = port;
+	kop->u.bind.vcpu = vcpu;
+	kop->u.bind.virq = virq;
+	return domctl(k, XEN_DOMCTL_kemari, dom);
+}
+
+int kemari_resume_vcpu(struct kemari_ctl *k, uint16_t dom, uint32_t vcpu,
+		       uint64_t timer)
+{
+	struct xen_domctl_kemari *kop = kemari_op(k, XEN_DOMCTL_KEMARI_RESUME_VCPU);
+
+	kop->u.vcpu.vcpu = vcpu;
+	kop->u.vcpu.timer = timer;
+	return domctl(k, XEN_DOMCTL_kemari, dom);
+}
+
+int kemari_reset_vcpu(struct kemari_ctl *k, uint16_t dom, uint32_t vcpu)
+{
+	memset(k->domctl, 0, sizeof(*k->domctl));
+	k->domctl->u.vcpucontext.vcpu = vcpu;	/* a NULL ctxt handle */
+	return domctl(k, XEN_DOMCTL_setvcpucontext, dom);
+}

@@ -9,6 +9,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include <xen/xen.h>
+#include <xen/domctl.h>
+#include <xen/event_channel.h>
+
 #define KEMARI_MAX_PORTS 4096
 
 struct kemari_ctl;
@@ -52,6 +56,27 @@ int kemari_vcpus_running(struct kemari_ctl *k, uint16_t dom,
 int kemari_evtchn_status(struct kemari_ctl *k, uint16_t dom, uint32_t port,
 			 uint32_t *status, uint16_t *peer_dom,
 			 uint32_t *peer_port);
+
+/* EVTCHNOP_status in full: also the vCPU notified and, for a VIRQ, which. */
+int kemari_evtchn_status_full(struct kemari_ctl *k, uint16_t dom,
+			      uint32_t port, evtchn_status_t *out);
+
+/* Restore side (patch 6): the guest's registrations, read and rebuilt. */
+int kemari_get_vcpu(struct kemari_ctl *k, uint16_t dom, uint32_t vcpu,
+		    struct xen_domctl_kemari *out);
+int kemari_set_vcpu(struct kemari_ctl *k, uint16_t dom,
+		    const struct xen_domctl_kemari *in);
+/* *gfn of frame index of kind (XEN_DOMCTL_KEMARI_FRAME_*), *count of them. */
+int kemari_get_frame(struct kemari_ctl *k, uint16_t dom, uint32_t kind,
+		     uint32_t index, uint64_t *gfn, uint32_t *count);
+int kemari_add_event_array(struct kemari_ctl *k, uint16_t dom, uint64_t gfn);
+/* virq XEN_DOMCTL_KEMARI_BIND_IPI binds an IPI port. */
+int kemari_bind_at(struct kemari_ctl *k, uint16_t dom, uint32_t port,
+		   uint32_t vcpu, uint32_t virq);
+int kemari_resume_vcpu(struct kemari_ctl *k, uint16_t dom, uint32_t vcpu,
+		       uint64_t timer);
+/* XEN_DOMCTL_setvcpucontext with no context: reset the vCPU (down). */
+int kemari_reset_vcpu(struct kemari_ctl *k, uint16_t dom, uint32_t vcpu);
 
 static inline bool kemari_port_held(const struct kemari_state *s, uint32_t p)
 {

@@ -163,7 +163,7 @@ def boot_attach_test(
     """Boot the lab, run <test>-test.sh in dom0; RESULT name -> (status, detail)."""
     files = tmp_path / "files"
     files.mkdir()
-    for f in (f"{test}-test.sh", "vif-kemari-test", "block-kemari-test"):
+    for f in (f"{test}-test.sh", "results.sh", "vif-kemari-test", "block-kemari-test"):
         shutil.copy2(LINUX / f, files / f)
     dom0_dir, kver = dom0_kernel()
     res = xen_lab.run(
@@ -206,9 +206,16 @@ def boot_attach_test(
     return results
 
 
+def assert_ok(results: dict[str, tuple], *names: str) -> None:
+    """Each of the script's RESULT lines named is there and ok."""
+    for name in names:
+        assert results.get(name, ("missing",))[0] == "ok", (name, results.get(name))
+
+
 def test_attach_mode_in_xen(modules: Path, tmp_path: Path) -> None:
     results = boot_attach_test(tmp_path, modules, "patched")
-    for name in (
+    assert_ok(
+        results,
         "load_xen-blkback",
         "load_xen-netback",
         "normal_io",
@@ -227,8 +234,7 @@ def test_attach_mode_in_xen(modules: Path, tmp_path: Path) -> None:
         "recreate_data_intact",
         "recreate_frontends_stayed_connected",
         "recreate_no_initwait",
-    ):
-        assert results.get(name, ("missing",))[0] == "ok", (name, results.get(name))
+    )
     # The module that served the domU was ours (out-of-tree taint O).
     assert "O" in results["load_xen-blkback"][1]
     # The domU was unpaused with no backend, so its disk request was left unanswered.
@@ -254,7 +260,8 @@ def test_netback_gate_in_xen(modules: Path, tmp_path: Path) -> None:
     (the wrong-key re-binds attach instead of being refused).
     """
     results = boot_attach_test(tmp_path, modules, "patched", test="netgate")
-    for name in (
+    assert_ok(
+        results,
         "senders_running",
         "two_queues",
         "gate_present",
@@ -284,8 +291,7 @@ def test_netback_gate_in_xen(modules: Path, tmp_path: Path) -> None:
         "each_echo_once",
         "frontend_no_errors",
         "frontend_stayed_connected",
-    ):
-        assert results.get(name, ("missing",))[0] == "ok", (name, results.get(name))
+    )
     assert "feature-gso-tcpv4" in results["attach_refuses_feature"][1]
     assert "queue-1/tx-req-prod" in results["attach_refuses_ring"][1]
 
@@ -299,7 +305,8 @@ def test_guest_restored_from_a_checkpoint_runs_on(modules: Path, tmp_path: Path)
     no event and completes no I/O round).
     """
     results = boot_attach_test(tmp_path, modules, "patched", test="restore")
-    for name in (
+    assert_ok(
+        results,
         "load_xen-blkback",
         "load_xen-netback",
         "primary_io",
@@ -314,14 +321,14 @@ def test_guest_restored_from_a_checkpoint_runs_on(modules: Path, tmp_path: Path)
         "copy_data_intact",
         "copy_frontends_connected",
         "copy_frontends_never_left_connected",
-    ):
-        assert results.get(name, ("missing",))[0] == "ok", (name, results.get(name))
+    )
 
 
 def test_backend_gate_and_exact_attach_in_xen(modules: Path, tmp_path: Path) -> None:
     """linux-patches/0004: the gate holds a depth-32, 2-queue guest; attach redoes exactly."""
     results = boot_attach_test(tmp_path, modules, "patched", test="gate")
-    for name in (
+    assert_ok(
+        results,
         "workers_running",
         "two_queues",
         "gate_present",
@@ -351,6 +358,5 @@ def test_backend_gate_and_exact_attach_in_xen(modules: Path, tmp_path: Path) -> 
         "no_bad_reads",
         "frontend_no_errors",
         "frontend_stayed_connected",
-    ):
-        assert results.get(name, ("missing",))[0] == "ok", (name, results.get(name))
+    )
     assert "feature-max-indirect-segments" in results["attach_refuses_mismatch"][1]

@@ -157,15 +157,14 @@ int kemari_evtchn_status(struct kemari_ctl *k, uint16_t dom, uint32_t port,
 			 uint32_t *status, uint16_t *peer_dom,
 			 uint32_t *peer_port)
 {
-	memset(k->status, 0, sizeof(*k->status));
-	k->status->dom = dom;
-	k->status->port = port;
-	if (xencall2(k->xcall, __HYPERVISOR_event_channel_op, EVTCHNOP_status,
-		     (uintptr_t)k->status) < 0)
-		return -errno;
-	*status = k->status->status;
-	*peer_dom = k->status->u.interdomain.dom;
-	*peer_port = k->status->u.interdomain.port;
+	evtchn_status_t st;
+	int rc = kemari_evtchn_status_full(k, dom, port, &st);
+
+	if (rc)
+		return rc;
+	*status = st.status;
+	*peer_dom = st.u.interdomain.dom;
+	*peer_port = st.u.interdomain.port;
 	return 0;
 }
 

@@ -24,17 +24,16 @@
 #include <errno.h>
 #include <getopt.h>
 #include <poll.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <xenevtchn.h>
 #include <xen/xen.h>
 #include <xen/domctl.h>
 
+#include "checks.h"
 #include "kemari-ctl.h"
 
 #define MAX_DOMS 4
@@ -52,31 +51,6 @@ struct guest {
 	int holds, told;	/* holds released; of them, told on our port */
 	bool pending_event;	/* an event came on notify, not yet matched */
 };
-
-static int failures;
-
-static bool check(bool ok, const char *name, const char *fmt, ...)
-{
-	va_list ap;
-
-	printf("KEMARI-CHECK %s %s ", name, ok ? "PASS" : "FAIL");
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	printf("\n");
-	fflush(stdout);
-	if (!ok)
-		failures++;
-	return ok;
-}
-
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
 
 static void held_list(const struct kemari_state *s, char *buf, size_t len)
 {
@@ -462,5 +436,5 @@ int main(int argc, char **argv)
 
 	xenevtchn_close(xce);
 	kemari_close(k);
-	return failures ? 1 : 0;
+	return check_failed() ? 1 : 0;
 }

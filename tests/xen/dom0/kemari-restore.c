@@ -32,7 +32,6 @@
 
 #include <errno.h>
 #include <getopt.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,28 +49,13 @@
 #include <xen/hvm/params.h>
 #include <xen/memory.h>
 
+#include "checks.h"
 #include "kemari-ctl.h"
 
 #define MAX_VCPUS 8
 #define MAX_FRAMES 64
 #define BATCH 512
 #define PAGE 4096
-
-static int failures;
-
-static bool check(bool ok, const char *name, const char *fmt, ...)
-{
-	va_list ap;
-
-	printf("KEMARI-CHECK %s %s ", name, ok ? "PASS" : "FAIL");
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	printf("\n");
-	if (!ok)
-		failures++;
-	return ok;
-}
 
 /* What the checkpoint holds, apart from memory (copied straight across). */
 struct checkpoint {
@@ -486,7 +470,5 @@ int main(int argc, char **argv)
 	kemari_close(k);
 	xenforeignmemory_close(fmem);
 	xc_interface_close(xch);
-	printf("KEMARI-RESULT %s failures=%d\n", failures ? "FAIL" : "PASS",
-	       failures);
-	return failures ? 1 : 0;
+	return check_result();
 }

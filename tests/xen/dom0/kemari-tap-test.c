@@ -30,11 +30,9 @@
 #include <errno.h>
 #include <getopt.h>
 #include <poll.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <xenevtchn.h>
 #include <xen/xen.h>
@@ -43,6 +41,7 @@
 #include <xen/grant_table.h>
 
 #include "gnttab.h"
+#include "checks.h"
 #include "kemari-ctl.h"
 
 #define MAX_TAPPED 16
@@ -52,31 +51,6 @@ struct tapped {
 	uint32_t port;
 	bool seen_held;
 };
-
-static int failures;
-
-static bool check(bool ok, const char *name, const char *fmt, ...)
-{
-	va_list ap;
-
-	printf("KEMARI-CHECK %s %s ", name, ok ? "PASS" : "FAIL");
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	printf("\n");
-	fflush(stdout);
-	if (!ok)
-		failures++;
-	return ok;
-}
-
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
 
 /*
  * Wait until dom is held: an event on our notification port, or (it can be
@@ -535,7 +509,5 @@ int main(int argc, char **argv)
 	xenevtchn_unbind(xce, virq_port);
 	xenevtchn_close(xce);
 	kemari_close(k);
-	printf("KEMARI-RESULT %s failures=%d\n", failures ? "FAIL" : "PASS",
-	       failures);
-	return failures ? 1 : 0;
+	return check_result();
 }

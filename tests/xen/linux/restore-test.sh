@@ -29,35 +29,14 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
 PRIM_LOG=/var/log/xen/console/guest-kemari-prim.log
 COPY_LOG=/var/log/xen/console/guest-kemari-copy.log
-FAILED=0
-result() { # name ok|FAIL|info detail...
-    echo "RESULT $*"
-    [ "$2" = ok ] || [ "$2" = info ] || FAILED=1
-}
-check() { # name detail command...
-    local name=$1 detail=$2; shift 2
-    if "$@"; then result "$name" ok "$detail"; else result "$name" FAIL "$detail"; fi
-}
+. "$HERE/results.sh"
 last() { # LOG WHAT: highest <n> of "WHAT <n> ok" lines
     grep -ao "$2 [0-9]* ok" "$1" 2>/dev/null | awk '$2>m{m=$2} END{print m+0}'
 }
 first() { # LOG WHAT: lowest <n> of "WHAT <n> " lines
     grep -ao "$2 [0-9]* " "$1" 2>/dev/null | awk 'NR==1||$2<m{m=$2} END{print m+0}'
 }
-wait_for() { # seconds command...: poll once a second
-    local t=$1; shift
-    for _ in $(seq 1 "$t"); do "$@" && return 0; sleep 1; done
-    return 1
-}
 gt() { [ "$(last "$1" "$2")" -gt "$3" ]; }
-state_watch() { # path outfile: log the value the node has after each change
-    local node=$1
-    xenstore-watch "$node" > >(while read -r _; do
-        xenstore-read "$node" 2>/dev/null || echo gone; done > "$2") 2>/dev/null &
-    WATCHERS+=($!)
-}
-WATCHERS=()
-[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 cleanup() {
     for p in "${WATCHERS[@]}"; do kill "$p" 2>/dev/null; done
     xl destroy kemari-prim 2>/dev/null

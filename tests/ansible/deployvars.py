@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from cluster.kemari_vm import KemariVm
+
 REPO = Path(__file__).resolve().parents[2]
 # The lab's nodes reach no package registry: `make install` inside them takes
 # its Python packages from this wheelhouse (filled once from the registry).
@@ -19,6 +21,7 @@ WHEELHOUSE = Path("/var/cache/kemari-test/wheels")
 # minute on a lock other users of the machine hold.
 EXTRA_PRIVATE = ("/usr/local/src", "/usr/local/sbin", "/root")
 GUEST_IP = "10.213.0.50"
+CONFIG = "/etc/kemari/kv1.toml"
 VIP = "10.213.0.60"
 
 
@@ -64,3 +67,11 @@ def fill_wheelhouse() -> Path:
                         *wanted.split("\n")], check=True)
         stamp.write_text(wanted)
     return WHEELHOUSE
+
+
+class DeployedVm(KemariVm):
+    """The cluster tier's kv1 helpers, on the VM Ansible installed and defined
+    (no install or config of their own)."""
+
+    def __init__(self, lab) -> None:
+        self.lab, self.name, self.config_path = lab, "kv1", CONFIG

@@ -14,15 +14,14 @@ import time
 
 import pytest
 import testinfra
-from cluster.kemari_vm import CLONE, RESOURCE, KemariVm
-from deployvars import VIP
+from cluster.kemari_vm import CLONE, RESOURCE
+from deployvars import CONFIG, VIP, DeployedVm
 
 pytestmark = pytest.mark.ansible
 
 PREFIX = "/opt/kemari"
 AGENT = "/usr/lib/ocf/resource.d/kemari/vm"
 KEY = "/etc/kemari/kv1.key"
-CONFIG = "/etc/kemari/kv1.toml"
 DTD = "/usr/share/resource-agents/ra-api-1.dtd"
 
 
@@ -149,14 +148,6 @@ def test_power_off_of_the_promoted_node_fails_over_the_deployed_vm(deployment):
         clients.stop()
     assert vm.check_invariants(clients, acked_before) == []
     lab.wait(lambda: vip_node(lab, on=survivor) == [survivor], 60, "VIP moved to the survivor")
-
-
-class DeployedVm(KemariVm):
-    """The cluster tier's kv1 helpers, on the VM Ansible installed and defined
-    (no install or config of their own)."""
-
-    def __init__(self, lab) -> None:
-        self.lab, self.name, self.config_path = lab, "kv1", CONFIG
 
 
 def vip_node(lab, on: str | None = None) -> list[str]:

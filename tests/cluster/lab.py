@@ -85,7 +85,13 @@ class ClusterLab:
     """`with ClusterLab(...) as lab:` a booted cluster with fencing configured."""
 
     def __init__(self, nodes: int = 2, token_ms: int | None = None, dc_deadtime: str = "5s",
-                 reboot_s: float = 20.0, extra_private: tuple[str, ...] = ()) -> None:
+                 reboot_s: float = 20.0, extra_private: tuple[str, ...] = (),
+                 bare: bool = False) -> None:
+        """`bare`: nodes with the cluster packages but no cluster yet (no
+        corosync.conf, no CIB): they boot and wait, as servers would before
+        someone bootstraps a cluster on them; once a corosync.conf is on a
+        node's disk, it starts Corosync and Pacemaker at boot (enabled units)."""
+        self.bare = bare
         self.tag = f"kl{uuid.uuid4().hex[:6]}"
         self.token_ms = token_ms or int(os.environ.get("KEMARI_LAB_TOKEN_MS", "2000"))
         self.dc_deadtime = dc_deadtime
@@ -136,7 +142,8 @@ class ClusterLab:
             self._write_disk(node)
         for name in self.names:
             self.power_on(name)
-        self.wait_online(timeout=180)
+        if not self.bare:
+            self.wait_online(timeout=180)
         self.booted_at = time.monotonic() - t0
 
     def down(self) -> None:
@@ -177,27 +184,29 @@ class ClusterLab:
     def _write_disk(self, node: dict) -> None:
         """The node's disk: corosync.conf, /etc/hosts and a pre-seeded CIB
         (dc-deadtime short, fencing on, the lab fence device) so the cluster
-        elects a DC and can fence within seconds of boot."""
+        elects a DC and can fence within seconds of boot; only /etc/hosts and
+        empty directories on a bare node."""
         disk = self.base / "nodes" / node["name"]
         root = disk / "root"
         for d in labnode.PRIVATE_DIRS:
             (root / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
-        (root / "etc/corosync/corosync.conf").write_text(
-            corosync_conf(self.spec["nodes"], self.token_ms))
         hosts = "127.0.0.1 localhost\n" + "".join(
             f"{n['addr']} {n['name']}\n" for n in self.spec["nodes"])
         (disk / "hosts").write_text(hosts)
         pcmk = root / "var/lib/pacemaker"
         for d in labnode.PACEMAKER_DIRS:
             (pcmk / d).mkdir(exist_ok=True)
-        cib = pcmk / "cib/cib.xml"
-        if node["nodeid"] == 1:
-            self._seed_cib(cib)
-        else:
-            shutil.copy(self.base / "nodes" / self.names[0] / "root/var/lib/pacemaker/cib/cib.xml",
-                        cib)
+        if not self.bare:       # a bare node gets its cluster from a bootstrap
+            (root / "etc/corosync/corosync.conf").write_text(
+                corosync_conf(self.spec["nodes"], self.token_ms))
+            cib = pcmk / "cib/cib.xml"
+            if node["nodeid"] == 1:
+                self._seed_cib(cib)
+            else:
+                shutil.copy(self.base / "nodes" / self.names[0]
+                            / "root/var/lib/pacemaker/cib/cib.xml", cib)
+            os.chmod(cib, 0o600)
         sh("chown", "-R", "hacluster:haclient", str(pcmk))
-        os.chmod(cib, 0o600)
 
     def _seed_cib(self, cib: Path) -> None:
         cib.write_text(sh("cibadmin", "--empty").stdout)

@@ -233,6 +233,12 @@ def init(lab: Lab, name: str) -> int:
                PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     (lab.disk(name) / "init.pid").write_text(f"{os.getpid()}\n")
     log(lab, f"{name}: booting (init {os.getpid()})")
+    if not Path("/etc/corosync/corosync.conf").exists():
+        # no cluster on this node yet: it runs what is started in it (sshd,
+        # a bootstrap's corosync and pacemakerd) until it is powered off
+        log(lab, f"{name}: no corosync.conf, no cluster stack at boot")
+        while True:
+            time.sleep(3600)
     corosync = subprocess.Popen(["corosync", "-f"], env=env)
     end = time.monotonic() + 30
     while run("corosync-cfgtool", "-s", check=False).returncode != 0:

@@ -319,6 +319,7 @@ def test_guest_restored_from_a_checkpoint_runs_on(modules: Path, tmp_path: Path)
         "copy_io_continues",
         "copy_did_not_boot",
         "copy_data_intact",
+        "copy_kernel_quiet",
         "copy_frontends_connected",
         "copy_frontends_never_left_connected",
     )

@@ -162,6 +162,9 @@ check copy_did_not_boot "first round in the copy: $start (checkpoint at $io0), b
     [ "$start" -ge $((io0 - 1)) -a "$start" -le $((io0 + 1)) -a "$booted" = 0 ]
 bad=$(grep -ac 'DOMU-IO .* BAD' "$COPY_LOG")
 check copy_data_intact "BAD reads=$bad" [ "$bad" = 0 ]
+# The copy's kernel has nothing to say about its frontends or event channels.
+fe_err=$(grep -aiE 'blkfront|netfront|xen.*(event|evtchn|grant)|I/O error|BUG|WARNING' "$COPY_LOG" | head -3)
+check copy_kernel_quiet "${fe_err:-no frontend, event-channel or grant messages}" [ -z "$fe_err" ]
 sleep 1
 fe=$(sort -u /tmp/fe-vbd.states /tmp/fe-vif.states | tr '\n' ' ')
 check copy_frontends_connected "vbd=$(xenstore-read "$FE_VBD/state") vif=$(xenstore-read "$FE_VIF/state") \

@@ -55,6 +55,7 @@ class ReplicationConfig:
     nodes: dict[str, tuple[str, int]] = field(default_factory=dict)   # node name -> address
     auto_converge: bool = True   # throttle a guest that outruns its full sync
     compression: str = "lz4"     # of a full sync's rounds, where it pays (or "none")
+    sync_max_mib_s: int = 0      # a full sync's pre-copy rounds at most this fast (0: no cap)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
     port = t.int_in("port", 1, 65535, default=DEFAULT_PORT)
     auto_converge = t.get("auto_converge", bool, default=True)
     compression = t.choice("compression", ("lz4", "none"), "lz4")
+    sync_max_mib_s = t.int_in("sync_max_mib_s", 0, 1 << 20, default=0)
     nodes_t = t.table("nodes")
     t.finish()
     nodes = _nodes(nodes_t, port) if nodes_t else {}
@@ -221,7 +223,7 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
         peer=parse_hostport(peer, "replication.peer") if peer else None,
         key_file=key, mode=mode, epoch_ms=epoch_ms,
         heartbeat_ms=heartbeat_ms, peer_timeout_ms=timeout_ms, port=port, nodes=nodes,
-        auto_converge=auto_converge, compression=compression,
+        auto_converge=auto_converge, compression=compression, sync_max_mib_s=sync_max_mib_s,
     )
 
 

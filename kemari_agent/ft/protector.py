@@ -49,6 +49,7 @@ from .link import Link, SessionLost
 from .node import Node
 from .settings import pair_settings
 from .sync_compression import CompressionChooser
+from .sync_pace import SyncPace
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,7 @@ class Protector:
         total = len(pfns)
         throttle = AutoConverge(self.vmm, self.config.name, self.config.replication.auto_converge)
         chooser = CompressionChooser(sm.compress_sync)
+        pace = SyncPace(self.config.replication.sync_max_mib_s, sm.bytes_sent)
         try:
             while True:
                 round_started = time.monotonic()
@@ -262,6 +264,7 @@ class Protector:
                     chooser.record(lz4, len(batch), time.perf_counter() - batch_started,
                                    shrank=sm.sync_stats["lz4_pages"] > packed_before)
                     self._check_peer_events(link.drain())
+                    pace.wait(sm.bytes_sent)
                 link.flush()
                 # the previous round applied before this one's dirty pages are
                 # harvested: one round in flight, and what the guest dirtied
@@ -301,7 +304,8 @@ class Protector:
                           "throttle_max_percent": round(throttle.max_fraction * 100),
                           "throttle_held_s": round(throttle.stopped_s, 3),
                           "lz4_pages": sm.sync_stats["lz4_pages"],
-                          "lz4_batches_tried": chooser.compressed_batches}
+                          "lz4_batches_tried": chooser.compressed_batches,
+                          "paced_s": round(pace.slept_s, 3)}
         log.info("%s: in sync with %s after %.2f s (%d rounds, %d pages): protected",
                  self.config.name, self.peer, time.monotonic() - started, sm.sync_round,
                  sm.sync_pages_sent)

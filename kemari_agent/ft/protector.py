@@ -264,7 +264,8 @@ class Protector:
                     chooser.record(lz4, len(batch), time.perf_counter() - batch_started,
                                    shrank=sm.sync_stats["lz4_pages"] > packed_before)
                     self._check_peer_events(link.drain())
-                    pace.wait(sm.bytes_sent)
+                    pace.wait(sm.bytes_sent, lambda: self._check_peer_events(link.drain()),
+                              self.config.replication.heartbeat_ms / 1000)
                 link.flush()
                 # the previous round applied before this one's dirty pages are
                 # harvested: one round in flight, and what the guest dirtied

@@ -11,6 +11,7 @@ paused for it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 MIB = 1 << 20
 
@@ -22,12 +23,17 @@ class SyncPace:
         self.started = time.monotonic()
         self.slept_s = 0.0
 
-    def wait(self, bytes_now: int) -> None:
-        """Sleep until `bytes_now - bytes_at_start` is within the cap."""
+    def wait(self, bytes_now: int, tick: Callable[[], None] | None = None,
+             slice_s: float = 0.1) -> None:
+        """Sleep until `bytes_now - bytes_at_start` is within the cap, in slices
+        of at most `slice_s` with `tick()` between them: a low cap must not
+        hold back the link's heartbeats (the peer would think us dead)."""
         if not self.rate:
             return
         due = self.started + (bytes_now - self.base) / self.rate
-        ahead = due - time.monotonic()
-        if ahead > 0:
-            time.sleep(ahead)
-            self.slept_s += ahead
+        while (ahead := due - time.monotonic()) > 0:
+            nap = min(ahead, slice_s)
+            time.sleep(nap)
+            self.slept_s += nap
+            if tick is not None:
+                tick()

@@ -34,3 +34,12 @@ def test_a_slow_sender_is_not_held():
     time.sleep(0.05)
     pace.wait(MIB)                           # 1 MiB in 50 ms: under 1 GiB/s
     assert pace.slept_s == 0
+
+
+def test_a_long_wait_keeps_ticking():
+    """The link is serviced between slices (heartbeats) while the cap holds it."""
+    ticks = []
+    pace = SyncPace(1, 0)                    # 1 MiB/s
+    pace.wait(MIB // 2, tick=lambda: ticks.append(time.monotonic()), slice_s=0.05)
+    assert 0.4 <= pace.slept_s < 1.0
+    assert len(ticks) >= 8                   # ~0.5 s in slices of 50 ms

@@ -13,7 +13,8 @@
    shared disk (a write is output: two checkpoints per request) and with a
    replicated one (a write goes with the reply's checkpoint: one).
 
-Each daemon setting (SETTINGS: KEMARI_NATIVE_CODEC=1 and =0) runs `--runs`
+Each daemon setting (SETTINGS: the C codec with and without page deltas,
+`replication.delta_cache_mib = 0`, and KEMARI_NATIVE_CODEC=0) runs `--runs`
 times, interleaved, and the medians of the runs are reported; kv is
 measured once per setting and run. No CPU pinning:
 the scheduler places the daemons on the machine's CPUs; the CPU each
@@ -146,11 +147,12 @@ def _moment(row_p: dict, row_s: dict, key: str) -> int | None:
     return (row_p if side == "p" else row_s).get(name) or None
 
 
-def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300) -> dict:
+def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
+                      replication: str = "") -> dict:
     from ftlab import FtLab
 
     os.environ["KEMARI_STAGES"] = "1"
-    lab = FtLab(tmpdir(), image="stress",
+    lab = FtLab(tmpdir(), image="stress", replication=replication,
                 extra=f"[stress]\npages = {pages}\nrate_hz = {rate_hz}")
     try:
         lab.start_pair()
@@ -199,12 +201,12 @@ def sec_rows(status: dict) -> list[dict]:
     return status.get("stages", [])
 
 
-def kv_ratio(seconds: float) -> dict:
+def kv_ratio(seconds: float, replication: str = "") -> dict:
     from bench.bench_replication import protected, unprotected_ops
 
     unprot = unprotected_ops(seconds)
-    prot, lat = protected("tap", seconds)
-    repl, repl_lat = protected("tap", seconds, disk_mode="replicated")
+    prot, lat = protected("tap", seconds, replication=replication)
+    repl, repl_lat = protected("tap", seconds, disk_mode="replicated", replication=replication)
     return {"unprotected": unprot, "protected": prot, "ratio": prot / unprot,
             "reply_p50_us": percentile(lat, 50) * 1e6, "reply_p99_us": percentile(lat, 99) * 1e6,
             "protected_replicated": repl, "ratio_replicated": repl / unprot,
@@ -222,21 +224,31 @@ def _median(runs: list[dict], *path: str) -> float:
     return statistics.median(vals)
 
 
-# Daemon settings compared in one invocation (the environment both daemons get).
-SETTINGS = {
-    "native": {"KEMARI_NATIVE_CODEC": "1"},
-    "Python": {"KEMARI_NATIVE_CODEC": "0"},
+# Daemon settings compared in one invocation: the environment both daemons get,
+# and lines added to their [replication] table.
+ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
+    "native": ({"KEMARI_NATIVE_CODEC": "1"}, ""),
+    "no delta": ({"KEMARI_NATIVE_CODEC": "1"}, "delta_cache_mib = 0"),
+    "Python": ({"KEMARI_NATIVE_CODEC": "0"}, ""),
 }
+SETTINGS = dict(ALL_SETTINGS)
 
 
-def _use(setting: str | None) -> None:
-    for name in {name for env in SETTINGS.values() for name in env}:
+def _use(setting: str | None) -> str:
+    """Set `setting`'s environment; returns its [replication] lines."""
+    for name in {name for env, _ in ALL_SETTINGS.values() for name in env}:
         os.environ.pop(name, None)
-    if setting is not None:
-        os.environ.update(SETTINGS[setting])
+    if setting is None:
+        return ""
+    env, replication = SETTINGS[setting]
+    os.environ.update(env)
+    return replication
 
 
-def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32, 256)) -> dict:
+def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32, 256),
+         link_mbit: int = 0) -> dict:
+    """`link_mbit`: the process runs in a network namespace whose loopback
+    `in_shaped_namespace` limited to this rate (0: plain loopback)."""
     secs = 2.0 if quick else 4.0
     key = _keygen()
     load_before = os.getloadavg()
@@ -246,28 +258,36 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
     for _ in range(runs):
         for pages in sizes:
             for setting in SETTINGS:
-                _use(setting)
-                results[setting][pages].append(checkpoint_stages(pages, secs))
+                replication = _use(setting)
+                results[setting][pages].append(checkpoint_stages(pages, secs,
+                                                                 replication=replication))
         _use(None)
-        floors.append({"exit": exit_round_trip(),
-                       "tls": tls_ping_pong(key, int(statistics.median(
-                           r["bytes_per_checkpoint"] for r in results["native"][sizes[0]])))})
+        # The TLS part of the floor carries what a setting's smallest checkpoint
+        # put on the wire (deltas make it smaller, and so its floor).
+        floors.append({"exit": exit_round_trip(), "tls": {
+            setting: tls_ping_pong(key, int(statistics.median(
+                r["bytes_per_checkpoint"] for r in results[setting][sizes[0]])))
+            for setting in SETTINGS}})
         for setting in SETTINGS:
-            _use(setting)
-            kv[setting].append(kv_ratio(secs))
+            replication = _use(setting)
+            kv[setting].append(kv_ratio(secs, replication))
     _use(None)
     load_after = os.getloadavg()
 
     exit_p50 = _median(floors, "exit", "p50")
-    tls_p50 = _median(floors, "tls", "p50")
-    floor = exit_p50 + tls_p50
     rows: list[tuple[str, object, str]] = [
-        ("floor: port-I/O exit round trip p50 (Machine.run)", exit_p50, "us"),
-        (f"floor: TLS ping-pong p50, {sizes[0]}-page checkpoint bytes out, ACK back",
-         tls_p50, "us"),
-        ("floor: exit + TLS ping-pong", floor, "us"),
-    ]
+        ("floor: port-I/O exit round trip p50 (Machine.run)", exit_p50, "us")]
     for setting in SETTINGS:
+        tls_p50 = _median(floors, "tls", setting, "p50")
+        floor = exit_p50 + tls_p50
+        rows += [
+            (f"[{setting}] bytes per checkpoint, 1 / 32 dirty pages",
+             " / ".join(f"{_median(results[setting][p], 'bytes_per_checkpoint'):.0f}"
+                        for p in (1, 32) if p in sizes), "B"),
+            (f"[{setting}] floor: TLS ping-pong p50, {sizes[0]}-page checkpoint bytes out, "
+             "ACK back", tls_p50, "us"),
+            (f"[{setting}] floor: exit + TLS ping-pong", floor, "us"),
+        ]
         for pages in sizes:
             rs = results[setting][pages]
             p50, p99 = _median(rs, "p50"), _median(rs, "p99")
@@ -303,14 +323,37 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
              f"{_median(kv[setting], 'replicated_reply_p99_us'):.0f}", "us"),
         ]
     rows += [
+        ("replication link", f"loopback shaped to {link_mbit} Mbit/s, MTU 1500"
+         if link_mbit else "loopback, MTU 65536", ""),
         ("load average before / after (1 min)",
          f"{load_before[0]:.2f} / {load_after[0]:.2f}", ""),
         ("placement", "unpinned (2 CPUs)", ""),
     ]
-    return report("checkpoint_stages", rows, {
+    name = f"checkpoint_stages_{link_mbit}mbit" if link_mbit else "checkpoint_stages"
+    return report(name, rows, {"link_mbit": link_mbit,
         "runs": runs, "seconds_per_run": secs, "floors": floors, "kv": kv,
         "settings": SETTINGS, "load_before": load_before, "load_after": load_after,
         "checkpoints": {c: {str(p): v for p, v in d.items()} for c, d in results.items()}})
+
+
+def in_shaped_namespace(mbit: int, argv: list[str]) -> int:
+    """Run this bench again in a new network namespace whose loopback is an
+    Ethernet-sized link of `mbit` Mbit/s (MTU 1500, a token bucket of 3
+    frames), the namespace removed after: what a checkpoint's bytes cost on
+    a real replication link, beside plain loopback's memory copies."""
+    import subprocess
+    import sys
+
+    ns = f"kemari-bench-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "mtu", "1500", "up"], check=True)
+        subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
+                        f"{mbit}mbit", "burst", "4500", "latency", "50ms"], check=True)
+        return subprocess.call(["ip", "netns", "exec", ns, sys.executable, "-m",
+                                "bench.bench_checkpoint_stages", *argv, "--shaped", str(mbit)])
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 if __name__ == "__main__":
@@ -318,6 +361,16 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sizes", default="1,8,32,256")
+    ap.add_argument("--settings", default=",".join(ALL_SETTINGS),
+                    help=f"daemon settings to compare, of: {', '.join(ALL_SETTINGS)}")
+    ap.add_argument("--link-mbit", type=int, default=0,
+                    help="replicate over a loopback shaped to this rate (root: a netns + tc)")
+    ap.add_argument("--shaped", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.link_mbit:
+        raise SystemExit(in_shaped_namespace(a.link_mbit, [
+            "--runs", str(a.runs), "--sizes", a.sizes, "--settings", a.settings,
+            *(["--quick"] if a.quick else [])]))
+    SETTINGS = {name: ALL_SETTINGS[name] for name in a.settings.split(",")}
     socket.setdefaulttimeout(None)
-    main(a.quick, a.runs, tuple(int(x) for x in a.sizes.split(",")))
+    main(a.quick, a.runs, tuple(int(x) for x in a.sizes.split(",")), a.shaped)

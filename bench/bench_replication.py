@@ -97,9 +97,10 @@ def reply_latency(addr, n: int = 400) -> list[float]:
     return out
 
 
-def protected(mode: str, seconds: float, disk_mode: str = "shared"
+def protected(mode: str, seconds: float, disk_mode: str = "shared", replication: str = ""
               ) -> tuple[float, list[float]]:
-    lab = FtLab(tmpdir(), mode=mode, disk_mode=disk_mode)
+    """`replication`: more [replication] settings for both nodes."""
+    lab = FtLab(tmpdir(), mode=mode, disk_mode=disk_mode, replication=replication)
     try:
         lab.start_pair()
         ops = kv_throughput(lab.addr, seconds) if mode == "tap" else 0.0

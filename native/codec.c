@@ -113,3 +113,69 @@ int64_t kcodec_pages_z(const uint8_t *mem, uint64_t mem_size, const uint64_t *pf
     *data_pages = total_data;
     return p - out;
 }
+
+/* dst = a XOR b over one page, a word at a time (the compiler vectorizes it). */
+static void xor_page(uint8_t *dst, const uint8_t *a, const uint8_t *b)
+{
+    for (unsigned i = 0; i < PAGE; i += 8) {
+        uint64_t x, y;
+        memcpy(&x, a + i, 8);
+        memcpy(&y, b + i, 8);
+        x ^= y;
+        memcpy(dst + i, &x, 8);
+    }
+}
+
+static int check_slots(uint64_t mem_size, const uint64_t *pfns, const uint32_t *slots,
+                       uint32_t n, uint64_t cache_pages)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (pfns[i] >= mem_size / PAGE || slots[i] >= cache_pages)
+            return -1;
+    return 0;
+}
+
+int kcodec_cache_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns,
+                       const uint32_t *slots, uint32_t n_hits, uint32_t n, uint8_t *cache,
+                       uint64_t cache_pages, uint8_t *delta, uint8_t *new_pages)
+{
+    if (n_hits > n || check_slots(mem_size, pfns, slots, n, cache_pages))
+        return -1;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *page = mem + pfns[i] * PAGE;
+        uint8_t *slot = cache + (uint64_t)slots[i] * PAGE;
+        if (i < n_hits) {
+            xor_page(delta + (uint64_t)i * PAGE, page, slot);
+            memcpy(new_pages + (uint64_t)i * PAGE, page, PAGE);
+        }
+        memcpy(slot, page, PAGE);
+    }
+    return 0;
+}
+
+int kcodec_xor_apply(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,
+                     uint8_t *delta)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (pfns[i] >= mem_size / PAGE)
+            return -1;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *d = delta + (uint64_t)i * PAGE;
+        xor_page(d, d, mem + pfns[i] * PAGE);
+    }
+    return 0;
+}
+
+void kcodec_xor(uint8_t *dst, const uint8_t *a, const uint8_t *b, uint64_t n)
+{
+    uint64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t x, y;
+        memcpy(&x, a + i, 8);
+        memcpy(&y, b + i, 8);
+        x ^= y;
+        memcpy(dst + i, &x, 8);
+    }
+    for (; i < n; i++)
+        dst[i] = a[i] ^ b[i];
+}

@@ -30,4 +30,26 @@ int64_t kcodec_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns
 int64_t kcodec_pages_z(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,
                        uint8_t *out, uint64_t out_size, uint32_t *data_pages);
 
+/* Page deltas (PAGES_XOR): a page the secondary already holds is sent as
+ * the XOR of its new and its last sent content. The primary keeps that
+ * content in a cache of cache_pages slots of 4096 bytes.
+ *
+ * Primary: pages pfns[0..n) go to slots slots[0..n); the first n_hits are
+ * in the cache already. For those, delta[i] = page XOR slot and
+ * new_pages[i] = page (contiguous, for the record's checksum). Then every
+ * slot takes its page, in order (a slot named twice ends with the later
+ * page). Returns 0, or -1 when a pfn lies outside mem or a slot outside the
+ * cache. */
+int kcodec_cache_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns,
+                       const uint32_t *slots, uint32_t n_hits, uint32_t n, uint8_t *cache,
+                       uint64_t cache_pages, uint8_t *delta, uint8_t *new_pages);
+
+/* Secondary: delta[i] ^= page pfns[i] of mem, in place, so the delta becomes
+ * the pages' new content. Returns 0, or -1 when a pfn lies outside mem. */
+int kcodec_xor_apply(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,
+                     uint8_t *delta);
+
+/* dst = a XOR b over n bytes (BLOB_XOR's vCPU and device blobs). */
+void kcodec_xor(uint8_t *dst, const uint8_t *a, const uint8_t *b, uint64_t n);
+
 #endif

@@ -59,6 +59,7 @@ mode = "{lab.mode}"
 epoch_ms = {lab.epoch_ms}
 heartbeat_ms = 100
 peer_timeout_ms = {lab.peer_timeout_ms}
+{lab.replication}
 [policy]
 on_peer_loss = "{lab.on_peer_loss}"
 """)
@@ -106,10 +107,13 @@ class FtLab:
     def __init__(self, base: Path, disk_mode: str = "shared", mode: str = "tap",
                  on_peer_loss: str = "continue", epoch_ms: int = 25,
                  peer_timeout_ms: int = 1000, memory_mib: int = 64, image: str = "kv",
-                 extra: str = "", net: str | None = None, netns: str | None = None) -> None:
+                 extra: str = "", net: str | None = None, netns: str | None = None,
+                 replication: str = "") -> None:
         """`net`: a [net] section replacing the default user-mode forward; `netns`:
-        run the daemons in that network namespace (TAP tests)."""
+        run the daemons in that network namespace (TAP tests); `replication`: more
+        lines for both nodes' [replication] table."""
         self.image, self.extra, self.netns = image, extra, netns
+        self.replication = replication
         self.base, self.name = base, "ftvm"
         self.disk_mode, self.mode, self.on_peer_loss = disk_mode, mode, on_peer_loss
         self.epoch_ms, self.peer_timeout_ms, self.memory_mib = epoch_ms, peer_timeout_ms, memory_mib

@@ -153,7 +153,20 @@ class Protector:
                 "sync": self.sync_progress, "mode": self.config.replication.mode,
                 "last_sync": self.last_sync,
                 "last_error": self.last_error,
+                "page_deltas": self._page_deltas(link),
                 **({"stages": self.stages.export()} if self.stages is not None else {})}
+
+    @staticmethod
+    def _page_deltas(link: Link | None) -> dict | None:
+        """This session's checkpoint pages sent as deltas and whole (None: no deltas)."""
+        cache = link.sm.delta_cache if link is not None else None
+        blobs = link.sm.blob_bases if link is not None else None
+        if cache is None or blobs is None:
+            return None
+        return {"delta_pages": cache.stats["xor_pages"], "delta_bytes": cache.stats["xor_bytes"],
+                "whole_pages": cache.stats["plain_pages"], "cached_pages": len(cache),
+                "delta_blobs": blobs.stats["xor_blobs"],
+                "delta_blob_bytes": blobs.stats["xor_bytes"]}
 
     # ---- connecting and full sync (connector thread) -----------------------------
     def _connect_loop(self) -> None:
@@ -197,7 +210,8 @@ class Protector:
                      heartbeat_interval=self.heartbeat_s, peer_timeout=self.timeout_s,
                      force_full_sync=True, config=self.settings, resync_from=resync_from,
                      unprotected=self._unprotected,
-                     compress=self.config.replication.compression == "lz4")
+                     compress=self.config.replication.compression == "lz4",
+                     delta_cache_pages=self.config.replication.delta_cache_mib * 256)
         link = Link(channel, sm, self.timeout_s)
         link.flush()
         link.wait_for(lambda: sm.state is not PrimaryState.HANDSHAKE, self.timeout_s)

@@ -66,6 +66,8 @@ class RecordType(IntEnum):
     GOODBYE = 11
     PAGES_LZ4 = 12
     SYNC_ACK = 13
+    PAGES_XOR = 14
+    BLOB_XOR = 15
 
 
 class RecordFlag(IntFlag):
@@ -98,10 +100,12 @@ class Capability(IntFlag):
     LZ4_PAGES = 0x04
     # The secondary answers each SYNC_PROGRESS with a SYNC_ACK once the round is applied.
     SYNC_ACKS = 0x08
+    # The secondary decodes PAGES_XOR and BLOB_XOR (deltas against its own copy).
+    XOR_PAGES = 0x10
 
 
 DEFAULT_CAPABILITIES = (Capability.ZERO_PAGES | Capability.DISK_WRITES | Capability.LZ4_PAGES
-                        | Capability.SYNC_ACKS)
+                        | Capability.SYNC_ACKS | Capability.XOR_PAGES)
 # A compressed batch is sent only if it is at most this fraction of its pages:
 # less saves too few bytes to pay for the receiver's decompression.
 LZ4_WORTH = 0.9
@@ -344,6 +348,73 @@ class CompressedPages(Pages):
         return cls(data_pfns, data, zero_pfns)
 
 
+@dataclass(frozen=True, eq=False)
+class XorPages:
+    """PAGES_XOR: pages sent as the XOR of their new content with the content
+    the secondary holds (its last committed checkpoint), as one LZ4 block.
+
+    `check` is the CRC-32 of the pages' new content, in order: the secondary
+    rebuilds the pages from its own copy and refuses them if the result
+    differs, so a delta against the wrong base cannot reach its image. As for
+    PAGES_LZ4, the decompressed size is fixed by the page list."""
+
+    TYPE: ClassVar[RecordType] = RecordType.PAGES_XOR
+    pfns: Sequence[int]
+    delta: Buffer
+    check: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pfns", tuple(self.pfns))
+        if len(self.delta) != PAGE_SIZE * len(self.pfns):
+            raise ValueError("PAGES_XOR delta must hold exactly 4096 bytes per pfn")
+        if not 0 < len(self.pfns) <= MAX_PAGES_PER_RECORD:
+            raise ValueError(f"PAGES_XOR holds 1 to {MAX_PAGES_PER_RECORD} pages")
+        if min(self.pfns) < 0 or max(self.pfns) > PFN_MASK:
+            raise ValueError("pfn out of range")
+        _u32(self.check, "check")
+
+    @property
+    def page_count(self) -> int:
+        return len(self.pfns)
+
+    def body_parts(self) -> list[Buffer]:
+        return xor_pages_parts(self.pfns, lz4_block.compress(self.delta, store_size=False),
+                               self.check)[1:-1]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> XorPages:
+        _require(len(body) >= 8, "PAGES_XOR too short")
+        count, check = _II.unpack_from(body)
+        _require(0 < count <= MAX_PAGES_PER_RECORD, f"PAGES_XOR with {count} pages (1 to 4096)")
+        start = 8 + 8 * count
+        _require(len(body) > start, "PAGES_XOR shorter than its page list and delta")
+        pfns = struct.unpack_from(f"<{count}Q", body, 8)
+        _require(max(pfns) <= PFN_MASK, "PAGES_XOR entry uses flag bits")
+        try:
+            delta = lz4_block.decompress(body[start:], uncompressed_size=PAGE_SIZE * count,
+                                         return_bytearray=True)
+        except lz4_block.LZ4BlockError:
+            raise MalformedRecord(f"PAGES_XOR block does not decompress to its {count} "
+                                  "pages") from None
+        _require(len(delta) == PAGE_SIZE * count, f"PAGES_XOR block holds {len(delta)} bytes, "
+                                                   f"its {count} pages need {PAGE_SIZE * count}")
+        return cls(pfns, delta, check)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, XorPages):
+            return NotImplemented
+        return (self.pfns, self.check, bytes(self.delta)) == (
+            other.pfns, other.check, bytes(other.delta))
+
+
+def xor_pages_parts(pfns: Sequence[int], packed: Buffer, check: int) -> list[Buffer]:
+    """A PAGES_XOR record around an already compressed delta block."""
+    head = _II.pack(len(pfns), check) + struct.pack(f"<{len(pfns)}Q", *pfns)
+    length = len(head) + len(packed)
+    return [HEADER.pack(RecordType.PAGES_XOR, 0, length), head, packed,
+            _PADDING[:_pad(length)]]
+
+
 @dataclass(frozen=True)
 class _Blob:
     """An opaque, versioned state blob owned by the hypervisor driver."""
@@ -387,6 +458,70 @@ class Device(_Blob):
     """One device's state (ring indexes, in-flight requests), `ident` = device id."""
 
     TYPE: ClassVar[RecordType] = RecordType.DEVICE
+
+
+# A BLOB_XOR's blob is at most this large (vCPU and device blobs are a few KiB).
+MAX_XOR_BLOB = 1 << 20
+_XOR_BLOB = struct.Struct("<IIIIII")
+
+
+@dataclass(frozen=True, eq=False)
+class XorBlob:
+    """BLOB_XOR: a VCPU or DEVICE blob sent as the XOR of its new content with
+    the blob of the same kind, id and version that the secondary applied last
+    in this session, as one LZ4 block; `check` is the new blob's CRC-32.
+    Decoded, the secondary turns it back into the record of `kind`."""
+
+    TYPE: ClassVar[RecordType] = RecordType.BLOB_XOR
+    kind: RecordType            # VCPU or DEVICE
+    ident: int
+    version: int
+    delta: Buffer
+    check: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in (RecordType.VCPU, RecordType.DEVICE):
+            raise ValueError(f"BLOB_XOR of record type {self.kind}")
+        object.__setattr__(self, "kind", RecordType(self.kind))
+        _u32(self.ident, "id")
+        _u32(self.version, "blob version")
+        _u32(self.check, "check")
+        if not 0 < len(self.delta) <= MAX_XOR_BLOB:
+            raise ValueError(f"BLOB_XOR blob of {len(self.delta)} bytes (1 to {MAX_XOR_BLOB})")
+
+    def body_parts(self) -> list[Buffer]:
+        return xor_blob_parts(self.kind, self.ident, self.version, len(self.delta),
+                              lz4_block.compress(self.delta, store_size=False),
+                              self.check)[1:-1]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> XorBlob:
+        _require(len(body) > _XOR_BLOB.size, "BLOB_XOR too short")
+        kind, ident, version, check, size, reserved = _XOR_BLOB.unpack_from(body)
+        _require(reserved == 0, "BLOB_XOR reserved field not zero")
+        _require(0 < size <= MAX_XOR_BLOB, f"BLOB_XOR blob of {size} bytes (1 to {MAX_XOR_BLOB})")
+        _require(kind in (RecordType.VCPU, RecordType.DEVICE), f"BLOB_XOR of record type {kind}")
+        try:
+            delta = lz4_block.decompress(body[_XOR_BLOB.size:], uncompressed_size=size,
+                                         return_bytearray=True)
+        except lz4_block.LZ4BlockError:
+            raise MalformedRecord(f"BLOB_XOR block does not decompress to {size} bytes") from None
+        _require(len(delta) == size, f"BLOB_XOR block holds {len(delta)} bytes, not {size}")
+        return cls(RecordType(kind), ident, version, delta, check)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, XorBlob):
+            return NotImplemented
+        return (self.kind, self.ident, self.version, self.check, bytes(self.delta)) == (
+            other.kind, other.ident, other.version, other.check, bytes(other.delta))
+
+
+def xor_blob_parts(kind: int, ident: int, version: int, size: int, packed: Buffer,
+                   check: int) -> list[Buffer]:
+    """A BLOB_XOR record around an already compressed delta block."""
+    head = _XOR_BLOB.pack(kind, ident, version, check, size, 0)
+    length = len(head) + len(packed)
+    return [HEADER.pack(RecordType.BLOB_XOR, 0, length), head, packed, _PADDING[:_pad(length)]]
 
 
 @dataclass(frozen=True)
@@ -614,14 +749,14 @@ class Unknown:
 
 
 Record = (
-    Hello | Pages | Vcpu | Device | DiskWrite | CheckpointEnd | Ack | Heartbeat | SyncProgress
-    | SyncAck | Error | Goodbye | Unknown
+    Hello | Pages | XorPages | Vcpu | Device | XorBlob | DiskWrite | CheckpointEnd | Ack
+    | Heartbeat | SyncProgress | SyncAck | Error | Goodbye | Unknown
 )
 
 _CLASSES: dict[int, type] = {
     cls.TYPE: cls
-    for cls in (Hello, Pages, CompressedPages, Vcpu, Device, DiskWrite, CheckpointEnd, Ack,
-                Heartbeat, SyncProgress, SyncAck, Error, Goodbye)
+    for cls in (Hello, Pages, CompressedPages, XorPages, Vcpu, Device, XorBlob, DiskWrite,
+                CheckpointEnd, Ack, Heartbeat, SyncProgress, SyncAck, Error, Goodbye)
 }
 
 

@@ -90,6 +90,13 @@ class ChecksumMismatch(ProtocolError):
     code = 14
 
 
+class DeltaMismatch(ProtocolError):
+    """Pages rebuilt from a PAGES_XOR delta differ from the primary's: its copy of
+    them and this node's diverged. The checkpoint is discarded."""
+
+    code = 16
+
+
 class PeerError(StreamError):
     """The peer reported an error in an ERROR record and will close."""
 

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from .codec import PAGE_SIZE, SECTOR_SIZE, Buffer
+from .delta import apply_delta
 
 
 class ImageSink:
@@ -62,6 +63,9 @@ class ImageSink:
                 data[run_src:run_src + (run_end - run_start) * PAGE_SIZE]
         for pfn in zero_pfns:
             mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE] = _ZERO_PAGE
+
+    def rebuild_pages(self, pfns: Sequence[int], delta: bytearray) -> None:
+        apply_delta(self.memory, pfns, delta)
 
     def set_vcpu(self, vcpu_id: int, version: int, blob: Buffer) -> None:
         self.vcpus[vcpu_id] = (version, bytes(blob))

@@ -64,3 +64,39 @@ def write_pages_detect_zero(memory: Buffer, pfns: Sequence[int], out: bytearray)
     if written < 0:
         raise ValueError("output buffer too small for the pages")
     return int(written), int(data_pages[0])
+
+
+def cache_pages(memory: Buffer, pfns: Sequence[int], slots: Sequence[int], hits: int,
+                cache: bytearray) -> tuple[bytearray, bytearray]:
+    """delta.PageCache's update: the first `hits` pages as (deltas against
+    their slots, their new content); then every slot takes its page."""
+    delta = bytearray(hits * 4096)
+    new = bytearray(hits * 4096)
+    mem = ffi.from_buffer(memory)
+    if lib.kcodec_cache_pages(mem, len(mem), ffi.new("uint64_t[]", pfns),
+                              ffi.new("uint32_t[]", slots), hits, len(pfns),
+                              ffi.from_buffer(cache), len(cache) // 4096,
+                              ffi.from_buffer(delta), ffi.from_buffer(new)) < 0:
+        raise ValueError("pfn outside guest memory or slot outside the cache")
+    return delta, new
+
+
+def xor_apply(memory: Buffer, pfns: Sequence[int], delta: bytearray) -> None:
+    """delta ^= the pages `pfns` of `memory`, in place."""
+    if len(delta) != len(pfns) * 4096:
+        raise ValueError("the delta must hold 4096 bytes per pfn")
+    mem = ffi.from_buffer(memory)
+    if pfns and min(pfns) < 0:
+        raise ValueError("pfn outside guest memory")
+    if lib.kcodec_xor_apply(mem, len(mem), ffi.new("uint64_t[]", list(pfns)), len(pfns),
+                            ffi.from_buffer(delta)) < 0:
+        raise ValueError("pfn outside guest memory")
+
+
+def xor(a: Buffer, b: Buffer) -> bytearray:
+    """a XOR b (equal lengths)."""
+    if len(a) != len(b):
+        raise ValueError("XOR of buffers of different lengths")
+    out = bytearray(len(a))
+    lib.kcodec_xor(ffi.from_buffer(out), ffi.from_buffer(a), ffi.from_buffer(b), len(a))
+    return out

@@ -45,6 +45,7 @@ from .codec import (
     encode_parts,
     pages_parts,
 )
+from .delta import BlobBases, PageCache
 from .errors import (
     GenerationError,
     HandshakeError,
@@ -104,6 +105,7 @@ class Primary:
         resync_from: Collection[int] = (),
         unprotected: bool = False,
         compress: bool = True,
+        delta_cache_pages: int = 0,
     ) -> None:
         """`config`: settings the secondary's must equal (sent and compared at HELLO).
         `resync_from`: checkpoints of this generation from which the driver can send
@@ -111,7 +113,10 @@ class Primary:
         full sync. `unprotected`: output went out that no acknowledged checkpoint
         covers (the secondary is told it is outdated until the next commit).
         `compress`: send a full sync's rounds as PAGES_LZ4 where it pays, if the
-        secondary decodes it (its HELLO has Capability.LZ4_PAGES)."""
+        secondary decodes it (its HELLO has Capability.LZ4_PAGES).
+        `delta_cache_pages`: remember the content of this many recently sent
+        pages and send them as deltas (PAGES_XOR, delta.py) if the secondary
+        decodes that (Capability.XOR_PAGES); 0: never."""
         self.name = name
         self.memory_size = memory_size
         self.generation = generation
@@ -128,6 +133,9 @@ class Primary:
         self.sync_acks = False             # ditto: the secondary answers SYNC_PROGRESS
         self.sync_round_acked = -1         # the last round the secondary applied
         self.sync_stats: dict[str, int] = {"lz4_pages": 0}   # pages sent as PAGES_LZ4
+        self.delta_cache_pages = delta_cache_pages
+        self.delta_cache: PageCache | None = None     # negotiated at HELLO
+        self.blob_bases: BlobBases | None = None      # ditto
         # Why this session is a full sync (None: it resumes or resyncs).
         self.full_sync_reason: str | None = None
         self.resync_base: int | None = None    # the peer's checkpoint a resync starts from
@@ -214,6 +222,17 @@ class Primary:
             raise RuntimeError("the sync's closing checkpoint is not acknowledged yet")
         if len(self.outstanding) >= self.max_outstanding:
             raise RuntimeError(f"{len(self.outstanding)} checkpoints already outstanding")
+        npages = len(pfns)
+        parts: list[Buffer] = []
+        nrecords = 0
+        # Pages the secondary holds from an earlier checkpoint of this session go
+        # as deltas against that content; `pfns` keeps the others.
+        delta = self.delta_cache if self.state is PrimaryState.PROTECTED and not detect_zero \
+            else None
+        if delta is not None and pfns:
+            if min(pfns) < 0 or max(pfns) >= len(memory) // PAGE_SIZE:
+                raise ValueError("pfn outside guest memory")
+            parts, nrecords, pfns = delta.encode(memory, pfns)
         # The C encoder writes the pages straight into the send buffer (same bytes);
         # below a few pages its call overhead costs more than it saves.
         native = native_codec.ENABLED and not detect_zero and len(pfns) >= native_codec.MIN_PAGES
@@ -221,14 +240,18 @@ class Primary:
             pfns = pfns if isinstance(pfns, (list, tuple)) else list(pfns)
             if pfns and (min(pfns) < 0 or max(pfns) >= len(memory) // PAGE_SIZE):
                 raise ValueError("pfn outside guest memory")
-            parts, npages = [], len(pfns)
-            nrecords = -(-len(pfns) // MAX_PAGES_PER_RECORD)
+            nrecords += -(-len(pfns) // MAX_PAGES_PER_RECORD)
         else:
-            parts, nrecords, npages = pages_parts(memory, pfns, detect_zero=detect_zero)
+            plain, plain_records, _ = pages_parts(memory, pfns, detect_zero=detect_zero)
+            parts += plain
+            nrecords += plain_records
         for record in records:
             if not isinstance(record, (Pages, Vcpu, Device, DiskWrite)):
                 raise TypeError(f"{type(record).__name__} cannot be part of a checkpoint")
-            parts.extend(encode_parts(record))
+            if self.blob_bases is not None and isinstance(record, Vcpu | Device):
+                parts.extend(self.blob_bases.encode(record, delta=delta is not None))
+            else:
+                parts.extend(encode_parts(record))
             nrecords += 1
             if isinstance(record, Pages):
                 npages += record.page_count
@@ -414,6 +437,10 @@ class Primary:
         self.compress_sync = self.compress and bool(
             self.capabilities & hello.capabilities & Capability.LZ4_PAGES)
         self.sync_acks = bool(self.capabilities & hello.capabilities & Capability.SYNC_ACKS)
+        if self.delta_cache_pages and self.capabilities & hello.capabilities \
+                & Capability.XOR_PAGES:
+            self.delta_cache = PageCache(self.delta_cache_pages)
+            self.blob_bases = BlobBases()
         flags = HelloFlag(0) if resume else HelloFlag.RESYNC if resync else HelloFlag.FULL_SYNC
         if self.unprotected and version >= 2:
             flags |= HelloFlag.UNPROTECTED

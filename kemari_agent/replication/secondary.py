@@ -42,17 +42,22 @@ from .codec import (
     HelloFlag,
     Pages,
     Record,
+    RecordType,
     Role,
     SyncAck,
     SyncProgress,
     Unknown,
     Vcpu,
+    XorBlob,
+    XorPages,
     crc32,
     encode,
 )
+from .delta import xor_buffers
 from .errors import (
     ApplyError,
     ChecksumMismatch,
+    DeltaMismatch,
     GenerationError,
     HandshakeError,
     OutOfOrderCheckpoint,
@@ -96,6 +101,9 @@ class CheckpointSink(Protocol):
 
     def set_device(self, device_id: int, version: int, blob: Buffer) -> None:
         """Replace one device's state blob (copy it)."""
+
+    def rebuild_pages(self, pfns: Sequence[int], delta: bytearray) -> None:
+        """delta ^= the committed content of pages `pfns`, in place (PAGES_XOR)."""
 
     def write_disk(self, disk_id: int, sector: int, data: Buffer) -> None:
         """Write a replicated-disk payload at `sector` (512-byte sectors)."""
@@ -157,6 +165,8 @@ class Secondary:
         self._session_generation = generation
         self._expected_seq = checkpoint_seq + 1
         self._decoder = Decoder()
+        # The blobs applied last in this session: BLOB_XOR's bases.
+        self._blobs: dict[tuple[int, int, int], bytes] = {}
         self._outbox: list[bytes] = []
         self._heartbeats = 0
         self._reset_staging()
@@ -263,7 +273,11 @@ class Secondary:
         if self._bytes > self._staging_limit and self.state is not SecondaryState.SYNCING:
             raise ProtocolError(f"checkpoint {self._expected_seq} exceeds {self._staging_limit} "
                                 "bytes without an END")
-        if isinstance(record, Pages):
+        if isinstance(record, XorPages):
+            self._rebuild(record)
+            self._pages += record.page_count
+            self._staged.append(record)      # only in PROTECTED state: always staged
+        elif isinstance(record, Pages):
             if isinstance(record, CompressedPages):
                 self._check_compressed()
             self._check_pages(record)
@@ -271,6 +285,8 @@ class Secondary:
             self._stage(record)
         elif isinstance(record, Vcpu | Device | DiskWrite):
             self._stage(record)
+        elif isinstance(record, XorBlob):
+            self._stage(self._rebuild_blob(record))
         elif isinstance(record, SyncProgress):
             if self.state is not SecondaryState.SYNCING:
                 raise UnexpectedRecord("SYNC_PROGRESS outside a full sync")
@@ -385,6 +401,55 @@ class Secondary:
         if self.state is not SecondaryState.SYNCING:
             raise UnexpectedRecord("PAGES_LZ4 outside a full sync")
 
+    def _rebuild(self, record: XorPages) -> None:
+        """Turn a PAGES_XOR's delta into its pages' new content (in place), from
+        this node's copy of them, and check the result."""
+        self._check_delta_allowed("PAGES_XOR")
+        if max(record.pfns) >= self._npages:
+            raise ProtocolError(f"PAGES_XOR names pfn {max(record.pfns)}, guest memory has "
+                                f"{self._npages} pages")
+        # Counted like received bytes: a small block expands to 4096 bytes a page.
+        self._expanded += len(record.delta)
+        if self._bytes + self._expanded > self._staging_limit:
+            raise ProtocolError(f"checkpoint {self._expected_seq} exceeds "
+                                f"{self._staging_limit} bytes without an END")
+        delta = record.delta
+        assert isinstance(delta, bytearray)
+        self.sink.rebuild_pages(record.pfns, delta)   # this node's committed pages
+        if crc32(delta) != record.check:
+            raise DeltaMismatch(
+                f"checkpoint {self._expected_seq}: pages rebuilt from PAGES_XOR have "
+                f"CRC-32 {crc32(delta):#010x}, the primary's are {record.check:#010x}: "
+                "its copy of them and this node's differ")
+
+    def _rebuild_blob(self, record: XorBlob) -> Vcpu | Device:
+        """The VCPU or DEVICE record a BLOB_XOR carries, from the last such blob
+        this node applied in this session."""
+        self._check_delta_allowed("BLOB_XOR")
+        base = self._blobs.get((int(record.kind), record.ident, record.version))
+        if base is None or len(base) != len(record.delta):
+            raise DeltaMismatch(
+                f"checkpoint {self._expected_seq}: BLOB_XOR for {record.kind.name} "
+                f"{record.ident} version {record.version} ({len(record.delta)} bytes), but "
+                + ("this session applied no such blob" if base is None else
+                   f"the one applied last has {len(base)} bytes"))
+        self._expanded += len(record.delta)
+        blob = xor_buffers(record.delta, base)
+        if crc32(blob) != record.check:
+            raise DeltaMismatch(
+                f"checkpoint {self._expected_seq}: {record.kind.name} {record.ident} rebuilt "
+                f"from BLOB_XOR has CRC-32 {crc32(blob):#010x}, the primary's is "
+                f"{record.check:#010x}: its copy and this node's differ")
+        cls = Vcpu if record.kind is RecordType.VCPU else Device
+        return cls(record.ident, record.version, blob)
+
+    def _check_delta_allowed(self, what: str) -> None:
+        if not (self.peer and self.peer.capabilities & Capability.XOR_PAGES):
+            raise UnexpectedRecord(f"{what} in a session that did not negotiate it")
+        if self.state is not SecondaryState.PROTECTED:
+            # Its base is the last committed checkpoint, which a sync is replacing.
+            raise UnexpectedRecord(f"{what} while {self.state.value}")
+
     def _stage(self, record: Pages | Vcpu | Device | DiskWrite) -> None:
         if self.state is SecondaryState.SYNCING:
             self._apply(record)  # write-through: no valid state to protect
@@ -394,19 +459,24 @@ class Secondary:
     def _apply(self, record: Record) -> None:
         if isinstance(record, Pages):
             self.sink.apply_pages(record.pfns, record.data, record.zero_pfns)
+        elif isinstance(record, XorPages):     # rebuilt at staging: `delta` is the pages
+            self.sink.apply_pages(record.pfns, record.delta, ())
         elif isinstance(record, Vcpu):
             self.sink.set_vcpu(record.ident, record.version, record.blob)
+            self._blobs[(RecordType.VCPU, record.ident, record.version)] = bytes(record.blob)
         elif isinstance(record, Device):
             self.sink.set_device(record.ident, record.version, record.blob)
+            self._blobs[(RecordType.DEVICE, record.ident, record.version)] = bytes(record.blob)
         elif isinstance(record, DiskWrite):
             self.sink.write_disk(record.disk_id, record.sector, record.data)
 
     def _reset_staging(self) -> None:
-        self._staged: list[Pages | Vcpu | Device | DiskWrite] = []
+        self._staged: list[Pages | XorPages | Vcpu | Device | DiskWrite] = []
         self._crc = 0
         self._records = 0
         self._pages = 0
         self._bytes = 0
+        self._expanded = 0     # bytes PAGES_XOR deltas grew to
 
     def _discard(self, reason: str) -> None:
         if self.state is SecondaryState.SYNCING:

@@ -59,6 +59,12 @@ def test_sync_rate_cap_defaults_to_none():
     assert cfg.replication.sync_max_mib_s == 100
 
 
+def test_delta_cache_defaults_to_16_mib():
+    assert parse_config({"name": "a"}).replication.delta_cache_mib == 16
+    cfg = parse_config({"name": "a", "replication": {"delta_cache_mib": 0}})
+    assert cfg.replication.delta_cache_mib == 0
+
+
 def test_forward_gets_a_default_guest_address():
     cfg = parse_config({"name": "a", "net": {"forward": "127.0.0.1:7000"}})
     assert cfg.net.forward == ("127.0.0.1", 7000) and str(cfg.net.address) == "10.0.2.15/24"
@@ -93,6 +99,7 @@ def test_forward_gets_a_default_guest_address():
     ({"name": "a", "replication": {"mode": "remus"}}, "'replication.mode' must be one of"),
     ({"name": "a", "replication": {"epoch_ms": 0}}, "'replication.epoch_ms'"),
     ({"name": "a", "replication": {"sync_max_mib_s": -1}}, "'replication.sync_max_mib_s'"),
+    ({"name": "a", "replication": {"delta_cache_mib": 70000}}, "'replication.delta_cache_mib'"),
     ({"name": "a", "policy": {"on_peer_loss": "panic"}}, "'policy.on_peer_loss'"),
     ({"name": "a", "policy": {"on_peer_loss": "continue", "x": 1}}, "unknown key 'policy.x'"),
     ({"name": "a", "stress": {"pages": -1}}, "'stress.pages'"),

@@ -1,0 +1,338 @@
+"""Pages sent as deltas against the secondary's own copy (PAGES_XOR, delta.py):
+the image still mirrors the primary through many checkpoints and evictions,
+the stream shrinks, and a delta against the wrong base never reaches the image."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import pytest
+from test_replication_session import MEM, NPAGES, Pair, protected_pair
+
+from kemari_agent.replication import native_codec
+from kemari_agent.replication.codec import (
+    HEADER,
+    PAGE_SIZE,
+    Buffer,
+    Capability,
+    Decoder,
+    Hello,
+    RecordType,
+    Role,
+    Vcpu,
+    XorBlob,
+    XorPages,
+    crc32,
+    encode,
+    lz4_block,
+)
+from kemari_agent.replication.delta import PageCache, apply_delta, xor_bytes
+from kemari_agent.replication.errors import (
+    DeltaMismatch,
+    MalformedRecord,
+    ProtocolError,
+    UnexpectedRecord,
+)
+from kemari_agent.replication.events import Committed, Discarded
+from kemari_agent.replication.image import ImageSink
+from kemari_agent.replication.secondary import Secondary
+
+pytestmark = pytest.mark.unit
+
+
+def touch(mem: bytearray, pfn: int, rng: random.Random) -> None:
+    """Change a few bytes of a page, as a counter or a ring index would."""
+    offset = pfn * PAGE_SIZE + rng.randrange(0, PAGE_SIZE - 8, 8)
+    mem[offset:offset + 8] = rng.randbytes(8)
+
+
+def checkpoint(pair: Pair, pfns: list[int], records: tuple = ()) -> tuple[list, int]:
+    """One checkpoint of `pfns` and `records`, delivered and acknowledged:
+    (events, wire bytes)."""
+    pair.primary.checkpoint(pair.mem, pfns, records, now=0.0)
+    data = pair.primary.data_to_send()
+    pair.wire.append(data)
+    events = pair.secondary.receive_data(data, 0.0)
+    pair.to_primary()
+    return events, len(data)
+
+
+def record_types(data: bytes) -> list[int]:
+    decoder = Decoder()
+    decoder.feed(encode(Hello("kv1", Role.PRIMARY, 1, 0, MEM)))
+    return [HEADER.unpack_from(raw)[0] for _, raw in decoder.feed_raw(data)]
+
+
+def test_xor_pages_round_trip_and_forgeries() -> None:
+    delta = bytearray(2 * PAGE_SIZE)
+    delta[10] = 0xFF
+    record = XorPages((3, 9), delta, 0x1234)
+    data = encode(record)
+    assert len(data) < 200                       # two mostly-zero pages, compressed
+    (back,) = _decode_mid_stream(data)
+    assert back == record
+
+    head = struct.pack("<II", 2, 0x1234) + struct.pack("<2Q", 3, 9)
+    bad_block = HEADER.pack(RecordType.PAGES_XOR, 0, len(head) + 8) + head + b"\xff" * 8
+    with pytest.raises(MalformedRecord, match="does not decompress"):
+        _decode_mid_stream(bad_block)
+    short = lz4_block.compress(bytes(PAGE_SIZE), store_size=False)   # 1 page for 2
+    body = head + short
+    body += bytes(-len(body) % 8)
+    with pytest.raises(MalformedRecord):
+        _decode_mid_stream(HEADER.pack(RecordType.PAGES_XOR, 0, len(head) + len(short))
+                           + body)
+    for count, pfn in ((0, 3), (4097, 3), (1, 1 << 63)):
+        head = struct.pack("<IIQ", count, 0, pfn)
+        with pytest.raises(MalformedRecord):
+            _decode_mid_stream(HEADER.pack(RecordType.PAGES_XOR, 0, len(head) + 8)
+                               + head + bytes(8))
+
+
+def _decode_mid_stream(data: bytes) -> list:
+    """Decode records as a session would after its HELLO."""
+    decoder = Decoder()
+    decoder.feed(encode(Hello("kv1", Role.PRIMARY, 1, 0, MEM)))
+    return decoder.feed(data)
+
+
+def test_pages_go_as_deltas_and_the_image_mirrors_the_primary() -> None:
+    rng = random.Random(7)
+    plain = protected_pair()
+    delta = protected_pair(delta_cache_pages=16)
+    assert delta.primary.delta_cache is not None
+    for pair in (plain, delta):
+        pair.mem[:] = plain.mem      # the same guest in both
+        pair.sink.memory[:] = plain.mem
+    sizes: dict[str, list[int]] = {"plain": [], "delta": []}
+    for _ in range(30):
+        pfns = sorted(rng.sample(range(12), 6))     # a hot set the cache holds
+        seed = rng.random()
+        for name, pair in (("plain", plain), ("delta", delta)):
+            local = random.Random(seed)
+            for pfn in pfns:
+                touch(pair.mem, pfn, local)
+            events, size = checkpoint(pair, pfns)
+            assert isinstance(events[-1], Committed)
+            pair.assert_mirrors_primary()
+            sizes[name].append(size)
+    stats = delta.primary.delta_cache.stats
+    assert stats["xor_pages"] > 100                  # most pages were cached by then
+    assert sum(sizes["delta"][10:]) < sum(sizes["plain"][10:]) / 5
+    assert RecordType.PAGES_XOR not in record_types(b"".join(plain.wire[1:]))
+
+
+def test_eviction_keeps_the_image_exact() -> None:
+    """A 3-page cache over 64 pages: deltas, misses and evictions in every checkpoint."""
+    rng = random.Random(3)
+    pair = protected_pair(delta_cache_pages=3)
+    for _ in range(60):
+        pfns = sorted(rng.sample(range(NPAGES), rng.randint(1, 5)))
+        for pfn in pfns:
+            if rng.random() < 0.2:
+                pair.mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE] = rng.randbytes(PAGE_SIZE)
+            else:
+                touch(pair.mem, pfn, rng)
+        checkpoint(pair, pfns)
+        pair.assert_mirrors_primary()
+    cache = pair.primary.delta_cache
+    assert len(cache) == 3
+    assert cache.stats["xor_pages"] > 0 and cache.stats["plain_pages"] > 0
+
+
+def test_a_rewritten_page_goes_plain() -> None:
+    pair = protected_pair(delta_cache_pages=8)
+    checkpoint(pair, pair.dirty(5))
+    pair.primary.checkpoint(pair.mem, pair.dirty(5), now=0.0)    # all 4096 bytes new
+    data = pair.primary.data_to_send()
+    assert RecordType.PAGES_XOR not in record_types(data)
+    pair.secondary.receive_data(data, 0.0)
+    pair.assert_mirrors_primary()
+
+
+def test_a_delta_against_another_base_is_refused_and_discarded() -> None:
+    pair = protected_pair(delta_cache_pages=8)
+    rng = random.Random(1)
+    touch(pair.mem, 4, rng)
+    checkpoint(pair, [4])
+    touch(pair.mem, 4, rng)
+    touch(pair.mem, 6, rng)
+    checkpoint(pair, [6])
+    # The secondary's copy of page 4 differs from what the primary last sent.
+    pair.sink.memory[4 * PAGE_SIZE + 100] ^= 0x01
+    before = pair.snapshot()
+    touch(pair.mem, 4, rng)
+    touch(pair.mem, 6, rng)
+    pair.primary.checkpoint(pair.mem, [4, 6], now=0.0)
+    data = pair.primary.data_to_send()
+    assert RecordType.PAGES_XOR in record_types(data)
+    with pytest.raises(DeltaMismatch, match="differ"):
+        pair.secondary.receive_data(data, 0.0)
+    assert pair.snapshot() == before                  # page 6 was staged, not applied
+
+
+def test_xor_pages_refused_where_not_allowed() -> None:
+    # Not negotiated: a secondary without the capability.
+    sink = ImageSink(MEM)
+    caps = int(Capability.ZERO_PAGES | Capability.LZ4_PAGES)
+    secondary = Secondary(sink, name="kv1", memory_size=MEM, generation=1, checkpoint_seq=5,
+                          has_checkpoint=True, now=0.0, capabilities=caps)
+    secondary.receive_data(encode(Hello("kv1", Role.PRIMARY, 1, 5, MEM, 0, caps)), 0.0)
+    record = encode(XorPages((1,), bytearray(PAGE_SIZE), crc32(bytes(PAGE_SIZE))))
+    with pytest.raises(UnexpectedRecord, match="did not negotiate"):
+        secondary.receive_data(record, 0.0)
+    # During a full sync there is no committed base.
+    pair = Pair()
+    pair.to_primary()
+    pair.to_secondary()         # the primary's HELLO: a full sync begins
+    with pytest.raises(UnexpectedRecord, match="syncing"):
+        pair.secondary.receive_data(record, 0.0)
+
+
+def test_a_forged_delta_is_caught_before_it_is_applied() -> None:
+    pair = protected_pair(delta_cache_pages=8)
+    before = pair.snapshot()
+    delta = bytearray(PAGE_SIZE)
+    delta[0] = 1
+    forged = encode(XorPages((2,), delta, 0xDEADBEEF))
+    with pytest.raises(DeltaMismatch):
+        pair.secondary.receive_data(forged, 0.0)
+    assert pair.snapshot() == before
+    assert not any(isinstance(e, Discarded) for e in pair.secondary.connection_lost())
+    assert pair.snapshot() == before
+
+
+def test_a_huge_delta_counts_against_the_staging_limit() -> None:
+    """A few bytes of LZ4 expand to 16 MiB: staged deltas count at their size."""
+    sink = ImageSink(MEM)
+    secondary = Secondary(sink, name="kv1", memory_size=MEM, generation=1, checkpoint_seq=5,
+                          has_checkpoint=True, now=0.0)
+    secondary.receive_data(encode(Hello("kv1", Role.PRIMARY, 1, 5, MEM, 0,
+                                        int(Capability.XOR_PAGES))), 0.0)
+    secondary._staging_limit = 4 * PAGE_SIZE       # a small guest's limit, for speed
+    record = encode(XorPages(tuple(range(8)), bytearray(8 * PAGE_SIZE), 0))
+    assert len(record) < 300
+    with pytest.raises(ProtocolError, match="exceeds"):
+        secondary.receive_data(record, 0.0)
+
+
+@pytest.mark.skipif(not native_codec.ENABLED, reason="the C codec is not built")
+def test_native_xor_matches_the_python_reference() -> None:
+    rng = random.Random(5)
+    memory = bytearray(rng.randbytes(32 * PAGE_SIZE))
+    pfns = rng.sample(range(32), 9)
+    slots = rng.sample(range(16), 9)
+    cache = bytearray(rng.randbytes(16 * PAGE_SIZE))
+    old = bytes(cache)
+    delta, new = native_codec.cache_pages(memory, pfns, slots, 6, cache)
+
+    def page(buf: Buffer, n: int) -> bytes:
+        return bytes(buf[n * PAGE_SIZE:(n + 1) * PAGE_SIZE])
+
+    assert bytes(delta) == b"".join(xor_bytes(page(memory, p), page(old, s))
+                                    for p, s in zip(pfns[:6], slots[:6], strict=True))
+    assert bytes(new) == b"".join(page(memory, p) for p in pfns[:6])
+    for p, s in zip(pfns, slots, strict=True):      # all 9 slots took their pages
+        assert page(cache, s) == page(memory, p)
+    untouched = set(range(16)) - set(slots)
+    assert all(page(cache, s) == page(old, s) for s in untouched)
+    # The secondary's side: its old copy XOR the delta gives the new pages.
+    base = bytearray(memory)
+    for p, s in zip(pfns[:6], slots[:6], strict=True):
+        base[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = page(old, s)
+    rebuilt = bytearray(delta)
+    native_codec.xor_apply(base, pfns[:6], rebuilt)
+    assert bytes(rebuilt) == bytes(new)
+    with pytest.raises(ValueError):
+        native_codec.cache_pages(memory, [32], [0], 1, cache)
+    with pytest.raises(ValueError):
+        native_codec.cache_pages(memory, [0], [16], 0, cache)
+    with pytest.raises(ValueError):
+        native_codec.xor_apply(memory, [40], bytearray(PAGE_SIZE))
+
+
+def test_python_path_gives_the_same_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KEMARI_NATIVE_CODEC=0 (the Python delta path) writes the same bytes."""
+    streams = []
+    for native in (native_codec.ENABLED, False):
+        monkeypatch.setattr(native_codec, "ENABLED", native)
+        rng = random.Random(11)
+        pair = Pair(delta_cache_pages=4)
+        pair.mem[:] = random.Random(2).randbytes(MEM)
+        pair.full_sync()
+        blob = bytearray(rng.randbytes(600))
+        for _ in range(12):
+            pfns = sorted(rng.sample(range(NPAGES), 3))
+            for pfn in pfns:
+                touch(pair.mem, pfn, rng)
+            blob[rng.randrange(600)] ^= 0xFF
+            checkpoint(pair, pfns, (Vcpu(0, 2, bytes(blob)),))
+            pair.assert_mirrors_primary()
+            assert pair.sink.vcpus[0] == (2, bytes(blob))
+        assert pair.primary.blob_bases.stats["xor_blobs"] == 11
+        streams.append(b"".join(pair.wire[1:]))
+    assert streams[0] == streams[1]
+
+
+def test_page_cache_needs_a_slot_and_a_zero_delta_gives_the_base() -> None:
+    with pytest.raises(ValueError):
+        PageCache(0)
+    memory = bytearray(os.urandom(4 * PAGE_SIZE))
+    delta = bytearray(PAGE_SIZE)
+    apply_delta(memory, [2], delta)
+    assert delta == memory[2 * PAGE_SIZE:3 * PAGE_SIZE]
+
+
+def test_vcpu_blobs_go_as_deltas_against_the_last_applied() -> None:
+    rng = random.Random(9)
+    pair = protected_pair(delta_cache_pages=8)
+    blob = bytearray(rng.randbytes(4608))
+    sizes = []
+    for i in range(10):
+        offset = rng.randrange(0, 4600)
+        blob[offset:offset + 8] = rng.randbytes(8)
+        version = 2 if i != 5 else 1                   # a full blob now and then
+        pair.primary.checkpoint(pair.mem, [], [Vcpu(0, version, bytes(blob))], now=0.0)
+        data = pair.primary.data_to_send()
+        pair.wire.append(data)
+        types = record_types(data)
+        assert isinstance(pair.secondary.receive_data(data, 0.0)[-1], Committed)
+        pair.to_primary()
+        assert pair.sink.vcpus[0] == (version, bytes(blob))
+        sizes.append(len(data))
+        # the first of each version has no base; version 2 after the full one has
+        assert (RecordType.BLOB_XOR in types) == (i not in (0, 5)), (i, types)
+    assert max(sizes[1:5]) < 400 < min(sizes[0], sizes[5])
+    assert pair.primary.blob_bases.stats["xor_blobs"] == 8
+
+
+def test_a_blob_delta_without_its_base_is_refused() -> None:
+    pair = protected_pair(delta_cache_pages=8)
+    before = pair.snapshot()
+    forged = encode(XorBlob(RecordType.VCPU, 3, 2, bytearray(64), 0))   # vCPU 3: never sent
+    with pytest.raises(DeltaMismatch, match="applied no such blob"):
+        pair.secondary.receive_data(forged, 0.0)
+    assert pair.snapshot() == before
+    pair = protected_pair(delta_cache_pages=8)                  # vCPU 0 holds b"regs0"
+    before = pair.snapshot()
+    wrong = encode(XorBlob(RecordType.VCPU, 0, 1, bytearray(5), crc32(b"other")))
+    with pytest.raises(DeltaMismatch, match="differ"):
+        pair.secondary.receive_data(wrong, 0.0)
+    assert pair.snapshot() == before
+
+
+def test_xor_blob_forgeries() -> None:
+    record = XorBlob(RecordType.DEVICE, 1, 7, bytearray(100), 5)
+    assert _decode_mid_stream(encode(record)) == [record]
+    with pytest.raises(ValueError):
+        XorBlob(RecordType.PAGES, 1, 7, bytearray(100), 5)
+    for kind, size, reserved in ((RecordType.PAGES, 8, 0), (RecordType.VCPU, 0, 0),
+                                 (RecordType.VCPU, (1 << 20) + 1, 0), (RecordType.VCPU, 8, 1),
+                                 (RecordType.VCPU, 4096, 0)):   # the last: block too short
+        body = struct.pack("<IIIIII", kind, 0, 0, 0, size, reserved) + \
+            lz4_block.compress(bytes(8), store_size=False)
+        body += bytes(-len(body) % 8)
+        with pytest.raises(MalformedRecord):
+            _decode_mid_stream(HEADER.pack(RecordType.BLOB_XOR, 0, len(body)) + body)

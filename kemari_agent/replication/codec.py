@@ -338,13 +338,7 @@ class CompressedPages(Pages):
         data_pfns, zero_pfns, start = _page_entries(body, "PAGES_LZ4")
         size = PAGE_SIZE * len(data_pfns)
         _require(size > 0 and len(body) > start, "PAGES_LZ4 without compressed pages")
-        try:
-            data = lz4_block.decompress(body[start:], uncompressed_size=size)
-        except lz4_block.LZ4BlockError:
-            raise MalformedRecord("PAGES_LZ4 block does not decompress to its "
-                                  f"{len(data_pfns)} pages") from None
-        _require(len(data) == size, f"PAGES_LZ4 block holds {len(data)} bytes, "
-                                    f"its {len(data_pfns)} pages need {size}")
+        data = _decompress_exactly(body[start:], size, "PAGES_LZ4")
         return cls(data_pfns, data, zero_pfns)
 
 
@@ -390,15 +384,7 @@ class XorPages:
         _require(len(body) > start, "PAGES_XOR shorter than its page list and delta")
         pfns = struct.unpack_from(f"<{count}Q", body, 8)
         _require(max(pfns) <= PFN_MASK, "PAGES_XOR entry uses flag bits")
-        try:
-            delta = lz4_block.decompress(body[start:], uncompressed_size=PAGE_SIZE * count,
-                                         return_bytearray=True)
-        except lz4_block.LZ4BlockError:
-            raise MalformedRecord(f"PAGES_XOR block does not decompress to its {count} "
-                                  "pages") from None
-        _require(len(delta) == PAGE_SIZE * count, f"PAGES_XOR block holds {len(delta)} bytes, "
-                                                   f"its {count} pages need {PAGE_SIZE * count}")
-        return cls(pfns, delta, check)
+        return cls(pfns, _decompress_exactly(body[start:], PAGE_SIZE * count, "PAGES_XOR"), check)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, XorPages):
@@ -413,6 +399,17 @@ def xor_pages_parts(pfns: Sequence[int], packed: Buffer, check: int) -> list[Buf
     length = len(head) + len(packed)
     return [HEADER.pack(RecordType.PAGES_XOR, 0, length), head, packed,
             _PADDING[:_pad(length)]]
+
+
+def _decompress_exactly(block: Buffer, size: int, what: str) -> bytearray:
+    """An LZ4 block that must decode to exactly `size` bytes (the record's own
+    counts fix it, so a forged block can neither grow past it nor come up short)."""
+    try:
+        data = lz4_block.decompress(block, uncompressed_size=size, return_bytearray=True)
+    except lz4_block.LZ4BlockError:
+        raise MalformedRecord(f"{what} block does not decompress to {size} bytes") from None
+    _require(len(data) == size, f"{what} block holds {len(data)} bytes, not {size}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -501,12 +498,7 @@ class XorBlob:
         _require(reserved == 0, "BLOB_XOR reserved field not zero")
         _require(0 < size <= MAX_XOR_BLOB, f"BLOB_XOR blob of {size} bytes (1 to {MAX_XOR_BLOB})")
         _require(kind in (RecordType.VCPU, RecordType.DEVICE), f"BLOB_XOR of record type {kind}")
-        try:
-            delta = lz4_block.decompress(body[_XOR_BLOB.size:], uncompressed_size=size,
-                                         return_bytearray=True)
-        except lz4_block.LZ4BlockError:
-            raise MalformedRecord(f"BLOB_XOR block does not decompress to {size} bytes") from None
-        _require(len(delta) == size, f"BLOB_XOR block holds {len(delta)} bytes, not {size}")
+        delta = _decompress_exactly(body[_XOR_BLOB.size:], size, "BLOB_XOR")
         return cls(RecordType(kind), ident, version, delta, check)
 
     def __eq__(self, other: object) -> bool:

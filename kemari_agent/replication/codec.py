@@ -141,6 +141,8 @@ _SYNC = struct.Struct("<IIQQ")
 
 
 def _require(cond: bool, what: str) -> None:
+    # A message with values in it is built where it is raised, not here: an
+    # f-string argument would be formatted for every record that is fine.
     if not cond:
         raise MalformedRecord(what)
 
@@ -215,10 +217,12 @@ class Hello:
             )
         _require(len(body) > _HELLO.size, "HELLO too short")
         _, _, role, flags, page_size, gen, seq, mem, caps = _HELLO.unpack_from(body)
-        _require(role in (Role.PRIMARY, Role.SECONDARY), f"HELLO with unknown role {role}")
-        _require(flags & ~_HELLO_FLAGS[version] == 0,
-                 f"HELLO with unknown flags {flags:#x}")
-        _require(page_size == PAGE_SIZE, f"HELLO with page size {page_size}, expected 4096")
+        if role not in (Role.PRIMARY, Role.SECONDARY):
+            raise MalformedRecord(f"HELLO with unknown role {role}")
+        if flags & ~_HELLO_FLAGS[version]:
+            raise MalformedRecord(f"HELLO with unknown flags {flags:#x}")
+        if page_size != PAGE_SIZE:
+            raise MalformedRecord(f"HELLO with page size {page_size}, expected 4096")
         config: tuple[tuple[str, str], ...] = ()
         if version < 2:
             name_raw = bytes(body[_HELLO.size:])
@@ -301,17 +305,22 @@ class Pages:
 
 def _page_entries(body: memoryview, what: str) -> tuple[Sequence[int], Sequence[int], int]:
     """The entry list of a PAGES or PAGES_LZ4 body: (data pfns, zero pfns, payload offset)."""
-    _require(len(body) >= 8, f"{what} too short")
+    if len(body) < 8:
+        raise MalformedRecord(f"{what} too short")
     count, reserved = _II.unpack_from(body)
-    _require(reserved == 0, f"{what} reserved field not zero")
-    _require(count <= MAX_PAGES_PER_RECORD, f"{what} with {count} pages (max 4096)")
-    _require(len(body) >= 8 + 8 * count, f"{what} shorter than its page list")
+    if reserved:
+        raise MalformedRecord(f"{what} reserved field not zero")
+    if count > MAX_PAGES_PER_RECORD:
+        raise MalformedRecord(f"{what} with {count} pages (max 4096)")
+    if len(body) < 8 + 8 * count:
+        raise MalformedRecord(f"{what} shorter than its page list")
     entries = struct.unpack_from(f"<{count}Q", body, 8)
     if entries and max(entries) > PFN_MASK:
         pfns: list[int] = []
         zeros: list[int] = []
         for entry in entries:
-            _require(entry & ENTRY_RESERVED == 0, f"{what} entry {entry:#x} uses reserved bits")
+            if entry & ENTRY_RESERVED:
+                raise MalformedRecord(f"{what} entry {entry:#x} uses reserved bits")
             if entry & ENTRY_ZERO:
                 zeros.append(entry & PFN_MASK)
             else:
@@ -379,7 +388,8 @@ class XorPages:
     def from_body(cls, body: memoryview) -> XorPages:
         _require(len(body) >= 8, "PAGES_XOR too short")
         count, check = _II.unpack_from(body)
-        _require(0 < count <= MAX_PAGES_PER_RECORD, f"PAGES_XOR with {count} pages (1 to 4096)")
+        if not 0 < count <= MAX_PAGES_PER_RECORD:
+            raise MalformedRecord(f"PAGES_XOR with {count} pages (1 to 4096)")
         start = 8 + 8 * count
         _require(len(body) > start, "PAGES_XOR shorter than its page list and delta")
         pfns = struct.unpack_from(f"<{count}Q", body, 8)
@@ -408,7 +418,8 @@ def _decompress_exactly(block: Buffer, size: int, what: str) -> bytearray:
         data = lz4_block.decompress(block, uncompressed_size=size, return_bytearray=True)
     except lz4_block.LZ4BlockError:
         raise MalformedRecord(f"{what} block does not decompress to {size} bytes") from None
-    _require(len(data) == size, f"{what} block holds {len(data)} bytes, not {size}")
+    if len(data) != size:
+        raise MalformedRecord(f"{what} block holds {len(data)} bytes, not {size}")
     return data
 
 
@@ -431,7 +442,8 @@ class _Blob:
 
     @classmethod
     def from_body(cls, body: memoryview) -> _Blob:
-        _require(len(body) >= 8, f"{cls.TYPE.name} too short")  # type: ignore[attr-defined]
+        if len(body) < 8:
+            raise MalformedRecord(f"{cls.TYPE.name} too short")  # type: ignore[attr-defined]
         ident, version = _II.unpack_from(body)
         return cls(ident, version, body[8:])
 
@@ -460,6 +472,7 @@ class Device(_Blob):
 # A BLOB_XOR's blob is at most this large (vCPU and device blobs are a few KiB).
 MAX_XOR_BLOB = 1 << 20
 _XOR_BLOB = struct.Struct("<IIIIII")
+_BLOB_KINDS = {RecordType.VCPU: RecordType.VCPU, RecordType.DEVICE: RecordType.DEVICE}
 
 
 @dataclass(frozen=True, eq=False)
@@ -477,9 +490,10 @@ class XorBlob:
     check: int
 
     def __post_init__(self) -> None:
-        if self.kind not in (RecordType.VCPU, RecordType.DEVICE):
+        kind = _BLOB_KINDS.get(self.kind)
+        if kind is None:
             raise ValueError(f"BLOB_XOR of record type {self.kind}")
-        object.__setattr__(self, "kind", RecordType(self.kind))
+        object.__setattr__(self, "kind", kind)
         _u32(self.ident, "id")
         _u32(self.version, "blob version")
         _u32(self.check, "check")
@@ -496,10 +510,12 @@ class XorBlob:
         _require(len(body) > _XOR_BLOB.size, "BLOB_XOR too short")
         kind, ident, version, check, size, reserved = _XOR_BLOB.unpack_from(body)
         _require(reserved == 0, "BLOB_XOR reserved field not zero")
-        _require(0 < size <= MAX_XOR_BLOB, f"BLOB_XOR blob of {size} bytes (1 to {MAX_XOR_BLOB})")
-        _require(kind in (RecordType.VCPU, RecordType.DEVICE), f"BLOB_XOR of record type {kind}")
+        if not 0 < size <= MAX_XOR_BLOB:
+            raise MalformedRecord(f"BLOB_XOR blob of {size} bytes (1 to {MAX_XOR_BLOB})")
+        if kind not in _BLOB_KINDS:
+            raise MalformedRecord(f"BLOB_XOR of record type {kind}")
         delta = _decompress_exactly(body[_XOR_BLOB.size:], size, "BLOB_XOR")
-        return cls(RecordType(kind), ident, version, delta, check)
+        return cls(_BLOB_KINDS[kind], ident, version, delta, check)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, XorBlob):
@@ -554,8 +570,8 @@ class DiskWrite:
 
 
 def _fixed(struct_: struct.Struct, name: str, body: memoryview) -> tuple[int, ...]:
-    _require(len(body) == struct_.size,
-             f"{name} body is {len(body)} bytes, expected {struct_.size}")
+    if len(body) != struct_.size:
+        raise MalformedRecord(f"{name} body is {len(body)} bytes, expected {struct_.size}")
     return struct_.unpack(body)
 
 

@@ -157,6 +157,7 @@ class Secondary:
         self.state = SecondaryState.HANDSHAKE
         self.liveness = Liveness(now, heartbeat_interval, peer_timeout)
         self.peer: Hello | None = None
+        self._peer_sends_deltas = False
         self.checkpoints = 0
         self.bytes_received = 0
         self.sync_progress: SyncProgress | None = None
@@ -337,6 +338,8 @@ class Secondary:
         if hello.generation > self.generation or hello.flags & HelloFlag.UNPROTECTED:
             self.outdated = True     # the peer went on without this node
         self.peer = hello
+        # Flag arithmetic on IntFlag is slow: decided once, read per record.
+        self._peer_sends_deltas = bool(hello.capabilities & Capability.XOR_PAGES)
         self._session_generation = hello.generation
         self._expected_seq = hello.checkpoint_seq + 1
         if full:
@@ -426,7 +429,7 @@ class Secondary:
         """The VCPU or DEVICE record a BLOB_XOR carries, from the last such blob
         this node applied in this session."""
         self._check_delta_allowed("BLOB_XOR")
-        base = self._blobs.get((int(record.kind), record.ident, record.version))
+        base = self._blobs.get((record.kind, record.ident, record.version))
         if base is None or len(base) != len(record.delta):
             raise DeltaMismatch(
                 f"checkpoint {self._expected_seq}: BLOB_XOR for {record.kind.name} "
@@ -444,7 +447,7 @@ class Secondary:
         return cls(record.ident, record.version, blob)
 
     def _check_delta_allowed(self, what: str) -> None:
-        if not (self.peer and self.peer.capabilities & Capability.XOR_PAGES):
+        if not self._peer_sends_deltas:
             raise UnexpectedRecord(f"{what} in a session that did not negotiate it")
         if self.state is not SecondaryState.PROTECTED:
             # Its base is the last committed checkpoint, which a sync is replacing.

@@ -101,11 +101,11 @@ class Capability(IntFlag):
     # The secondary answers each SYNC_PROGRESS with a SYNC_ACK once the round is applied.
     SYNC_ACKS = 0x08
     # The secondary decodes PAGES_XOR and BLOB_XOR (deltas against its own copy).
-    XOR_PAGES = 0x10
+    DELTAS = 0x10
 
 
 DEFAULT_CAPABILITIES = (Capability.ZERO_PAGES | Capability.DISK_WRITES | Capability.LZ4_PAGES
-                        | Capability.SYNC_ACKS | Capability.XOR_PAGES)
+                        | Capability.SYNC_ACKS | Capability.DELTAS)
 # A compressed batch is sent only if it is at most this fraction of its pages:
 # less saves too few bytes to pay for the receiver's decompression.
 LZ4_WORTH = 0.9

@@ -116,7 +116,7 @@ class Primary:
         secondary decodes it (its HELLO has Capability.LZ4_PAGES).
         `delta_cache_pages`: remember the content of this many recently sent
         pages and send them as deltas (PAGES_XOR, delta.py) if the secondary
-        decodes that (Capability.XOR_PAGES); 0: never."""
+        decodes that (Capability.DELTAS); 0: never."""
         self.name = name
         self.memory_size = memory_size
         self.generation = generation
@@ -438,7 +438,7 @@ class Primary:
             self.capabilities & hello.capabilities & Capability.LZ4_PAGES)
         self.sync_acks = bool(self.capabilities & hello.capabilities & Capability.SYNC_ACKS)
         if self.delta_cache_pages and self.capabilities & hello.capabilities \
-                & Capability.XOR_PAGES:
+                & Capability.DELTAS:
             self.delta_cache = PageCache(self.delta_cache_pages)
             self.blob_bases = BlobBases()
         flags = HelloFlag(0) if resume else HelloFlag.RESYNC if resync else HelloFlag.FULL_SYNC

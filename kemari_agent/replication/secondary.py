@@ -339,7 +339,7 @@ class Secondary:
             self.outdated = True     # the peer went on without this node
         self.peer = hello
         # Flag arithmetic on IntFlag is slow: decided once, read per record.
-        self._peer_sends_deltas = bool(hello.capabilities & Capability.XOR_PAGES)
+        self._peer_sends_deltas = bool(hello.capabilities & Capability.DELTAS)
         self._session_generation = hello.generation
         self._expected_seq = hello.checkpoint_seq + 1
         if full:

@@ -214,7 +214,7 @@ def test_a_huge_delta_counts_against_the_staging_limit() -> None:
     secondary = Secondary(sink, name="kv1", memory_size=MEM, generation=1, checkpoint_seq=5,
                           has_checkpoint=True, now=0.0)
     secondary.receive_data(encode(Hello("kv1", Role.PRIMARY, 1, 5, MEM, 0,
-                                        int(Capability.XOR_PAGES))), 0.0)
+                                        int(Capability.DELTAS))), 0.0)
     secondary._staging_limit = 4 * PAGE_SIZE       # a small guest's limit, for speed
     record = encode(XorPages(tuple(range(8)), bytearray(8 * PAGE_SIZE), 0))
     assert len(record) < 300
@@ -381,7 +381,7 @@ def test_fuzz_corrupted_delta_checkpoints_never_apply(data: st.DataObject) -> No
 
 def test_a_secondary_without_the_capability_gets_whole_pages() -> None:
     sink = ImageSink(MEM)
-    caps = int(DEFAULT_CAPABILITIES & ~Capability.XOR_PAGES)
+    caps = int(DEFAULT_CAPABILITIES & ~Capability.DELTAS)
     pair = Pair(delta_cache_pages=16, sink=sink)
     pair.secondary = Secondary(sink, name="kv1", memory_size=MEM, generation=0,
                                checkpoint_seq=0, has_checkpoint=False, now=0.0,

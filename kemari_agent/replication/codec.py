@@ -478,8 +478,8 @@ _BLOB_KINDS = {RecordType.VCPU: RecordType.VCPU, RecordType.DEVICE: RecordType.D
 @dataclass(frozen=True, eq=False)
 class XorBlob:
     """BLOB_XOR: a VCPU or DEVICE blob sent as the XOR of its new content with
-    the blob of the same kind, id and version that the secondary applied last
-    in this session, as one LZ4 block; `check` is the new blob's CRC-32.
+    the last blob of the same kind, id and version in this session (sent whole
+    or as a delta), as one LZ4 block; `check` is the new blob's CRC-32.
     Decoded, the secondary turns it back into the record of `kind`."""
 
     TYPE: ClassVar[RecordType] = RecordType.BLOB_XOR

@@ -166,7 +166,8 @@ class Secondary:
         self._session_generation = generation
         self._expected_seq = checkpoint_seq + 1
         self._decoder = Decoder()
-        # The blobs applied last in this session: BLOB_XOR's bases.
+        # The last VCPU and DEVICE blob of each kind, id and version this session
+        # received: BLOB_XOR's bases.
         self._blobs: dict[tuple[int, int, int], bytes] = {}
         self._outbox: list[bytes] = []
         self._heartbeats = 0
@@ -284,10 +285,14 @@ class Secondary:
             self._check_pages(record)
             self._pages += record.page_count
             self._stage(record)
-        elif isinstance(record, Vcpu | Device | DiskWrite):
+        elif isinstance(record, DiskWrite):
             self._stage(record)
-        elif isinstance(record, XorBlob):
-            self._stage(self._rebuild_blob(record))
+        elif isinstance(record, Vcpu | Device | XorBlob):
+            blob = self._rebuild_blob(record) if isinstance(record, XorBlob) else record
+            # The next BLOB_XOR's base, from now on: if this checkpoint does not
+            # commit, the session ends and its bases with it.
+            self._blobs[(blob.TYPE, blob.ident, blob.version)] = bytes(blob.blob)
+            self._stage(blob)
         elif isinstance(record, SyncProgress):
             if self.state is not SecondaryState.SYNCING:
                 raise UnexpectedRecord("SYNC_PROGRESS outside a full sync")
@@ -427,15 +432,15 @@ class Secondary:
 
     def _rebuild_blob(self, record: XorBlob) -> Vcpu | Device:
         """The VCPU or DEVICE record a BLOB_XOR carries, from the last such blob
-        this node applied in this session."""
+        this session received."""
         self._check_delta_allowed("BLOB_XOR")
         base = self._blobs.get((record.kind, record.ident, record.version))
         if base is None or len(base) != len(record.delta):
             raise DeltaMismatch(
                 f"checkpoint {self._expected_seq}: BLOB_XOR for {record.kind.name} "
                 f"{record.ident} version {record.version} ({len(record.delta)} bytes), but "
-                + ("this session applied no such blob" if base is None else
-                   f"the one applied last has {len(base)} bytes"))
+                + ("this session received no such blob" if base is None else
+                   f"the last one had {len(base)} bytes"))
         self._expanded += len(record.delta)
         blob = xor_buffers(record.delta, base)
         if crc32(blob) != record.check:
@@ -466,10 +471,8 @@ class Secondary:
             self.sink.apply_pages(record.pfns, record.delta, ())
         elif isinstance(record, Vcpu):
             self.sink.set_vcpu(record.ident, record.version, record.blob)
-            self._blobs[(RecordType.VCPU, record.ident, record.version)] = bytes(record.blob)
         elif isinstance(record, Device):
             self.sink.set_device(record.ident, record.version, record.blob)
-            self._blobs[(RecordType.DEVICE, record.ident, record.version)] = bytes(record.blob)
         elif isinstance(record, DiskWrite):
             self.sink.write_disk(record.disk_id, record.sector, record.data)
 

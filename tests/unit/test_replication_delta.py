@@ -316,7 +316,7 @@ def test_a_blob_delta_without_its_base_is_refused() -> None:
     pair = protected_pair(delta_cache_pages=8)
     before = pair.snapshot()
     forged = encode(XorBlob(RecordType.VCPU, 3, 2, bytearray(64), 0))   # vCPU 3: never sent
-    with pytest.raises(DeltaMismatch, match="applied no such blob"):
+    with pytest.raises(DeltaMismatch, match="received no such blob"):
         pair.secondary.receive_data(forged, 0.0)
     assert pair.snapshot() == before
     pair = protected_pair(delta_cache_pages=8)                  # vCPU 0 holds b"regs0"
@@ -396,3 +396,16 @@ def test_a_secondary_without_the_capability_gets_whole_pages() -> None:
     types = set(record_types(b"".join(pair.wire[1:])))
     assert RecordType.PAGES in types and RecordType.VCPU in types
     assert not types & {RecordType.PAGES_XOR, RecordType.BLOB_XOR}
+
+
+def test_two_blobs_of_one_kind_in_a_checkpoint_chain_their_deltas() -> None:
+    """The base of a BLOB_XOR is the stream's previous blob of its kind, id and
+    version, even one staged earlier in the same checkpoint."""
+    pair = protected_pair(delta_cache_pages=8)
+    first, second = bytes(199) + b"\x01", b"\x02" + bytes(198) + b"\x01"
+
+    checkpoint(pair, [], (Vcpu(7, 2, bytes(200)),))
+    events, _ = checkpoint(pair, [], (Vcpu(7, 2, first), Vcpu(7, 2, second)))
+    assert isinstance(events[-1], Committed)
+    assert pair.primary.blob_bases.stats["xor_blobs"] == 2
+    assert pair.sink.vcpus[7] == (2, second)

@@ -488,7 +488,15 @@ def test_fuzz_corrupted_checkpoints_never_apply_partially(data: st.DataObject) -
     pfns = data.draw(st.lists(st.integers(0, NPAGES - 1), min_size=1, max_size=6, unique=True))
     seq = pair.primary.checkpoint(pair.mem, pair.dirty(*pfns),
                                   [Vcpu(0, 1, os.urandom(20)), Device(1, 2, b"ring")], now=1.0)
-    wire = bytearray(pair.primary.data_to_send())
+    feed_damaged(pair, data, pair.primary.data_to_send())
+    # CRC-32 catches every 1..3-bit error here, so a corrupted checkpoint is never
+    # applied, not even in part.
+    assert_not_applied(pair, good, seq)
+
+
+def feed_damaged(pair: Pair, data: st.DataObject, sent: bytes) -> None:
+    """Give the secondary `sent` with 1 to 3 bits flipped, cut anywhere (or not)."""
+    wire = bytearray(sent)
     bits = data.draw(st.lists(st.integers(0, len(wire) * 8 - 1), min_size=1, max_size=3,
                               unique=True))
     for bit in bits:
@@ -499,8 +507,10 @@ def test_fuzz_corrupted_checkpoints_never_apply_partially(data: st.DataObject) -
         pair.secondary.connection_lost()
     except StreamError:
         pass
-    # CRC-32 catches every 1..3-bit error here, so a corrupted checkpoint is never
-    # applied, not even in part.
+
+
+def assert_not_applied(pair: Pair, good: tuple, seq: int) -> None:
+    """The image is `good` still, and checkpoint `seq` was not acknowledged."""
     assert pair.snapshot() == good
     acks = Decoder()
     acks._first = False

@@ -7,6 +7,9 @@
   real TLS 1.3 loopback connection: checkpoint() -> send -> ACK -> Acked.
 * bulk: a full sync of a guest's memory over TLS loopback (GiB/s), next to
   the raw TLS byte rate on the same connection type.
+* deltas: checkpoints of pages from a hot set, 8 bytes changed in each, sent
+  whole and as deltas (PAGES_XOR, BLOB_XOR): both sides' cost in-process, and
+  the bytes on the wire.
 * crc: the stream's checksum (CRC-32, both nodes compute it over every
   byte), zlib's and zlib-ng's implementation side by side, over a 1-page
   checkpoint's bytes, a 32-page one's, and a full-sync batch.
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench.common import percentile, report
+from kemari_agent.ft import heap
 from kemari_agent.replication import keys, transport
 from kemari_agent.replication.codec import PAGE_SIZE, Device, Vcpu
 from kemari_agent.replication.events import Acked, SyncComplete
@@ -43,12 +47,13 @@ def _records() -> list:
     return [Vcpu(0, 1, VCPU_BLOB), Device(1, 1, DEVICE_BLOB), Device(2, 1, DEVICE_BLOB)]
 
 
-def _pair(memory_size: int) -> tuple[Primary, Secondary, bytearray]:
+def _pair(memory_size: int, delta_cache_pages: int = 0
+          ) -> tuple[Primary, Secondary, bytearray]:
     mem = bytearray(os.urandom(memory_size))
     sec = Secondary(ImageSink(memory_size), name="bench", memory_size=memory_size,
                     generation=0, checkpoint_seq=0, has_checkpoint=False, now=0.0)
     prim = Primary(name="bench", memory_size=memory_size, generation=1, checkpoint_seq=0,
-                   now=0.0)
+                   now=0.0, delta_cache_pages=delta_cache_pages)
     prim.receive_data(sec.data_to_send(), 0.0)
     prim.end_sync_round(0, now=0.0)
     prim.checkpoint(mem, range(memory_size // PAGE_SIZE), now=0.0)
@@ -86,6 +91,44 @@ def bench_codec(iters: int) -> dict[int, dict[str, float]]:
                      "round_trip_p50_us": percentile(total, 50) * 1e6,
                      "round_trip_p99_us": percentile(total, 99) * 1e6}
     assert bytes(sec.sink.memory) == bytes(mem)  # type: ignore[attr-defined]
+    return out
+
+
+def bench_deltas(iters: int) -> dict[str, dict[int, dict[str, float]]]:
+    """Checkpoints of pages from a hot set of 1,024, each with 8 bytes changed
+    (and a vCPU blob with 8 bytes changed), whole and as deltas: in-process cost
+    of both sides and bytes on the wire."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name, cache in (("whole", 0), ("deltas", 4096)):
+        prim, sec, mem = _pair(GUEST, cache)
+        rng = random.Random(2)
+        vcpu = bytearray(VCPU_BLOB)
+        out[name] = {}
+        for size in SIZES:
+            enc, dec, nbytes = [], [], []
+            n = iters if size <= 32 else iters // 4
+            for i in range(n + 50):
+                pfns = sorted(rng.sample(range(1024), size))
+                for pfn in pfns:
+                    offset = pfn * PAGE_SIZE + rng.randrange(0, PAGE_SIZE, 8)
+                    mem[offset:offset + 8] = rng.randbytes(8)
+                offset = rng.randrange(0, len(vcpu) - 8, 8)
+                vcpu[offset:offset + 8] = rng.randbytes(8)
+                t0 = time.perf_counter()
+                prim.checkpoint(mem, pfns, [Vcpu(0, 2, bytes(vcpu))], now=t0)
+                data = prim.data_to_send()
+                t1 = time.perf_counter()
+                sec.receive_data(data, t1)
+                t2 = time.perf_counter()
+                prim.receive_data(sec.data_to_send(), t2)
+                if i >= 50:
+                    enc.append(t1 - t0)
+                    dec.append(t2 - t1)
+                    nbytes.append(len(data))
+            out[name][size] = {"encode_p50_us": percentile(enc, 50) * 1e6,
+                               "apply_p50_us": percentile(dec, 50) * 1e6,
+                               "bytes": percentile(nbytes, 50)}
+        assert bytes(sec.sink.memory) == bytes(mem)  # type: ignore[attr-defined]
     return out
 
 
@@ -280,11 +323,13 @@ def bench_crc(iters: int) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     quick = "--quick" in argv
+    heap.keep_large_buffers()        # as both daemons do: a fair price for large buffers
     iters = 300 if quick else 2000
     with tempfile.TemporaryDirectory() as tmp:
         key = str(Path(tmp) / "bench.key")
         keys.keygen(key)
         codec = bench_codec(iters)
+        deltas = bench_deltas(iters)
         tls, _ = bench_tls(key, iters)
         floor = bench_tls_floor(key, 32 * PAGE_SIZE + 4096, iters)
         bulk = bench_bulk(key, (64 << 20) if quick else BULK_GUEST)
@@ -296,6 +341,14 @@ def main(argv: list[str] | None = None) -> dict:
                  (f"codec {size:>3} pages decode+apply p50", c["apply_p50_us"], "us"),
                  (f"codec {size:>3} pages round trip p50", c["round_trip_p50_us"], "us"),
                  (f"codec {size:>3} pages round trip p99", c["round_trip_p99_us"], "us")]
+    for size in SIZES:
+        w, d = deltas["whole"][size], deltas["deltas"][size]
+        rows += [(f"hot {size:>3} pages, whole / deltas: encode p50",
+                  f"{w['encode_p50_us']:.1f} / {d['encode_p50_us']:.1f}", "us"),
+                 (f"hot {size:>3} pages, whole / deltas: decode+apply p50",
+                  f"{w['apply_p50_us']:.1f} / {d['apply_p50_us']:.1f}", "us"),
+                 (f"hot {size:>3} pages, whole / deltas: bytes",
+                  f"{w['bytes']:.0f} / {d['bytes']:.0f}", "B")]
     for size in SIZES:
         rows += [(f"tls {size:>3} pages checkpoint+ACK p50", tls[size]["p50_us"], "us"),
                  (f"tls {size:>3} pages checkpoint+ACK p99", tls[size]["p99_us"], "us")]

@@ -67,18 +67,18 @@ def write_pages_detect_zero(memory: Buffer, pfns: Sequence[int], out: bytearray)
 
 
 def cache_pages(memory: Buffer, pfns: Sequence[int], slots: Sequence[int], hits: int,
-                cache: bytearray) -> tuple[bytearray, bytearray]:
-    """delta.PageCache's update: the first `hits` pages as (deltas against
-    their slots, their new content); then every slot takes its page."""
-    delta = bytearray(hits * 4096)
-    new = bytearray(hits * 4096)
+                cache: bytearray, delta: bytearray, new: bytearray) -> None:
+    """delta.PageCache's update: into `delta` and `new` (at least 4096 x `hits`
+    bytes each) the first `hits` pages' deltas against their slots and their
+    new content; then every slot takes its page."""
+    if min(len(delta), len(new)) < hits * 4096:
+        raise ValueError("delta buffers too small")
     mem = ffi.from_buffer(memory)
     if lib.kcodec_cache_pages(mem, len(mem), ffi.new("uint64_t[]", pfns),
                               ffi.new("uint32_t[]", slots), hits, len(pfns),
                               ffi.from_buffer(cache), len(cache) // 4096,
                               ffi.from_buffer(delta), ffi.from_buffer(new)) < 0:
         raise ValueError("pfn outside guest memory or slot outside the cache")
-    return delta, new
 
 
 def xor_apply(memory: Buffer, pfns: Sequence[int], delta: bytearray) -> None:

@@ -236,7 +236,8 @@ def test_native_xor_matches_the_python_reference() -> None:
     slots = rng.sample(range(16), 9)
     cache = bytearray(rng.randbytes(16 * PAGE_SIZE))
     old = bytes(cache)
-    delta, new = native_codec.cache_pages(memory, pfns, slots, 6, cache)
+    delta, new = bytearray(6 * PAGE_SIZE), bytearray(6 * PAGE_SIZE)
+    native_codec.cache_pages(memory, pfns, slots, 6, cache, delta, new)
 
     def page(buf: Buffer, n: int) -> bytes:
         return bytes(buf[n * PAGE_SIZE:(n + 1) * PAGE_SIZE])
@@ -256,9 +257,11 @@ def test_native_xor_matches_the_python_reference() -> None:
     native_codec.xor_apply(base, pfns[:6], rebuilt)
     assert bytes(rebuilt) == bytes(new)
     with pytest.raises(ValueError):
-        native_codec.cache_pages(memory, [32], [0], 1, cache)
+        native_codec.cache_pages(memory, [32], [0], 1, cache, delta, new)
     with pytest.raises(ValueError):
-        native_codec.cache_pages(memory, [0], [16], 0, cache)
+        native_codec.cache_pages(memory, [0], [16], 0, cache, delta, new)
+    with pytest.raises(ValueError):
+        native_codec.cache_pages(memory, pfns, slots, 7, cache, delta, new)   # 6 pages of room
     with pytest.raises(ValueError):
         native_codec.xor_apply(memory, [40], bytearray(PAGE_SIZE))
 

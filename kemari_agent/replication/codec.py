@@ -359,7 +359,8 @@ class XorPages:
     `check` is the CRC-32 of the pages' new content, in order: the secondary
     rebuilds the pages from its own copy and refuses them if the result
     differs, so a delta against the wrong base cannot reach its image. As for
-    PAGES_LZ4, the decompressed size is fixed by the page list."""
+    PAGES_LZ4, the decompressed size is fixed by the page list. The secondary
+    rebuilds the pages in place: after staging, `delta` holds their content."""
 
     TYPE: ClassVar[RecordType] = RecordType.PAGES_XOR
     pfns: Sequence[int]
@@ -472,6 +473,8 @@ class Device(_Blob):
 # A BLOB_XOR's blob is at most this large (vCPU and device blobs are a few KiB).
 MAX_XOR_BLOB = 1 << 20
 _XOR_BLOB = struct.Struct("<IIIIII")
+# The record types a BLOB_XOR may stand for, looked up by their number (an int
+# from the wire, or the member itself) without a slow enum call.
 _BLOB_KINDS = {RecordType.VCPU: RecordType.VCPU, RecordType.DEVICE: RecordType.DEVICE}
 
 

@@ -225,21 +225,20 @@ class Primary:
         npages = len(pfns)
         parts: list[Buffer] = []
         nrecords = 0
-        # Pages the secondary holds from an earlier checkpoint of this session go
-        # as deltas against that content; `pfns` keeps the others.
         delta = self.delta_cache if self.state is PrimaryState.PROTECTED and not detect_zero \
             else None
-        if delta is not None and pfns:
+        if pfns and (delta is not None or native_codec.ENABLED):   # C reads these pages
+            pfns = pfns if isinstance(pfns, (list, tuple)) else list(pfns)
             if min(pfns) < 0 or max(pfns) >= len(memory) // PAGE_SIZE:
                 raise ValueError("pfn outside guest memory")
+        # Pages the secondary holds from an earlier checkpoint of this session go
+        # as deltas against that content; `pfns` keeps the others.
+        if delta is not None and pfns:
             parts, nrecords, pfns = delta.encode(memory, pfns)
         # The C encoder writes the pages straight into the send buffer (same bytes);
         # below a few pages its call overhead costs more than it saves.
         native = native_codec.ENABLED and not detect_zero and len(pfns) >= native_codec.MIN_PAGES
         if native:
-            pfns = pfns if isinstance(pfns, (list, tuple)) else list(pfns)
-            if pfns and (min(pfns) < 0 or max(pfns) >= len(memory) // PAGE_SIZE):
-                raise ValueError("pfn outside guest memory")
             nrecords += -(-len(pfns) // MAX_PAGES_PER_RECORD)
         else:
             plain, plain_records, _ = pages_parts(memory, pfns, detect_zero=detect_zero)

@@ -157,7 +157,9 @@ class Secondary:
         self.state = SecondaryState.HANDSHAKE
         self.liveness = Liveness(now, heartbeat_interval, peer_timeout)
         self.peer: Hello | None = None
-        self._peer_sends_deltas = False
+        # What the primary's HELLO negotiated, decided once: IntFlag arithmetic is
+        # slow, and these are read per record.
+        self._peer_sends_lz4 = self._peer_sends_deltas = self._peer_wants_sync_acks = False
         self.checkpoints = 0
         self.bytes_received = 0
         self.sync_progress: SyncProgress | None = None
@@ -299,7 +301,7 @@ class Secondary:
             self.sync_progress = record
             events.append(SyncProgressed(record.round, record.pages_sent,
                                          record.pages_remaining))
-            if self.peer and self.peer.capabilities & Capability.SYNC_ACKS:
+            if self._peer_wants_sync_acks:
                 self._send(encode(SyncAck(record.round)), now)   # the round is applied
         else:
             assert isinstance(record, Heartbeat | Unknown)
@@ -343,8 +345,9 @@ class Secondary:
         if hello.generation > self.generation or hello.flags & HelloFlag.UNPROTECTED:
             self.outdated = True     # the peer went on without this node
         self.peer = hello
-        # Flag arithmetic on IntFlag is slow: decided once, read per record.
+        self._peer_sends_lz4 = bool(hello.capabilities & Capability.LZ4_PAGES)
         self._peer_sends_deltas = bool(hello.capabilities & Capability.DELTAS)
+        self._peer_wants_sync_acks = bool(hello.capabilities & Capability.SYNC_ACKS)
         self._session_generation = hello.generation
         self._expected_seq = hello.checkpoint_seq + 1
         if full:
@@ -404,7 +407,7 @@ class Secondary:
     def _check_compressed(self) -> None:
         # Only a full sync's write-through may be compressed: a staged checkpoint is
         # bounded by the bytes received, and a small LZ4 block expands up to 16 MiB.
-        if not (self.peer and self.peer.capabilities & Capability.LZ4_PAGES):
+        if not self._peer_sends_lz4:
             raise UnexpectedRecord("PAGES_LZ4 in a session that did not negotiate it")
         if self.state is not SecondaryState.SYNCING:
             raise UnexpectedRecord("PAGES_LZ4 outside a full sync")

@@ -181,7 +181,24 @@ def boot_attach_test(
         xen_lab.build_tap_test(xen_lab.xen_build(), files)
     logs = Path(os.environ.get("KEMARI_TEST_CACHE", "/var/cache/kemari-test")) / "linux" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{test}-{expect}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    for attempt in (1, 2):
+        log = logs / f"{test}-{expect}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        boot, text = boot_lab(test, expect, files, modules, log)
+        results = {m[1]: (m[2], m[3]) for m in RESULT_RE.finditer(text)}
+        verdict = f"{test.upper()}-TEST PASS" in text
+        print(boot.stdout[-6000:])
+        crashed = booted_guest_crashes(text)
+        if verdict or not crashed or attempt == 2:
+            break
+        print(f"booted domain(s) {crashed} triple-faulted under TCG (log {log}): booting again")
+    assert boot.returncode == 0 and verdict, (boot.returncode, results, boot.stderr[-2000:])
+    return results
+
+
+def boot_lab(
+    test: str, expect: str, files: Path, modules: Path | None, log: Path
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """One boot of the lab running run-<test>.sh; (boot.sh's result, the console log)."""
     cmd = [
         str(xen_lab.LAB / "boot.sh"),
         "--run",
@@ -199,11 +216,32 @@ def boot_attach_test(
         cmd += ["--modules", str(modules)]
     boot = xen_lab.run(cmd, timeout=2700)
     text = log.read_text(errors="replace").replace("\r", "") if log.exists() else ""
-    results = {m[1]: (m[2], m[3]) for m in RESULT_RE.finditer(text)}
-    verdict = f"{test.upper()}-TEST PASS" in text
-    print(boot.stdout[-6000:])
-    assert boot.returncode == 0 and verdict, (boot.returncode, results, boot.stderr[-2000:])
-    return results
+    return boot, text
+
+
+def booted_guest_crashes(text: str) -> list[int]:
+    """Domains the script booted itself (not restored) that Xen saw triple-fault.
+
+    Nested SVM as QEMU's TCG emulates it now and then triple-faults a PVH
+    guest with nothing of Kemari involved (4 of 25 tap-pvh boots during
+    early boot, one restore-test primary after 34 s of I/O; Xen reports it
+    at VMRUN in svm_asm_do_resume). A restored domain's crash is never
+    excused: restoring it is what the restore test checks.
+    """
+    booted = {int(n) for n in re.findall(r"^RESULT booted_domid info (\d+)", text, re.M)}
+    faulted = {int(n) for n in re.findall(r"\(XEN\) d(\d+)v\d+ Triple fault", text)}
+    return sorted(booted & faulted)
+
+
+def test_only_a_booted_guest_s_crash_boots_the_lab_again() -> None:
+    log = (
+        "RESULT booted_domid info 1\n"
+        "RESULT primary_io ok disk ops=5\n"
+        "(XEN) d2v0 Triple fault - invoking HVM shutdown action 1\n"
+    )
+    assert booted_guest_crashes(log) == []  # d2: the restored copy
+    assert booted_guest_crashes(log + "(XEN) d1v1 Triple fault - invoking HVM ...\n") == [1]
+    assert booted_guest_crashes("(XEN) d1v0 Triple fault\n") == []  # booted by no script
 
 
 def assert_ok(results: dict[str, tuple], *names: str) -> None:

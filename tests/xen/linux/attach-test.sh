@@ -72,6 +72,7 @@ CFG
 t0=$(date +%s)
 xl create /tmp/kemari-attach.cfg || { result xl_create FAIL; echo "ATTACH-TEST FAIL"; exit 1; }
 DOMID=$(xl domid kemari-attach)
+result booted_domid info "$DOMID"   # booted, not restored: see results.sh
 FE_VBD=/local/domain/$DOMID/device/vbd/51712; BE_VBD=/local/domain/0/backend/vbd/$DOMID/51712
 FE_VIF=/local/domain/$DOMID/device/vif/0;     BE_VIF=/local/domain/0/backend/vif/$DOMID/0
 wait_for 240 gt DOMU-IO 3 && wait_for 60 gt DOMU-NET 3

@@ -78,6 +78,7 @@ on_crash = "preserve"
 CFG
 xl create /tmp/$NAME.cfg || { result xl_create FAIL; finish; }
 DOMID=$(xl domid $NAME)
+result booted_domid info "$DOMID"   # booted, not restored: see results.sh
 G=/sys/bus/xen-backend/devices/vbd-$DOMID-51712/kemari_gate
 BE=/local/domain/0/backend/vbd/$DOMID/51712; FE=/local/domain/$DOMID/device/vbd/51712
 wait_for 300 workers_ok

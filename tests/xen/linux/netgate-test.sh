@@ -73,6 +73,7 @@ CFG
 E0=$(in_echos)
 xl create /tmp/$NAME.cfg || { result xl_create FAIL; finish; }
 DOMID=$(xl domid $NAME)
+result booted_domid info "$DOMID"   # booted, not restored: see results.sh
 G=/sys/bus/xen-backend/devices/vif-$DOMID-0/kemari_gate
 BE=/local/domain/0/backend/vif/$DOMID/0; FE=/local/domain/$DOMID/device/vif/0
 wait_for 60 ip link show "vif$DOMID.0" >/dev/null 2>&1; pin_neigh

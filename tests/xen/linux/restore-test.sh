@@ -75,6 +75,7 @@ common_cfg kemari-copy > /tmp/kemari-copy.cfg
 t0=$(date +%s)
 xl create /tmp/kemari-prim.cfg || { result xl_create FAIL; echo "RESTORE-TEST FAIL"; exit 1; }
 A=$(xl domid kemari-prim)
+result booted_domid info "$A"   # booted, not restored: see results.sh
 wait_for 240 gt "$PRIM_LOG" DOMU-IO 3 && wait_for 60 gt "$PRIM_LOG" DOMU-NET 3
 check primary_io "disk ops=$(last "$PRIM_LOG" DOMU-IO) net ops=$(last "$PRIM_LOG" DOMU-NET)\
  after $(( $(date +%s) - t0 ))s" gt "$PRIM_LOG" DOMU-NET 3

@@ -4,6 +4,11 @@
 #   wait_for SECONDS COMMAND...          poll COMMAND once a second
 #   state_watch NODE FILE                log a xenstore node's value after each
 #                                        change (the watcher's PID in WATCHERS)
+# A script names each domain it booted (rather than restored) with
+# "RESULT booted_domid info N": under TCG's emulated SVM such a PVH guest
+# now and then triple-faults by itself, and the test runner boots the lab
+# again once when one of them did and the script failed
+# (boot_attach_test in test_linux_patches.py).
 FAILED=0
 WATCHERS=()
 result() {

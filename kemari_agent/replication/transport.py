@@ -40,6 +40,8 @@ ACCEPTED = b"KMR-OK\r\n"
 RECV_SIZE = 64 << 10
 # What one recv_some() gathers at most from records that have already arrived.
 RECV_BATCH = 1 << 20
+# A TLS record's plaintext at most (RFC 8446, 5.1).
+MAX_RECORD = 16 << 10
 
 
 class TransportTimeout(TransportError):
@@ -84,11 +86,13 @@ class Channel:
     def recv_some(self, max_bytes: int = RECV_SIZE, batch: int = RECV_BATCH) -> bytes:
         """Bytes that arrived (blocking until some do); b"" when the peer closed.
 
-        After the first TLS record it takes every record that has begun to
-        arrive, up to `batch` bytes, without waiting for one that has not: a full
-        sync streams megabytes, and one caller's pass per 16 KiB record cost more
-        than the bytes. Drains what TLS already decrypted, so a select() on
-        fileno() after this call never misses buffered data."""
+        After a full TLS record it takes every record that has already arrived,
+        up to `batch` bytes, without waiting for one that has not: a full sync
+        streams megabytes, and one caller's pass per 16 KiB record cost more
+        than the bytes. A shorter record ends what its sender wrote at once (a
+        checkpoint, an ACK), so nothing is looked for after it. Drains what TLS
+        already decrypted, so a select() on fileno() after this call never
+        misses buffered data."""
         try:
             data = self._sock.recv(max_bytes)
         except TimeoutError:
@@ -101,33 +105,34 @@ class Channel:
             return data
         parts = [data]
         got = len(data)
-        if got < batch:
+        if got >= MAX_RECORD and got < batch:
             got += self._take_ready(parts, max_bytes, batch - got)
+        if self._sock.pending():     # decrypted already: select() would not see it
+            parts.append(self._sock.recv(self._sock.pending()))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _take_ready(self, parts: list[bytes], max_bytes: int, limit: int) -> int:
-        """Append records already decrypted or already (at least in part) on the
-        socket, up to about `limit` bytes. A record that has begun to arrive is
-        read whole, as the first one is (its sender is writing it now); if it
-        does not complete within the timeout, OpenSSL keeps its part for the
-        next call and what was gathered is returned. The peer's close is left
-        for the next recv_some."""
+        """Append records that have arrived whole, up to about `limit` bytes.
+        Non-blocking reads: one that finds no whole record is the only extra
+        syscall (a select() before each read cost one per record). OpenSSL
+        keeps a record's first part for the next call; the rest of it makes
+        the socket readable again. The peer's close is left for the next
+        recv_some."""
         got = 0
+        self._sock.settimeout(0.0)
         try:
-            while got < limit and (self._sock.pending() or _readable(self._sock)):
+            while got < limit:
                 more = self._sock.recv(max_bytes)
                 if not more:
                     break
                 parts.append(more)
                 got += len(more)
-        except (ssl.SSLZeroReturnError, TimeoutError):
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
             pass
         except (OSError, ssl.SSLError) as exc:
             raise TransportError(f"receive from {self.peer} failed: {exc}") from exc
-        if self._sock.pending():     # decrypted already: select() would not see it
-            more = self._sock.recv(self._sock.pending())
-            parts.append(more)
-            got += len(more)
+        finally:
+            self._sock.settimeout(self._timeout)
         return got
 
     def settimeout(self, timeout: float | None) -> None:
@@ -146,10 +151,6 @@ class Channel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _readable(sock: socket.socket) -> bool:
-    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _tune(sock: socket.socket) -> None:

@@ -127,7 +127,7 @@ class Channel:
                     break
                 parts.append(more)
                 got += len(more)
-        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
             pass
         except (OSError, ssl.SSLError) as exc:
             raise TransportError(f"receive from {self.peer} failed: {exc}") from exc

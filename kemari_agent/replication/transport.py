@@ -113,8 +113,9 @@ class Channel:
 
     def _take_ready(self, parts: list[bytes], max_bytes: int, limit: int) -> int:
         """Append records that have arrived whole, up to about `limit` bytes.
-        Non-blocking reads: one that finds no whole record is the only extra
-        syscall (a select() before each read cost one per record). OpenSSL
+        Non-blocking reads, ended by the first that finds no whole record: per
+        call that read and switching the socket's timeout off and on again, not
+        a select() per record. OpenSSL
         keeps a record's first part for the next call; the rest of it makes
         the socket readable again. The peer's close is left for the next
         recv_some."""

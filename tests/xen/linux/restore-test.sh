@@ -59,6 +59,10 @@ install -m 755 "$HERE/vif-kemari-test" "$HERE/block-kemari-test" /etc/xen/script
 # its unpause (copying 128 MiB under TCG: 10-30 s), and Linux reports a
 # soft lockup when a Xen guest's clock jumps past 2 x watchdog_thresh (it
 # checks only KVM's paused flag). A failover on hardware takes milliseconds.
+# tsc_mode="native": this lab's TSC looks unreliable to Xen, which then traps
+# every RDTSC; under TCG's emulated SVM that trap now and then triple-faults
+# the guest right after the RDTSC in pvclock_clocksource_read (3 of 6
+# restore-test boots one night); with the TSC native, 5 of 5 ran clean.
 common_cfg() { # NAME
     cat <<CFG
 name = "$1"
@@ -68,6 +72,7 @@ ramdisk = "$RAMDISK"
 extra = "console=hvc0 quiet watchdog_thresh=60"
 memory = 128
 vcpus = 2
+tsc_mode = "native"
 on_crash = "preserve"
 CFG
 }
@@ -118,7 +123,7 @@ ports_of() { # DIR: the frontend's event channels, one per queue (queue-<n>/) or
 mapfile -t PORTS < <(ports_of "$FE_VBD"; ports_of "$FE_VIF")
 echo "ports ${PORTS[*]} domids primary=$A copy=$B"
 check frontend_ports "${#PORTS[@]} ports: ${PORTS[*]}" [ "${#PORTS[@]}" -ge 2 ]
-tr=$(date +%s%N)
+t_hold=$(date +%s%N)
 /kemari/files/kemari-restore --domid "$A" --into "$B" $(printf -- '--port %s ' "${PORTS[@]}")
 rc=$?; check restored "kemari-restore rc=$rc" [ $rc = 0 ]
 io0=$(last "$PRIM_LOG" DOMU-IO)
@@ -156,7 +161,7 @@ error=$(xenstore-read "$BE_VBD/kemari-attach-error" "$BE_VIF/kemari-attach-error
 in $(( ($(date +%s%N) - ta) / 1000000 )) ms" \
     xenstore-read "$BE_VBD/kemari-attached" "$BE_VIF/kemari-attached"
 xl unpause kemari-copy
-result copy_clock_jump info "at most $(( ($(date +%s%N) - tr) / 1000000 )) ms from the hold to the unpause"
+result copy_clock_jump info "at most $(( ($(date +%s%N) - t_hold) / 1000000 )) ms from the hold to the unpause"
 
 # The copy runs on from the checkpoint.
 wait_for 120 gt "$COPY_LOG" DOMU-IO $((io0 + 3)) && wait_for 60 gt "$COPY_LOG" DOMU-NET $((io0 + 3))

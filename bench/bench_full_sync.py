@@ -2,7 +2,9 @@
 bytes/s, pages, rounds, and the guest's slowdown while it runs (stress
 events/s during the sync vs before it). Medians of RUNS syncs in one run,
 for each content of memory (`stress.fill`: none = one counter per page,
-text = random words, random = incompressible) with LZ4 on and off.
+text = random words, random = incompressible) with LZ4 on and off, and with
+the primary's bytes in frames (the default) or in TLS records
+(`--transport tls`, KEMARI_FRAMES=0 in both daemons).
 
 The `stress` guest dirties PAGES pages per I/O event at RATE events/s over a
 working set of all its memory, so after FILL_S every page is non-zero. Each
@@ -23,13 +25,21 @@ from pathlib import Path
 from ftlab import FtLab
 
 from bench.common import report
+from kemari_agent.control import request
 
 PAGES, RATE = 256, 100          # 25,600 pages/s dirtied: 100 MiB/s
 RUNS = 3
 
 
+def _status(node) -> dict:
+    """The daemon's status over its control socket: the `kemari status` command
+    would start a Python process per poll, a core's worth of CPU at this rate,
+    taken from the daemons being measured."""
+    return request(node.dir / "run" / f"{node.lab.name}.sock", "status", timeout=10)
+
+
 def _doorbells(node) -> tuple[int, float]:
-    vm = node.status()["vm"]
+    vm = _status(node)["vm"]
     return vm["doorbells"], vm["uptime_s"]
 
 
@@ -43,13 +53,13 @@ def _rate(node, seconds: float) -> float:
 def _one_sync(lab: FtLab) -> dict:
     """Restart the secondary; returns the primary's last_sync plus the guest's
     event rate over the sync (sampled from the primary's status)."""
-    before = lab.primary.status()["last_sync"]
+    before = _status(lab.primary)["last_sync"]
     lab.secondary.kill()
     lab.secondary.start("secondary")
     d0, t0 = _doorbells(lab.primary)
     end = time.monotonic() + 300
     while time.monotonic() < end:
-        st = lab.primary.status()
+        st = _status(lab.primary)
         if st["state"] == "synced" and st["last_sync"] != before:
             d1, t1 = st["vm"]["doorbells"], st["vm"]["uptime_s"]
             sync = st["last_sync"]
@@ -58,22 +68,28 @@ def _one_sync(lab: FtLab) -> dict:
             # [t0, t1] covers it plus the handshake
             return dict(sync, events_per_s=(d1 - d0) / max(1e-9, t1 - t0))
         time.sleep(0.05)
-    raise RuntimeError(f"never in sync: {lab.primary.status()}")
+    raise RuntimeError(f"never in sync: {_status(lab.primary)}")
 
 
 FILLS = ("none", "text", "random")     # the stress guest's memory: see docs/configuration.md
 
 
-def _settings(fill: str, compression: str) -> str:
-    return f"fill={fill}, compression={compression}"
+TRANSPORTS = ("frames", "tls")
 
 
-def _syncs_of(memory_mib: int, fill: str, compression: str, runs: int) -> tuple[list, list]:
+def _settings(fill: str, compression: str, transport: str) -> str:
+    return f"fill={fill}, compression={compression}, transport={transport}"
+
+
+def _syncs_of(memory_mib: int, fill: str, compression: str, transport: str,
+              runs: int) -> tuple[list, list]:
     """`runs` full syncs of one guest, each after restarting the secondary."""
     lab = FtLab(Path(tempfile.mkdtemp(prefix="kemari-bench-")), memory_mib=memory_mib,
                 image="stress",
                 extra=f"[stress]\npages = {PAGES}\nrate_hz = {RATE}\n"
                       f"working_set = 1000000\nfill = \"{fill}\"")
+    for node in lab.nodes:
+        node.env["KEMARI_FRAMES"] = "1" if transport == "frames" else "0"
     cfg = lab.primary.config
     cfg.write_text(cfg.read_text().replace(
         "[replication]\n", f"[replication]\ncompression = \"{compression}\"\n", 1))
@@ -92,15 +108,17 @@ def _syncs_of(memory_mib: int, fill: str, compression: str, runs: int) -> tuple[
 
 
 def main(memory_mib: int = 256, runs: int = RUNS, fills: tuple[str, ...] = FILLS,
-         compressions: tuple[str, ...] = ("lz4", "none")) -> dict:
-    """Each content of guest memory with LZ4 on and off, one guest per setting,
-    the settings interleaved: page-data GiB/s, wire bytes per page byte, rounds,
-    guest speed."""
+         compressions: tuple[str, ...] = ("lz4", "none"),
+         transports: tuple[str, ...] = TRANSPORTS) -> dict:
+    """Each content of guest memory with LZ4 on and off, over frames and TLS
+    records, one guest per setting, the settings interleaved: page-data GiB/s,
+    wire bytes per page byte, rounds, guest speed."""
     results = {}
     for fill in fills:
         for compression in compressions:
-            results[_settings(fill, compression)] = _syncs_of(memory_mib, fill, compression,
-                                                              runs)
+            for transport in transports:
+                results[_settings(fill, compression, transport)] = _syncs_of(
+                    memory_mib, fill, compression, transport, runs)
     load = os.getloadavg()
     rows = []
     for tag, (syncs, before) in results.items():
@@ -187,6 +205,8 @@ if __name__ == "__main__":
                     help="memory contents to sync (repeatable; default: all)")
     ap.add_argument("--compression", choices=("lz4", "none"), action="append",
                     help="replication.compression settings (repeatable; default: both)")
+    ap.add_argument("--transport", choices=TRANSPORTS, action="append",
+                    help="frames or TLS records (repeatable; default: both)")
     ap.add_argument("--auto-converge", action="store_true",
                     help="a guest that outruns the link, with and without auto-converge")
     a = ap.parse_args()
@@ -194,4 +214,4 @@ if __name__ == "__main__":
         auto_converge(min(a.memory_mib, 128), a.runs)
     else:
         main(a.memory_mib, a.runs, tuple(a.fill or FILLS),
-             tuple(a.compression or ("lz4", "none")))
+             tuple(a.compression or ("lz4", "none")), tuple(a.transport or TRANSPORTS))

@@ -8,7 +8,10 @@ the replication stream and none of its bytes reach the decoder.
 TLS gives confidentiality, integrity, and replay/reorder protection inside
 a connection (AEAD with implicit record sequence numbers), and fresh keys
 per connection; the stream's own sequence numbers and generations reject a
-checkpoint replayed across connections. See docs/crypto.md.
+checkpoint replayed across connections. When both ends know them (ALPN),
+the primary's bytes then go in `frames` of up to 1 MiB, sealed with a key
+the secondary sent inside TLS: the same guarantees, a sixty-fourth of the
+reads. See docs/crypto.md.
 
 Blocking sockets with timeouts; the daemon drives them with select() on
 `fileno()`. A server that must keep serving while strangers connect takes
@@ -20,12 +23,14 @@ Heartbeats and dead-peer detection live in the state machines.
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import ssl
 import time
 from typing import Any
 
+from . import frames
 from .codec import Buffer
 from .errors import AuthenticationError, TransportError
 from .keys import check_key_file
@@ -42,6 +47,18 @@ RECV_SIZE = 64 << 10
 RECV_BATCH = 1 << 20
 # A TLS record's plaintext at most (RFC 8446, 5.1).
 MAX_RECORD = 16 << 10
+
+# Frames carry the socket's bytes past the SSLSocket, whose own methods would
+# read and write TLS records: the plain socket's methods, called on it.
+_raw_sendall = socket.socket.sendall
+_raw_recv_into = socket.socket.recv_into
+
+
+def frames_enabled() -> bool:
+    """KEMARI_FRAMES=0 in a daemon's environment keeps its connections on TLS
+    records (benchmarks compare the two; a peer that lacks frames gets the
+    same)."""
+    return os.environ.get("KEMARI_FRAMES", "1") != "0"
 
 
 class TransportTimeout(TransportError):
@@ -60,14 +77,22 @@ def make_context(key_file: str, *, server: bool) -> tuple[ssl.SSLContext, bytes]
     ctx.options |= ssl.OP_NO_TICKET  # no resumption: every connection does a full handshake
     if server:
         ctx.num_tickets = 0
+    if frames_enabled():
+        ctx.set_alpn_protocols([frames.ALPN])
     return ctx, own_cert
 
 
 class Channel:
-    """An authenticated, encrypted byte pipe to the peer."""
+    """An authenticated, encrypted byte pipe to the peer. With a `sealer`
+    (the client) its sends, with an `opener` (the server) its receives go in
+    frames; the other direction stays on TLS records."""
 
-    def __init__(self, sock: ssl.SSLSocket, timeout: float | None) -> None:
+    def __init__(self, sock: ssl.SSLSocket, timeout: float | None, *,
+                 sealer: frames.Sealer | None = None,
+                 opener: frames.Opener | None = None) -> None:
         self._sock = sock
+        self._sealer = sealer
+        self._opener = opener
         self._timeout = timeout
         self._sock.settimeout(timeout)
         try:
@@ -75,9 +100,17 @@ class Channel:
         except OSError:  # already gone; the next send or receive will say so
             self.peer = None
 
+    @property
+    def framed(self) -> bool:
+        return self._sealer is not None or self._opener is not None
+
     def send_all(self, data: Buffer) -> None:
         try:
-            self._sock.sendall(data)
+            if self._sealer is None:
+                self._sock.sendall(data)
+            else:
+                for frame in self._sealer.seal(data):
+                    _raw_sendall(self._sock, frame)
         except TimeoutError:
             raise TransportTimeout("send timed out") from None
         except (OSError, ssl.SSLError) as exc:
@@ -92,7 +125,10 @@ class Channel:
         than the bytes. A shorter record ends what its sender wrote at once (a
         checkpoint, an ACK), so nothing is looked for after it. Drains what TLS
         already decrypted, so a select() on fileno() after this call never
-        misses buffered data."""
+        misses buffered data. From frames it returns every whole frame that
+        has arrived."""
+        if self._opener is not None:
+            return self._recv_frames()
         try:
             data = self._sock.recv(max_bytes)
         except TimeoutError:
@@ -136,6 +172,33 @@ class Channel:
             self._sock.settimeout(self._timeout)
         return got
 
+    def _recv_frames(self) -> bytes:
+        """Reads until a frame is whole, within one timeout in all (as a TLS
+        read is): a peer that sends a frame a byte at a time cannot hold the
+        caller longer. What arrived of a frame stays for the next call."""
+        opener = self._opener
+        assert opener is not None
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        shortened = False
+        try:
+            while not (plain := opener.take()):
+                try:
+                    n = _raw_recv_into(self._sock, opener.space())
+                except TimeoutError:
+                    raise TransportTimeout("receive timed out") from None
+                except OSError as exc:
+                    raise TransportError(f"receive from {self.peer} failed: {exc}") from exc
+                if not n:
+                    return b""      # the peer closed; a frame it did not finish dies with it
+                opener.filled(n)
+                if deadline is not None:    # the rest of the frame: what is left of the time
+                    self._sock.settimeout(max(deadline - time.monotonic(), 1e-6))
+                    shortened = True
+        finally:
+            if shortened:
+                self._sock.settimeout(self._timeout)
+        return plain[0] if len(plain) == 1 else b"".join(plain)
+
     def settimeout(self, timeout: float | None) -> None:
         self._timeout = timeout
         self._sock.settimeout(timeout)
@@ -156,6 +219,9 @@ class Channel:
 
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if os.environ.get("XBUF"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(os.environ["XBUF"]))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(os.environ["XBUF"]))
 
 
 def _check_peer(tls: ssl.SSLSocket, own_cert: bytes) -> None:
@@ -203,17 +269,19 @@ class Handshake:
         except OSError as exc:
             self.close()
             raise TransportError(f"peer {self.peer} went away in the handshake: {exc}") from exc
+        framed = self._tls.selected_alpn_protocol() == frames.ALPN
+        secret = os.urandom(frames.SECRET_SIZE) if framed else b""
         try:
             _check_peer(self._tls, self._own_cert)
             # A fresh connection's empty send buffer takes these few bytes at once.
             self._tls.settimeout(1.0)
-            self._tls.sendall(ACCEPTED)
+            self._tls.sendall(ACCEPTED + secret)
         except (AuthenticationError, OSError) as exc:
             self.close()
             if isinstance(exc, AuthenticationError):
                 raise
             raise TransportError(f"peer went away after the handshake: {exc}") from exc
-        return Channel(self._tls, None)
+        return Channel(self._tls, None, opener=frames.Opener(secret) if framed else None)
 
     def wait(self) -> Channel:
         """Run the handshake to its end or its deadline (blocking)."""
@@ -311,15 +379,17 @@ def connect(key_file: str, host: str, port: int, timeout: float = 5.0) -> Channe
     except (TimeoutError, OSError) as exc:
         raw.close()
         raise TransportError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
+    framed = tls.selected_alpn_protocol() == frames.ALPN
+    want = len(ACCEPTED) + (frames.SECRET_SIZE if framed else 0)
     try:
         _check_peer(tls, own_cert)
         got = b""
-        while len(got) < len(ACCEPTED):
-            chunk = tls.recv(len(ACCEPTED) - len(got))
+        while len(got) < want:
+            chunk = tls.recv(want - len(got))
             if not chunk:
                 break
             got += chunk
-        if got != ACCEPTED:
+        if got[:len(ACCEPTED)] != ACCEPTED or len(got) != want:
             raise AuthenticationError(f"{host}:{port} did not accept our key")
     except AuthenticationError:
         tls.close()
@@ -330,4 +400,5 @@ def connect(key_file: str, host: str, port: int, timeout: float = 5.0) -> Channe
     except (TimeoutError, OSError) as exc:
         tls.close()
         raise TransportError(f"{host}:{port} closed the connection: {exc}") from exc
-    return Channel(tls, timeout)
+    sealer = frames.Sealer(got[len(ACCEPTED):]) if framed else None
+    return Channel(tls, timeout, sealer=sealer)

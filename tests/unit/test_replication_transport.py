@@ -370,3 +370,124 @@ def test_a_record_cut_in_half_is_kept_for_the_next_call(keydir: Path, first_size
         assert select.select([ch.fileno()], [], [], 5)[0]   # the rest wakes the reader
         assert ch.recv_some() == second
     server.join()
+
+
+@pytest.mark.parametrize("server_frames, client_frames", [(True, True), (True, False),
+                                                          (False, True)])
+def test_the_primarys_bytes_go_in_frames_only_when_both_ends_know_them(
+        keydir: Path, monkeypatch: pytest.MonkeyPatch, server_frames: bool,
+        client_frames: bool) -> None:
+    """An end with KEMARI_FRAMES=0 (or a release before frames) offers or picks
+    no ALPN name: the connection then carries TLS records, both ways."""
+    payload = os.urandom(3 << 20)
+    monkeypatch.setenv("KEMARI_FRAMES", "1" if server_frames else "0")
+
+    def receive(ch: transport.Channel) -> tuple[bool, bytes, int]:
+        got, calls = b"", 0
+        while len(got) < len(payload):
+            got += ch.recv_some()
+            calls += 1
+        ch.send_all(b"ack")
+        return ch.framed, got, calls
+
+    server = Server(keydir / "vm.key", then=receive)
+    monkeypatch.setenv("KEMARI_FRAMES", "1" if client_frames else "0")
+    with transport.connect(str(keydir / "vm.key"), *server.address, timeout=5) as ch:
+        ch.send_all(payload)
+        assert ch.recv_some() == b"ack"           # the other direction: TLS records
+        framed = ch.framed
+    server.join()
+    assert server.error is None
+    server_framed, got, calls = server.result
+    assert got == payload
+    assert framed == server_framed == (server_frames and client_frames)
+    if framed:
+        assert calls <= 3                         # 3 MiB is one frame, not 192 records
+
+
+class FlippingRelay:
+    """Loopback TCP relay that can flip one byte of the client-to-server direction."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.target = target
+        self.upstream = 0                      # client -> server bytes relayed
+        self.flip_at: int | None = None
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        client, _ = self.listener.accept()
+        server = socket.create_connection(self.target)
+        threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+        self._pump(client, server, True)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if upstream:
+                    data = bytearray(data)
+                    at = self.flip_at
+                    if at is not None and self.upstream <= at < self.upstream + len(data):
+                        data[at - self.upstream] ^= 0x40
+                    self.upstream += len(data)
+                dst.sendall(data)
+
+
+# the length (1000 -> 936), the body, the tag
+@pytest.mark.parametrize("offset", [3, 100, 4 + 1000 + 15])
+def test_a_byte_changed_on_the_wire_after_the_handshake_ends_the_connection(
+        keydir: Path, offset: int) -> None:
+    """Frames are authenticated: the secondary returns none of a changed frame,
+    raises AuthenticationError, and what came before it stays good."""
+    first, second = os.urandom(1000), os.urandom(1000)
+    received: list[bytes] = []
+
+    def receive(ch: transport.Channel) -> None:
+        while chunk := ch.recv_some():
+            received.append(chunk)
+
+    server = Server(keydir / "vm.key", then=receive)
+    relay = FlippingRelay(server.address)
+    with transport.connect(str(keydir / "vm.key"), *relay.address, timeout=5) as ch:
+        assert ch.framed
+        ch.send_all(first)
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        relay.flip_at = relay.upstream + offset
+        ch.send_all(second)
+        server.join()
+    assert received == [first]
+    assert isinstance(server.error, AuthenticationError), server.error
+
+
+def test_a_frame_sent_a_byte_at_a_time_holds_a_read_one_timeout_and_loses_nothing(
+        keydir: Path) -> None:
+    """The secondary's serving loop waits at most its timeout per read, however
+    slowly a frame trickles in; the part that came is kept for the next read."""
+    payload = os.urandom(100)
+    results: list[Any] = []
+
+    def receive(ch: transport.Channel) -> None:
+        ch.settimeout(0.5)
+        started = time.monotonic()
+        try:
+            ch.recv_some()
+        except transport.TransportTimeout:
+            results.append(time.monotonic() - started)
+        ch.settimeout(10)
+        results.append(ch.recv_some())
+
+    server = Server(keydir / "vm.key", then=receive)
+    with transport.connect(str(keydir / "vm.key"), *server.address, timeout=5) as ch:
+        assert ch._sealer is not None
+        (frame,) = [bytes(f) for f in ch._sealer.seal(payload)]
+        for i in range(len(frame)):
+            socket.socket.sendall(ch._sock, frame[i:i + 1])
+            time.sleep(0.1 if i < 15 else 0.0)   # 1.5 s for the first 15 bytes
+        server.join()
+    assert server.error is None
+    waited, got = results
+    assert 0.4 < waited < 1.0
+    assert got == payload

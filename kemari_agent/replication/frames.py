@@ -1,0 +1,170 @@
+"""Frames: how the primary-to-secondary half of a connection carries bytes
+once its TLS 1.3 handshake has authenticated both ends.
+
+TLS cuts a stream into 16 KiB records, and Python reads them one at a time:
+two read() calls and one trip through the `ssl` module per record, which on
+these hosts cost more than the AES-GCM itself and held a full sync to about
+half a GiB/s (docs/benchmarks.md). A frame carries up to 1 MiB:
+
+    length (4 bytes, big-endian, the plaintext's) | ciphertext | tag (16 bytes)
+
+sealed with AES-256-GCM. The key is secret, fresh per connection and known
+to the two ends only: the secondary draws 32 random bytes and sends them
+inside the authenticated TLS session (`transport`). Nonces are a frame
+counter, never sent, so a frame replayed, dropped or moved fails its tag;
+the length is the additional data, so it cannot be changed either. Every
+`REKEY_BYTES` of plaintext both ends move to the next key, derived from the
+secret with HKDF, far below AES-GCM's usage limits. Only what opened whole
+and authentic is returned; anything else raises `AuthenticationError`.
+
+Sans-I/O: the transport moves the bytes. See docs/crypto.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .codec import Buffer
+from .errors import AuthenticationError
+
+# The ALPN name a client offers and a server picks when both frame their
+# bytes; a peer that does not know it (or has frames switched off) picks
+# nothing, and the connection carries TLS records as before.
+ALPN = "kemari-frames/1"
+SECRET_SIZE = 32
+MAX_FRAME = 4 << 20
+HEADER = struct.Struct(">I")
+TAG_SIZE = 16
+OVERHEAD = HEADER.size + TAG_SIZE
+# A read takes at least this much room, so a stream of small frames costs
+# few reads; the receive buffer grows from it to what the frames need.
+READ_SIZE = 256 << 10
+# Plaintext bytes sealed under one key. TLS 1.3 allows 2^24.5 full records
+# (about 2^38.5 bytes) per AES-GCM key (RFC 8446, 5.5); 16 GiB stays far below.
+REKEY_BYTES = 1 << 34
+
+
+class _Keys:
+    """The key and nonce sequence one direction of a connection goes through."""
+
+    def __init__(self, secret: bytes, rekey_bytes: int) -> None:
+        if len(secret) != SECRET_SIZE:
+            raise ValueError(f"a frame secret is {SECRET_SIZE} bytes, not {len(secret)}")
+        self._secret = secret
+        self._rekey_bytes = rekey_bytes
+        self._epoch = -1
+        self._next_epoch()
+
+    def _next_epoch(self) -> None:
+        self._epoch += 1
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                   info=b"kemari frames/1 key " + self._epoch.to_bytes(8, "big")
+                   ).derive(self._secret)
+        self.aead = AESGCM(key)
+        self._counter = 0
+        self._sealed = 0
+
+    def next_nonce(self, plaintext_len: int) -> bytes:
+        """The nonce of the next frame (under `self.aead`); counts it."""
+        if self._sealed >= self._rekey_bytes:
+            self._next_epoch()
+        nonce = self._counter.to_bytes(12, "big")
+        self._counter += 1
+        self._sealed += plaintext_len
+        return nonce
+
+
+class Sealer:
+    """Turns bytes into frames, in order."""
+
+    def __init__(self, secret: bytes, *, rekey_bytes: int = REKEY_BYTES) -> None:
+        self._keys = _Keys(secret, rekey_bytes)
+        self._out = bytearray()       # grows to the largest frame sealed
+
+    def seal(self, data: Buffer) -> Iterator[memoryview]:
+        """The frames of `data`, each to be sent before the next is asked for
+        (they share one buffer)."""
+        view = memoryview(data).cast("B")
+        if len(self._out) < min(len(view), MAX_FRAME) + OVERHEAD:
+            self._out = bytearray(min(len(view), MAX_FRAME) + OVERHEAD)
+        out = memoryview(self._out)
+        for start in range(0, len(view), MAX_FRAME):
+            part = view[start:start + MAX_FRAME]
+            n = len(part)
+            HEADER.pack_into(out, 0, n)
+            nonce = self._keys.next_nonce(n)
+            self._keys.aead.encrypt_into(nonce, part, out[:HEADER.size],
+                                         out[HEADER.size:HEADER.size + n + TAG_SIZE])
+            yield out[:n + OVERHEAD]
+
+
+class Opener:
+    """Takes the bytes that arrive, gives back the plaintext of whole frames.
+
+    `space()` is where the next read goes, `filled(n)` says how much it put
+    there, `take()` opens every whole frame so far."""
+
+    def __init__(self, secret: bytes, *, rekey_bytes: int = REKEY_BYTES) -> None:
+        self._keys = _Keys(secret, rekey_bytes)
+        self._buf = bytearray(READ_SIZE)
+        self._start = 0           # first byte not yet opened
+        self._end = 0             # first byte not yet filled
+
+    def space(self) -> memoryview:
+        """Room for the next read, after `take()`: at least the rest of the
+        frame begun, so a frame never waits for room."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        want = max(self._missing(), READ_SIZE)
+        if len(self._buf) - self._end < want:
+            # move the frame begun to the front; grow (at least double: frames
+            # of a size come in series) if that is not room enough
+            left = self._end - self._start
+            self._buf[:left] = self._buf[self._start:self._end]
+            self._start, self._end = 0, left
+            if len(self._buf) - left < want:
+                self._buf.extend(bytes(max(want + left, len(self._buf))))
+        return memoryview(self._buf)[self._end:]
+
+    def _missing(self) -> int:
+        """Bytes still to come of the frame begun (0 if its header is not here)."""
+        if self._end - self._start < HEADER.size:
+            return 0
+        (n,) = HEADER.unpack_from(self._buf, self._start)
+        return min(n, MAX_FRAME) + OVERHEAD - (self._end - self._start)
+
+    def filled(self, n: int) -> None:
+        self._end += n
+
+    def take(self) -> list[bytes]:
+        """The plaintexts of the frames that arrived whole, in order."""
+        out = []
+        buf = memoryview(self._buf)
+        while self._end - self._start >= HEADER.size:
+            (n,) = HEADER.unpack_from(buf, self._start)
+            if n > MAX_FRAME:
+                raise AuthenticationError(f"a frame says it holds {n} bytes; "
+                                          f"no peer sends more than {MAX_FRAME}")
+            end = self._start + n + OVERHEAD
+            if end > self._end:
+                break
+            nonce = self._keys.next_nonce(n)
+            try:
+                plain = self._keys.aead.decrypt(nonce, buf[self._start + HEADER.size:end],
+                                                buf[self._start:self._start + HEADER.size])
+            except InvalidTag as exc:
+                raise AuthenticationError("a frame failed authentication: the stream "
+                                          "was changed, cut or replayed on its way") from exc
+            self._start = end
+            if n:
+                out.append(plain)
+        return out
+
+    def holds_part_of_a_frame(self) -> bool:
+        return self._end > self._start

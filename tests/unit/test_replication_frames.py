@@ -1,0 +1,128 @@
+"""Frames (the primary's half of a connection after the TLS handshake): what
+goes in comes out whole and in order, however the bytes arrive, and any
+change, cut, replay or reordering on the way is refused before a byte of it
+is returned."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kemari_agent.replication import frames
+from kemari_agent.replication.errors import AuthenticationError
+
+pytestmark = pytest.mark.unit
+
+SECRET = bytes(range(32))
+
+
+def sealed(sealer: frames.Sealer, data: bytes) -> list[bytes]:
+    return [bytes(frame) for frame in sealer.seal(data)]
+
+
+def deliver(opener: frames.Opener, wire: bytes, cuts: list[int] | None = None) -> bytes:
+    """Feed `wire` to `opener` the way reads would: into space(), cut at `cuts`."""
+    out = []
+    pos = 0
+    for end in sorted(set(cuts or [])) + [len(wire)]:
+        while pos < end:
+            room = opener.space()
+            n = min(len(room), end - pos)
+            room[:n] = wire[pos:pos + n]
+            del room
+            opener.filled(n)
+            pos += n
+            out += opener.take()
+    return b"".join(out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3 * frames.MAX_FRAME // 2), min_size=1, max_size=4),
+       cuts=st.lists(st.integers(0, 7 * frames.MAX_FRAME), max_size=12))
+def test_what_is_sealed_opens_whole_and_in_order_however_it_arrives(
+        sizes: list[int], cuts: list[int]) -> None:
+    sealer, opener = frames.Sealer(SECRET), frames.Opener(SECRET)
+    messages = [os.urandom(n) for n in sizes]
+    wire = b"".join(b"".join(sealed(sealer, m)) for m in messages)
+    assert deliver(opener, wire, [c for c in cuts if c < len(wire)]) == b"".join(messages)
+    assert not opener.holds_part_of_a_frame()
+
+
+def test_a_message_larger_than_a_frame_is_cut_into_frames_of_at_most_max_frame() -> None:
+    data = os.urandom(2 * frames.MAX_FRAME + 5)
+    wire = sealed(frames.Sealer(SECRET), data)
+    assert [len(f) - frames.OVERHEAD for f in wire] == [frames.MAX_FRAME, frames.MAX_FRAME, 5]
+    assert sealed(frames.Sealer(SECRET), b"") == []
+    assert data[:64] not in b"".join(wire)          # no plaintext on the wire
+
+
+def test_a_frame_is_returned_only_once_all_of_it_has_arrived() -> None:
+    wire = sealed(frames.Sealer(SECRET), b"checkpoint 7")[0]
+    opener = frames.Opener(SECRET)
+    assert deliver(opener, wire[:-1]) == b""
+    assert opener.holds_part_of_a_frame()
+    assert deliver(opener, wire[-1:]) == b"checkpoint 7"
+
+
+@pytest.mark.parametrize("where", ["ciphertext", "tag", "length"])
+def test_a_changed_byte_is_refused_and_nothing_of_its_frame_comes_out(where: str) -> None:
+    sealer = frames.Sealer(SECRET)
+    first, second = sealed(sealer, b"A" * 1000), sealed(sealer, b"B" * 1000)
+    bad = bytearray(second[0])
+    offset = {"ciphertext": frames.HEADER.size + 500, "tag": len(bad) - 3, "length": 3}[where]
+    bad[offset] ^= 0x01              # the length 1000 -> 1001: the frame ends a byte later
+    opener = frames.Opener(SECRET)
+    assert deliver(opener, first[0]) == b"A" * 1000
+    with pytest.raises(AuthenticationError, match="failed authentication"):
+        deliver(opener, bytes(bad) + sealed(sealer, b"C")[0])
+
+
+def test_a_length_beyond_the_largest_frame_is_refused_before_its_body_is_awaited() -> None:
+    opener = frames.Opener(SECRET)
+    with pytest.raises(AuthenticationError, match="no peer sends more"):
+        deliver(opener, frames.HEADER.pack(frames.MAX_FRAME + 1))
+
+
+@pytest.mark.parametrize("tamper", ["replayed", "dropped", "reordered"])
+def test_replayed_dropped_or_reordered_frames_are_refused(tamper: str) -> None:
+    sealer = frames.Sealer(SECRET)
+    f = [sealed(sealer, bytes([i]) * 100)[0] for i in range(3)]
+    wire = {"replayed": [f[0], f[0]], "dropped": [f[0], f[2]], "reordered": [f[1], f[0]]}[tamper]
+    opener = frames.Opener(SECRET)
+    with pytest.raises(AuthenticationError):
+        deliver(opener, b"".join(wire))
+
+
+def test_another_connections_secret_opens_nothing() -> None:
+    wire = sealed(frames.Sealer(os.urandom(32)), b"guest memory")[0]
+    with pytest.raises(AuthenticationError):
+        deliver(frames.Opener(os.urandom(32)), wire)
+
+
+def test_keys_change_every_rekey_bytes_on_both_ends() -> None:
+    sealer = frames.Sealer(SECRET, rekey_bytes=1000)
+    wire = b"".join(b"".join(sealed(sealer, bytes([i]) * 600)) for i in range(5))
+    # the same secret and schedule opens all five (three keys)
+    assert deliver(frames.Opener(SECRET, rekey_bytes=1000), wire) == \
+        b"".join(bytes([i]) * 600 for i in range(5))
+    # an opener that kept the first key opens the frames sealed before the change only
+    opener = frames.Opener(SECRET, rekey_bytes=10**9)
+    with pytest.raises(AuthenticationError):
+        deliver(opener, wire)
+
+
+def test_the_receive_buffer_stays_bounded_by_the_largest_frames() -> None:
+    sealer, opener = frames.Sealer(SECRET), frames.Opener(SECRET)
+    big = os.urandom(frames.MAX_FRAME)
+    wire = b"".join(b"".join(sealed(sealer, big)) for _ in range(6))
+    cuts = list(range(frames.MAX_FRAME // 3, len(wire), frames.MAX_FRAME // 3))
+    assert deliver(opener, wire, cuts) == big * 6
+    assert len(opener._buf) <= 4 * (frames.MAX_FRAME + frames.OVERHEAD)
+
+
+def test_a_secret_of_the_wrong_size_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        frames.Sealer(b"short")

@@ -300,9 +300,9 @@ class Primary:
             raise RuntimeError("sync_pages is only allowed during a full sync's rounds")
         compress = compress and self.compress_sync
         if native_codec.ENABLED and detect_zero and len(pfns) >= native_codec.MIN_PAGES:
-            out = bytearray(native_codec.pages_size(len(pfns)))
+            out = native_codec.scratch(native_codec.pages_size(len(pfns)))
             written, _data_pages = native_codec.write_pages_detect_zero(memory, pfns, out)
-            del out[written:]
+            out = out[:written]
             nrecords = -(-len(pfns) // MAX_PAGES_PER_RECORD)
             if compress:
                 self._queue(compress_pages_records(out, self.sync_stats), nrecords, len(pfns),

@@ -14,8 +14,9 @@
    replicated one (a write goes with the reply's checkpoint: one).
 
 Each daemon setting (SETTINGS: the C codec with and without deltas,
-`replication.delta_cache_mib = 0`, and the Python encoder without deltas,
-KEMARI_NATIVE_CODEC=0) runs `--runs`
+`replication.delta_cache_mib = 0`, the Python encoder without deltas,
+KEMARI_NATIVE_CODEC=0, and the C codec with the primary's bytes in TLS
+records instead of frames, KEMARI_FRAMES=0) runs `--runs`
 times, interleaved, and the medians of the runs are reported; kv is
 measured once per setting and run. No CPU pinning:
 the scheduler places the daemons on the machine's CPUs; the CPU each
@@ -233,6 +234,8 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     # The Python encoder against the C one ("no delta"): the delta path's XOR
     # has a Python reference too, but far too slow to be a setting anyone runs.
     "Python": ({"KEMARI_NATIVE_CODEC": "0"}, "delta_cache_mib = 0"),
+    # "native" with the primary's bytes in TLS records instead of frames
+    "TLS records": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FRAMES": "0"}, ""),
 }
 SETTINGS = dict(ALL_SETTINGS)
 
@@ -266,11 +269,15 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
                                                                  replication=replication))
         _use(None)
         # The TLS part of the floor carries what a setting's smallest checkpoint
-        # put on the wire (deltas make it smaller, and so its floor).
-        floors.append({"exit": exit_round_trip(), "tls": {
-            setting: tls_ping_pong(key, int(statistics.median(
+        # put on the wire (deltas make it smaller, and so its floor), over the
+        # setting's transport (frames or TLS records).
+        tls = {}
+        for setting in SETTINGS:
+            _use(setting)
+            tls[setting] = tls_ping_pong(key, int(statistics.median(
                 r["bytes_per_checkpoint"] for r in results[setting][sizes[0]])))
-            for setting in SETTINGS}})
+        _use(None)
+        floors.append({"exit": exit_round_trip(), "tls": tls})
         for setting in SETTINGS:
             replication = _use(setting)
             kv[setting].append(kv_ratio(secs, replication))

@@ -85,23 +85,30 @@ class Sealer:
 
     def __init__(self, secret: bytes, *, rekey_bytes: int = REKEY_BYTES) -> None:
         self._keys = _Keys(secret, rekey_bytes)
-        self._out = bytearray()       # grows to the largest frame sealed
+        self._out = memoryview(bytearray(OVERHEAD))   # grows to the largest frame sealed
 
     def seal(self, data: Buffer) -> Iterator[memoryview]:
         """The frames of `data`, each to be sent before the next is asked for
         (they share one buffer)."""
         view = memoryview(data).cast("B")
-        if len(self._out) < min(len(view), MAX_FRAME) + OVERHEAD:
-            self._out = bytearray(min(len(view), MAX_FRAME) + OVERHEAD)
-        out = memoryview(self._out)
+        if 0 < len(view) <= MAX_FRAME:      # a checkpoint, an ACK: one frame
+            yield self.seal_one(view)
+            return
         for start in range(0, len(view), MAX_FRAME):
-            part = view[start:start + MAX_FRAME]
-            n = len(part)
-            HEADER.pack_into(out, 0, n)
-            nonce = self._keys.next_nonce(n)
-            self._keys.aead.encrypt_into(nonce, part, out[:HEADER.size],
-                                         out[HEADER.size:HEADER.size + n + TAG_SIZE])
-            yield out[:n + OVERHEAD]
+            yield self.seal_one(view[start:start + MAX_FRAME])
+
+    def seal_one(self, part: memoryview) -> memoryview:
+        """The frame of `part` (bytes, at most MAX_FRAME of them), valid until
+        the next call."""
+        n = len(part)
+        if len(self._out) < n + OVERHEAD:
+            self._out = memoryview(bytearray(n + OVERHEAD))
+        out = self._out
+        HEADER.pack_into(out, 0, n)
+        nonce = self._keys.next_nonce(n)        # first: it may move to the next key
+        self._keys.aead.encrypt_into(nonce, part, out[:HEADER.size],
+                                     out[HEADER.size:n + OVERHEAD])
+        return out[:n + OVERHEAD]
 
 
 class Opener:
@@ -154,7 +161,7 @@ class Opener:
             end = self._start + n + OVERHEAD
             if end > self._end:
                 break
-            nonce = self._keys.next_nonce(n)
+            nonce = self._keys.next_nonce(n)    # first: it may move to the next key
             try:
                 plain = self._keys.aead.decrypt(nonce, buf[self._start + HEADER.size:end],
                                                 buf[self._start:self._start + HEADER.size])

@@ -112,8 +112,12 @@ class Channel:
             if self._sealer is None:
                 self._sock.sendall(data)
             else:
-                for frame in self._sealer.seal(data):
-                    self._send_frame(frame)
+                view = memoryview(data).cast("B")
+                if len(view) <= frames.MAX_FRAME:
+                    self._send_frame(self._sealer.seal_one(view))
+                else:
+                    for frame in self._sealer.seal(view):
+                        self._send_frame(frame)
         except TimeoutError:
             raise TransportTimeout("send timed out") from None
         except (OSError, ssl.SSLError) as exc:

@@ -4,7 +4,8 @@ once its TLS 1.3 handshake has authenticated both ends.
 TLS cuts a stream into 16 KiB records, and Python reads them one at a time:
 two read() calls and one trip through the `ssl` module per record, which on
 these hosts cost more than the AES-GCM itself and held a full sync to about
-half a GiB/s (docs/benchmarks.md). A frame carries up to 1 MiB:
+half a GiB/s (docs/benchmarks.md). A frame carries up to 4 MiB (one full-sync
+batch of 512 pages, so its records are never split across frames):
 
     length (4 bytes, big-endian, the plaintext's) | ciphertext | tag (16 bytes)
 

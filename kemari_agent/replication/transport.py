@@ -9,9 +9,9 @@ TLS gives confidentiality, integrity, and replay/reorder protection inside
 a connection (AEAD with implicit record sequence numbers), and fresh keys
 per connection; the stream's own sequence numbers and generations reject a
 checkpoint replayed across connections. When both ends know them (ALPN),
-the primary's bytes then go in `frames` of up to 1 MiB, sealed with a key
-the secondary sent inside TLS: the same guarantees, a sixty-fourth of the
-reads. See docs/crypto.md.
+the primary's bytes then go in `frames` of up to 4 MiB, sealed with a key
+the secondary sent inside TLS: the same guarantees, far fewer reads. See
+docs/crypto.md.
 
 Blocking sockets with timeouts; the daemon drives them with select() on
 `fileno()`. A server that must keep serving while strangers connect takes
@@ -240,9 +240,6 @@ class Channel:
 
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if os.environ.get("XBUF"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(os.environ["XBUF"]))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(os.environ["XBUF"]))
 
 
 def _check_peer(tls: ssl.SSLSocket, own_cert: bytes) -> None:

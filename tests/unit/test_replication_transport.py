@@ -304,34 +304,47 @@ def test_recv_some_takes_every_record_already_arrived_without_waiting(keydir: Pa
     server.join()
 
 
-class HoldingRelay:
-    """Loopback TCP relay whose server-to-client direction can stop after a set
-    number of bytes: a TLS record left half-arrived."""
+class Relay:
+    """Loopback TCP relay between one client and `target`; `_pump` says how."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()[:2]
         self.target = target
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        client, _ = self.listener.accept()
+        server = socket.create_connection(self.target)
+        threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+        self._pump(server, client, False)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        raise NotImplementedError
+
+
+class HoldingRelay(Relay):
+    """A relay whose server-to-client direction can stop after a set number of
+    bytes: a TLS record left half-arrived."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__(target)
         self.relayed = 0                       # server -> client bytes
         self.limit: int | None = None
         self.changed = threading.Condition()
-        threading.Thread(target=self._run, daemon=True).start()
+        self.start()
 
     def hold_after(self, more: int | None) -> None:
         with self.changed:
             self.limit = None if more is None else self.relayed + more
             self.changed.notify_all()
 
-    def _run(self) -> None:
-        client, _ = self.listener.accept()
-        server = socket.create_connection(self.target)
-        threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
-        self._pump(server, client, True)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(1):         # byte by byte: the limit is exact
-                if counted:
+                if not upstream:
                     with self.changed:
                         self.changed.wait_for(lambda: self.limit is None
                                               or self.relayed < self.limit)
@@ -405,22 +418,14 @@ def test_the_primarys_bytes_go_in_frames_only_when_both_ends_know_them(
         assert calls <= 3                         # 3 MiB is one frame, not 192 records
 
 
-class FlippingRelay:
-    """Loopback TCP relay that can flip one byte of the client-to-server direction."""
+class FlippingRelay(Relay):
+    """A relay that can flip one byte of the client-to-server direction."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()[:2]
-        self.target = target
+        super().__init__(target)
         self.upstream = 0                      # client -> server bytes relayed
         self.flip_at: int | None = None
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        client, _ = self.listener.accept()
-        server = socket.create_connection(self.target)
-        threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-        self._pump(client, server, True)
+        self.start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         with contextlib.suppress(OSError):

@@ -190,4 +190,14 @@ echo "---- dom0 kernel log"
 dmesg | grep -aE 'kemari|unanswered|blkback|vif' | tail -8
 echo "---- copy's console tail"
 tail -6 "$COPY_LOG"
+if [ $FAILED != 0 ]; then
+    # Did the copy run at all (its vCPUs' time and state), and what waits?
+    # Xen's 'q' key dumps each domain's vCPUs (pending upcalls, masks) and
+    # 'd' the registers of the vCPUs running at that moment, to its serial
+    # console, which is this log.
+    echo "---- copy's vCPUs"
+    xl vcpu-list kemari-copy
+    xl debug-keys q; xl debug-keys d
+    sleep 1
+fi
 [ $FAILED = 0 ] && echo "RESTORE-TEST PASS" || echo "RESTORE-TEST FAIL"

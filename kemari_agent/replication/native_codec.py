@@ -25,8 +25,8 @@ ENABLED = lib is not None and os.environ.get("KEMARI_NATIVE_CODEC", "1") != "0"
 MIN_PAGES = 8
 
 
-# Memory the encoder overwrites whole before anyone reads it: not zeroed first
-# (a full sync's 2 MiB batch paid a memset per batch for nothing).
+# Memory for the encoder's output, of which only what it wrote is used: not
+# zeroed first (a full sync's 2 MiB batch paid a memset per batch for nothing).
 _unzeroed = ffi.new_allocator(should_clear_after_alloc=False) if ffi is not None else None
 
 

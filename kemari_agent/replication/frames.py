@@ -156,9 +156,9 @@ class Opener:
         buf = memoryview(self._buf)
         while self._end - self._start >= HEADER.size:
             (n,) = HEADER.unpack_from(buf, self._start)
-            if n > MAX_FRAME:
+            if not 0 < n <= MAX_FRAME:      # an empty one would be read without end
                 raise AuthenticationError(f"a frame says it holds {n} bytes; "
-                                          f"no peer sends more than {MAX_FRAME}")
+                                          f"frames hold 1 to {MAX_FRAME}")
             end = self._start + n + OVERHEAD
             if end > self._end:
                 break
@@ -170,8 +170,7 @@ class Opener:
                 raise AuthenticationError("a frame failed authentication: the stream "
                                           "was changed, cut or replayed on its way") from exc
             self._start = end
-            if n:
-                out.append(plain)
+            out.append(plain)
         return out
 
     def holds_part_of_a_frame(self) -> bool:

@@ -114,7 +114,8 @@ class Channel:
             else:
                 view = memoryview(data).cast("B")
                 if len(view) <= frames.MAX_FRAME:
-                    self._send_frame(self._sealer.seal_one(view))
+                    if view:                # no empty frames: the peer refuses them
+                        self._send_frame(self._sealer.seal_one(view))
                 else:
                     for frame in self._sealer.seal(view):
                         self._send_frame(frame)

@@ -406,6 +406,7 @@ def test_the_primarys_bytes_go_in_frames_only_when_both_ends_know_them(
     server = Server(keydir / "vm.key", then=receive)
     monkeypatch.setenv("KEMARI_FRAMES", "1" if client_frames else "0")
     with transport.connect(str(keydir / "vm.key"), *server.address, timeout=5) as ch:
+        ch.send_all(b"")                          # nothing to send: no (empty) frame
         ch.send_all(payload)
         assert ch.recv_some() == b"ack"           # the other direction: TLS records
         framed = ch.framed

@@ -92,13 +92,10 @@ class Sealer:
         """The frames of `data`, each to be sent before the next is asked for
         (they share one buffer)."""
         view = memoryview(data).cast("B")
-        if 0 < len(view) <= MAX_FRAME:      # a checkpoint, an ACK: one frame
-            yield self.seal_one(view)
-            return
-        for start in range(0, len(view), MAX_FRAME):
-            yield self.seal_one(view[start:start + MAX_FRAME])
+        for start in range(0, len(view), MAX_FRAME):     # no bytes: no frame
+            yield self._seal_one(view[start:start + MAX_FRAME])
 
-    def seal_one(self, part: memoryview) -> memoryview:
+    def _seal_one(self, part: memoryview) -> memoryview:
         """The frame of `part` (bytes, at most MAX_FRAME of them), valid until
         the next call."""
         n = len(part)

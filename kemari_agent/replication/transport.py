@@ -112,13 +112,8 @@ class Channel:
             if self._sealer is None:
                 self._sock.sendall(data)
             else:
-                view = memoryview(data).cast("B")
-                if len(view) <= frames.MAX_FRAME:
-                    if view:                # no empty frames: the peer refuses them
-                        self._send_frame(self._sealer.seal_one(view))
-                else:
-                    for frame in self._sealer.seal(view):
-                        self._send_frame(frame)
+                for frame in self._sealer.seal(data):
+                    self._send_frame(frame)
         except TimeoutError:
             raise TransportTimeout("send timed out") from None
         except (OSError, ssl.SSLError) as exc:

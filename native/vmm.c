@@ -23,6 +23,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <x86intrin.h>
 
 #define KICK_SIGNAL SIGUSR2
 #define MAX_MSRS 256
@@ -41,6 +42,15 @@ struct kvmm {
     uint32_t msr_index[MAX_MSRS];
     uint32_t nmsrs;
     uint32_t xsave_len;
+    /* KVM_CAP_SYNC_REGS: KVM copies regs and sregs into kvm_run at every
+     * return from KVM_RUN, which saves a checkpoint two ioctls. `regs_synced`
+     * says that copy is current: cleared whenever the VMM sets vCPU state. */
+    int sync_regs, regs_synced;
+    /* The guest's TSC is the host's plus this offset, as long as the host's
+     * TSC is stable and nobody set the guest's (KVM_VCPU_TSC_OFFSET); saves a
+     * checkpoint the KVM_GET_MSRS. Re-read after the VMM restores state. */
+    int tsc_offset_known;
+    uint64_t tsc_offset;
     pthread_t vcpu_thread;
     volatile int thread_known;
 };
@@ -136,6 +146,29 @@ void kvmm_destroy(struct kvmm *vm)
     free(vm);
 }
 
+/* KVM adjusts a vCPU's TSC offset by itself only when the host's TSC is
+ * unstable; the kernel then stops using it as its clocksource. */
+static int host_tsc_stable(void)
+{
+    char name[16] = "";
+    FILE *f = fopen("/sys/devices/system/clocksource/clocksource0/current_clocksource", "re");
+    if (!f)
+        return 0;
+    int ok = fgets(name, sizeof name, f) != NULL && strcmp(name, "tsc\n") == 0;
+    fclose(f);
+    return ok;
+}
+
+static void read_tsc_offset(struct kvmm *vm)
+{
+    struct kvm_device_attr attr = {
+        .group = KVM_VCPU_TSC_CTRL, .attr = KVM_VCPU_TSC_OFFSET,
+        .addr = (uint64_t)(uintptr_t)&vm->tsc_offset,
+    };
+    vm->tsc_offset_known = host_tsc_stable()
+        && ioctl(vm->vcpu, KVM_GET_DEVICE_ATTR, &attr) == 0;
+}
+
 struct kvmm *kvmm_create(uint64_t mem_bytes)
 {
     if (mem_bytes < (8u << 20) || mem_bytes % (2u << 20)) {
@@ -213,6 +246,13 @@ struct kvmm *kvmm_create(uint64_t mem_bytes)
         goto err;
     int xs = ioctl(vm->kvm, KVM_CHECK_EXTENSION, KVM_CAP_XSAVE2);
     vm->xsave_len = xs > (int)sizeof(struct kvm_xsave) ? (uint32_t)xs : sizeof(struct kvm_xsave);
+    int sync = ioctl(vm->vm, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS);
+    if (sync > 0 && (sync & (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS))
+            == (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS)) {
+        vm->sync_regs = 1;
+        vm->run->kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS;
+    }
+    read_tsc_offset(vm);
     return vm;
 err:
     kvmm_destroy(vm);
@@ -273,6 +313,7 @@ int kvmm_setup_long_mode(struct kvmm *vm, uint64_t entry, uint64_t stack)
     if (ioctl(vm->vcpu, KVM_SET_SREGS, &s) < 0)
         return fail(errno, "KVM_SET_SREGS");
     struct kvm_regs r = { .rip = entry, .rsp = stack, .rflags = 0x3002 };  /* IOPL 3 */
+    vm->regs_synced = 0;
     if (ioctl(vm->vcpu, KVM_SET_REGS, &r) < 0)
         return fail(errno, "KVM_SET_REGS");
     return 0;
@@ -291,14 +332,17 @@ int kvmm_run(struct kvmm *vm, struct kvmm_exit *ex)
         __atomic_store_n(&vm->thread_known, 1, __ATOMIC_RELEASE);
     }
     memset(ex, 0, sizeof *ex);
+    vm->regs_synced = 0;
     if (ioctl(vm->vcpu, KVM_RUN, 0) < 0) {
         if (errno == EINTR || errno == EAGAIN) {
+            vm->regs_synced = vm->sync_regs;
             vm->run->immediate_exit = 0;
             ex->reason = KVMM_EXIT_KICKED;
             return 0;
         }
         return fail(errno, "KVM_RUN");
     }
+    vm->regs_synced = vm->sync_regs;
     struct kvm_run *run = vm->run;
     switch (run->exit_reason) {
     case KVM_EXIT_IO: {
@@ -369,11 +413,13 @@ void kvmm_clear_kick(struct kvmm *vm)
 int kvmm_complete_pending(struct kvmm *vm)
 {
     vm->run->immediate_exit = 1;
+    vm->regs_synced = 0;
     int r = ioctl(vm->vcpu, KVM_RUN, 0);
     int e = errno;
     vm->run->immediate_exit = 0;
     if (r == 0 || e != EINTR)
         return fail(r == 0 ? 0 : e, "KVM_RUN with immediate_exit did not return EINTR");
+    vm->regs_synced = vm->sync_regs;
     return 0;
 }
 
@@ -394,12 +440,14 @@ int64_t kvmm_state_size(struct kvmm *vm)
 /* sregs, regs, xsave, the TSC: what a CPL-3 guest changes (see vmm.h). */
 static int get_fast_pieces(struct kvmm *vm, uint8_t *p)
 {
-    if (ioctl(vm->vcpu, KVM_GET_SREGS, p) < 0)
-        return fail(errno, "KVM_GET_SREGS");
-    p += sizeof(struct kvm_sregs);
-    if (ioctl(vm->vcpu, KVM_GET_REGS, p) < 0)
-        return fail(errno, "KVM_GET_REGS");
-    p += sizeof(struct kvm_regs);
+    if (vm->regs_synced) {
+        memcpy(p, &vm->run->s.regs.sregs, sizeof(struct kvm_sregs));
+        memcpy(p + sizeof(struct kvm_sregs), &vm->run->s.regs.regs, sizeof(struct kvm_regs));
+    } else if (ioctl(vm->vcpu, KVM_GET_SREGS, p) < 0
+               || ioctl(vm->vcpu, KVM_GET_REGS, p + sizeof(struct kvm_sregs)) < 0) {
+        return fail(errno, "KVM_GET_SREGS/REGS");
+    }
+    p += sizeof(struct kvm_sregs) + sizeof(struct kvm_regs);
     unsigned long xreq = vm->xsave_len > sizeof(struct kvm_xsave) ? KVM_GET_XSAVE2 : KVM_GET_XSAVE;
     if (ioctl(vm->vcpu, xreq, p) < 0)
         return fail(errno, "KVM_GET_XSAVE");
@@ -407,7 +455,9 @@ static int get_fast_pieces(struct kvmm *vm, uint8_t *p)
     struct { struct kvm_msrs h; struct kvm_msr_entry e; } tsc = {
         .h.nmsrs = 1, .e.index = MSR_IA32_TSC,
     };
-    if (ioctl(vm->vcpu, KVM_GET_MSRS, &tsc) != 1)
+    if (vm->tsc_offset_known)
+        tsc.e.data = __rdtsc() + vm->tsc_offset;     /* what KVM_GET_MSRS computes */
+    else if (ioctl(vm->vcpu, KVM_GET_MSRS, &tsc) != 1)
         return fail(errno, "KVM_GET_MSRS(TSC)");
     memcpy(p, &tsc.e, sizeof tsc.e);
     return 0;
@@ -515,7 +565,7 @@ static int set_state_fast(struct kvmm *vm, const struct kvmm_state_hdr *h, uint6
     return 0;
 }
 
-int kvmm_set_state(struct kvmm *vm, const uint8_t *buf, uint64_t len)
+static int set_state(struct kvmm *vm, const uint8_t *buf, uint64_t len)
 {
     const struct kvmm_state_hdr *h = (const struct kvmm_state_hdr *)buf;
     if (len < sizeof *h || h->magic != KVMM_STATE_MAGIC)
@@ -572,6 +622,14 @@ int kvmm_set_state(struct kvmm *vm, const uint8_t *buf, uint64_t len)
     if (ioctl(vm->vcpu, KVM_SET_MP_STATE, p) < 0)
         return fail(errno, "KVM_SET_MP_STATE");
     return 0;
+}
+
+int kvmm_set_state(struct kvmm *vm, const uint8_t *buf, uint64_t len)
+{
+    vm->regs_synced = 0;
+    int r = set_state(vm, buf, len);
+    read_tsc_offset(vm);       /* a restored TSC moves the offset */
+    return r;
 }
 
 /* ---- dirty tracking ---------------------------------------------------- */

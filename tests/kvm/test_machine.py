@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from helpers import REPO, TESTGUEST
 
 from kemari_agent.errors import KvmError
 from kemari_agent.kvm.boot import BootInfo, boot
-from kemari_agent.kvm.machine import EXIT_IO, PAGE_SIZE, Machine
+from kemari_agent.kvm.machine import EXIT_IO, EXIT_KICKED, PAGE_SIZE, Machine
 
 pytestmark = pytest.mark.kvm
 
@@ -73,6 +74,53 @@ def test_fast_blob_on_top_of_full_blob_continues_identically(reference_digest):
         dst.set_vcpu_state(full)
         dst.set_vcpu_state(fast)
         assert run_until(dst, None) == reference_digest
+
+
+# A state blob: an 8-word header, then sregs (312 bytes) and regs (144) first,
+# in both kinds (native/vmm.c); a full blob goes on with xcrs (392), xsave, MSRs.
+BLOB_HEADER = struct.Struct("<8I")
+SREGS_REGS = slice(BLOB_HEADER.size, BLOB_HEADER.size + 312 + 144)
+
+
+def full_blob_tsc(blob: bytes) -> int:
+    _magic, _version, _total, nmsrs, xsave_len, *_ = BLOB_HEADER.unpack_from(blob)
+    msrs = BLOB_HEADER.size + 312 + 144 + 392 + xsave_len
+    for i in range(nmsrs):
+        index, _reserved, value = struct.unpack_from("<IIQ", blob, msrs + 16 * i)
+        if index == 0x10:
+            return value
+    raise AssertionError("no TSC in the full blob")
+
+
+def test_fast_state_equals_what_kvm_reports_by_ioctl():
+    """The fast blob copies regs and sregs from kvm_run (KVM_CAP_SYNC_REGS) and
+    computes the TSC from its offset; the full blob asks KVM for each."""
+    with compute_machine() as m:
+        for step in (3, 50, 120):
+            run_until(m, step)
+            fast = m.get_vcpu_state_fast()
+            full = m.get_vcpu_state()
+            assert fast[SREGS_REGS] == full[SREGS_REGS]
+            tsc_fast = int.from_bytes(fast[-8:], "little")
+            assert 0 <= full_blob_tsc(full) - tsc_fast < 10**10    # read later: seconds apart at most
+        m.kick(signal_thread=False)
+        assert m.run().reason == EXIT_KICKED
+        m.clear_kick()
+        assert m.get_vcpu_state_fast()[SREGS_REGS] == m.get_vcpu_state()[SREGS_REGS]
+
+
+def test_fast_state_after_a_restore_is_the_restored_state():
+    """kvm_run's copy of the registers is stale once the VMM sets them."""
+    with compute_machine() as src:
+        run_until(src, 200)
+        wanted = src.get_vcpu_state()
+    with compute_machine() as dst:
+        booted = dst.get_vcpu_state_fast()                   # never ran: read by ioctl
+        run_until(dst, 5)
+        at_5 = dst.get_vcpu_state_fast()
+        assert booted[SREGS_REGS] != at_5[SREGS_REGS]
+        dst.set_vcpu_state(wanted)
+        assert dst.get_vcpu_state_fast()[SREGS_REGS] == wanted[SREGS_REGS]
 
 
 def test_state_restored_in_another_process(tmp_path, reference_digest):

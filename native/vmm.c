@@ -49,7 +49,7 @@ struct kvmm {
     /* The guest's TSC is the host's plus this offset, as long as the host's
      * TSC is stable and nobody set the guest's (KVM_VCPU_TSC_OFFSET); saves a
      * checkpoint the KVM_GET_MSRS. Re-read after the VMM restores state. */
-    int tsc_offset_known;
+    int tsc_offset_known, only_ioctls;
     uint64_t tsc_offset;
     pthread_t vcpu_thread;
     volatile int thread_known;
@@ -165,7 +165,7 @@ static void read_tsc_offset(struct kvmm *vm)
         .group = KVM_VCPU_TSC_CTRL, .attr = KVM_VCPU_TSC_OFFSET,
         .addr = (uint64_t)(uintptr_t)&vm->tsc_offset,
     };
-    vm->tsc_offset_known = host_tsc_stable()
+    vm->tsc_offset_known = !vm->only_ioctls && host_tsc_stable()
         && ioctl(vm->vcpu, KVM_GET_DEVICE_ATTR, &attr) == 0;
 }
 
@@ -246,7 +246,11 @@ struct kvmm *kvmm_create(uint64_t mem_bytes)
         goto err;
     int xs = ioctl(vm->kvm, KVM_CHECK_EXTENSION, KVM_CAP_XSAVE2);
     vm->xsave_len = xs > (int)sizeof(struct kvm_xsave) ? (uint32_t)xs : sizeof(struct kvm_xsave);
-    int sync = ioctl(vm->vm, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS);
+    /* KEMARI_VCPU_IOCTLS=1: read every piece by ioctl, as before (a switch
+     * for benchmarks, docs/configuration.md). */
+    const char *ioctls = getenv("KEMARI_VCPU_IOCTLS");
+    vm->only_ioctls = ioctls != NULL && strcmp(ioctls, "1") == 0;
+    int sync = vm->only_ioctls ? 0 : ioctl(vm->vm, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS);
     if (sync > 0 && (sync & (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS))
             == (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS)) {
         vm->sync_regs = 1;

@@ -1,4 +1,5 @@
 /* codec.c - see codec.h. Little-endian host (x86-64), as the stream is. */
+#include <stdlib.h>
 #include <string.h>
 #include "codec.h"
 
@@ -178,4 +179,235 @@ void kcodec_xor(uint8_t *dst, const uint8_t *a, const uint8_t *b, uint64_t n)
     }
     for (; i < n; i++)
         dst[i] = a[i] ^ b[i];
+}
+
+/* ---- a whole checkpoint (kcodec_checkpoint) ---------------------------------------- */
+
+#define TYPE_CHECKPOINT_END 6u
+#define TYPE_PAGES_XOR 14u
+#define TYPE_BLOB_XOR 15u
+#define END_BODY 40u
+#define LZ4_BOUND(n) ((n) + (n) / 255 + 16)
+#define MAX_XOR_BLOB (1u << 20)
+
+/* LZ4 as python-lz4's lz4.block.compress calls it (a fresh stream state, then
+ * LZ4_compress_fast_continue), so that both write the same block. */
+typedef void *(*lz4_init_stream_fn)(void *buffer, size_t size);
+typedef int (*lz4_compress_continue_fn)(void *stream, const char *src, char *dst, int src_size,
+                                        int dst_capacity, int acceleration);
+typedef uint32_t (*crc32_fn)(uint32_t crc, const uint8_t *buf, uint32_t len);
+static lz4_init_stream_fn lz4_init_stream;
+static lz4_compress_continue_fn lz4_compress_continue;
+static crc32_fn zng_crc32;
+static uint64_t lz4_state_size;
+static __thread void *lz4_state;          /* one per thread, kept */
+
+int kcodec_bind(void *init_stream, void *compress_continue, uint64_t state_size, void *crc32)
+{
+    lz4_init_stream = (lz4_init_stream_fn)init_stream;
+    lz4_compress_continue = (lz4_compress_continue_fn)compress_continue;
+    lz4_state_size = state_size;
+    zng_crc32 = (crc32_fn)crc32;
+    return 0;
+}
+
+int kcodec_bound(void)
+{
+    return lz4_init_stream != NULL && lz4_compress_continue != NULL && zng_crc32 != NULL
+        && lz4_state_size > 0;
+}
+
+static uint32_t crc_of(uint32_t crc, const uint8_t *p, uint64_t n)
+{
+    while (n) {                              /* zng_crc32 takes a 32-bit length */
+        uint32_t step = n > (1u << 30) ? 1u << 30 : (uint32_t)n;
+        crc = zng_crc32(crc, p, step);
+        p += step;
+        n -= step;
+    }
+    return crc;
+}
+
+static uint32_t pad8(uint64_t length)
+{
+    return (uint32_t)(-length & 7);
+}
+
+/* Header, then the caller writes `length` bytes of body; returns the body. */
+static uint8_t *put_header(uint8_t *p, uint32_t type, uint32_t length)
+{
+    uint16_t t = (uint16_t)type, flags = 0;
+    memcpy(p, &t, 2);
+    memcpy(p + 2, &flags, 2);
+    memcpy(p + 4, &length, 4);
+    return p + 8;
+}
+
+static uint8_t *put_padding(uint8_t *p, uint64_t length)
+{
+    uint32_t pad = pad8(length);
+    memset(p, 0, pad);
+    return p + pad;
+}
+
+static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+
+uint64_t kcodec_checkpoint_bound(uint32_t n_hits, uint32_t n_misses, uint32_t n_items,
+                                 uint64_t blob_bytes)
+{
+    /* a PAGES_XOR record is never larger than the PAGES record it replaces;
+     * a blob goes whole (16 + its bytes) or smaller */
+    return kcodec_pages_size(n_hits) + kcodec_pages_size(n_misses) + (uint64_t)n_items * 40
+        + blob_bytes + 8 + END_BODY;
+}
+
+/* LZ4 of src into dst (capacity LZ4_BOUND(n)); the length, or 0 if it failed. */
+static uint64_t pack(const uint8_t *src, uint64_t n, uint8_t *dst)
+{
+    if (lz4_state == NULL && (lz4_state = aligned_alloc(64, (lz4_state_size + 63) & ~63ull)) == NULL)
+        return 0;
+    void *stream = lz4_init_stream(lz4_state, lz4_state_size);
+    if (stream == NULL)
+        return 0;
+    int r = lz4_compress_continue(stream, (const char *)src, (char *)dst, (int)n,
+                                  (int)LZ4_BOUND(n), 1);
+    return r > 0 ? (uint64_t)r : 0;
+}
+
+/* Pages pfns[0..count) from their slots: PAGES_XOR, or PAGES if LZ4 does not
+ * pay; every slot takes its page. Returns the end of what was written. */
+static uint8_t *xor_batch(struct kcodec_ckpt *c, const uint8_t *mem, const uint64_t *pfns,
+                          const uint32_t *slots, uint32_t count, uint8_t *cache,
+                          uint8_t *scratch, uint8_t *p)
+{
+    uint64_t size = (uint64_t)count * PAGE;
+    uint8_t *packed = scratch + size;
+    uint32_t check = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        const uint8_t *page = mem + pfns[i] * PAGE;
+        uint8_t *slot = cache + (uint64_t)slots[i] * PAGE;
+        xor_page(scratch + (uint64_t)i * PAGE, page, slot);
+        check = crc_of(check, page, PAGE);
+        memcpy(slot, page, PAGE);
+    }
+    uint64_t n = pack(scratch, size, packed);
+    if (n == 0 || (double)n > c->lz4_worth * count * PAGE) {
+        c->plain_pages += count;
+        int64_t w = kcodec_pages(mem, UINT64_MAX, pfns, count, p, UINT64_MAX);
+        return p + w;
+    }
+    uint64_t length = 8 + 8 * (uint64_t)count + n;
+    uint8_t *b = put_header(p, TYPE_PAGES_XOR, (uint32_t)length);
+    put32(b, count);
+    put32(b + 4, check);
+    memcpy(b + 8, pfns, 8 * (size_t)count);
+    memcpy(b + 8 + 8 * (size_t)count, packed, n);
+    c->xor_pages += count;
+    c->xor_bytes += n;
+    return put_padding(b + length, length);
+}
+
+/* A VCPU or DEVICE blob: BLOB_XOR against its base if LZ4 pays, else whole. */
+static uint8_t *blob_record(struct kcodec_ckpt *c, const struct kcodec_item *it,
+                            uint8_t *scratch, uint8_t *p)
+{
+    if (it->base != NULL && it->len > 0 && it->len <= MAX_XOR_BLOB) {
+        uint8_t *packed = scratch + it->len;
+        kcodec_xor(scratch, it->data, it->base, it->len);
+        uint64_t n = pack(scratch, it->len, packed);
+        if (n > 0 && (double)n <= c->lz4_worth * it->len) {
+            uint64_t length = 24 + n;
+            uint8_t *b = put_header(p, TYPE_BLOB_XOR, (uint32_t)length);
+            uint32_t head[6] = { it->type, it->ident, it->version,
+                                 crc_of(0, it->data, it->len), (uint32_t)it->len, 0 };
+            memcpy(b, head, 24);
+            memcpy(b + 24, packed, n);
+            c->xor_blobs++;
+            c->xor_blob_bytes += n;
+            return put_padding(b + length, length);
+        }
+    }
+    uint64_t length = 8 + it->len;
+    uint8_t *b = put_header(p, it->type, (uint32_t)length);
+    put32(b, it->ident);
+    put32(b + 4, it->version);
+    memcpy(b + 8, it->data, it->len);
+    return put_padding(b + length, length);
+}
+
+int64_t kcodec_checkpoint(struct kcodec_ckpt *c, const uint8_t *mem, uint64_t mem_size,
+                          const uint64_t *pfns, const uint32_t *slots, uint32_t n_hits,
+                          uint32_t n_misses, uint32_t n_cached, uint8_t *cache,
+                          uint64_t cache_pages, uint8_t *scratch, uint64_t scratch_size,
+                          const struct kcodec_item *items, uint32_t n_items,
+                          uint8_t *out, uint64_t out_size)
+{
+    if (!kcodec_bound())
+        return -3;
+    uint32_t n = n_hits + n_misses;
+    if (n_cached > n_misses || n < n_hits)
+        return -1;
+    for (uint32_t i = 0; i < n; i++)
+        if (pfns[i] >= mem_size / PAGE)
+            return -1;
+    for (uint32_t i = 0; i < n_hits + n_cached; i++)
+        if (slots[i] >= cache_pages)
+            return -1;
+    uint64_t need = 0, raw = 0, blobs = 0, batch = n_hits < KCODEC_MAX_PAGES_PER_RECORD
+        ? (uint64_t)n_hits * PAGE : (uint64_t)KCODEC_MAX_PAGES_PER_RECORD * PAGE;
+    for (uint32_t i = 0; i < n_items; i++) {
+        if (items[i].type == 0)
+            raw += items[i].len;
+        else if (items[i].len > UINT32_MAX - 16)
+            return -2;
+        else
+            blobs += items[i].len;
+        if (items[i].base != NULL && items[i].len > need)
+            need = items[i].len;
+    }
+    if (batch > need)
+        need = batch;
+    if (scratch_size < need + LZ4_BOUND(need))
+        return -4;
+    if (out_size < kcodec_checkpoint_bound(n_hits, n_misses, n_items, blobs) + raw)
+        return -2;
+
+    uint8_t *p = out;
+    uint32_t records = 0;
+    for (uint32_t start = 0; start < n_hits; start += KCODEC_MAX_PAGES_PER_RECORD, records++) {
+        uint32_t count = n_hits - start;
+        if (count > KCODEC_MAX_PAGES_PER_RECORD)
+            count = KCODEC_MAX_PAGES_PER_RECORD;
+        p = xor_batch(c, mem, pfns + start, slots + start, count, cache, scratch, p);
+    }
+    /* the misses whole; the last n_cached of them take their slots */
+    if (n_misses) {
+        p += kcodec_pages(mem, mem_size, pfns + n_hits, n_misses, p, UINT64_MAX);
+        records += (n_misses + KCODEC_MAX_PAGES_PER_RECORD - 1) / KCODEC_MAX_PAGES_PER_RECORD;
+        c->plain_pages += n_misses;
+    }
+    const uint64_t *cached = pfns + n_hits + (n_misses - n_cached);
+    for (uint32_t i = 0; i < n_cached; i++)
+        memcpy(cache + (uint64_t)slots[n_hits + i] * PAGE, mem + cached[i] * PAGE, PAGE);
+    for (uint32_t i = 0; i < n_items; i++) {
+        if (items[i].type == 0) {
+            memcpy(p, items[i].data, items[i].len);
+            p += items[i].len;
+        } else {
+            p = blob_record(c, &items[i], scratch, p);
+            records++;
+        }
+    }
+
+    uint64_t body = (uint64_t)(p - out);
+    uint8_t *b = put_header(p, TYPE_CHECKPOINT_END, END_BODY);
+    uint64_t end_q[2] = { c->seq, c->generation };
+    uint32_t counts[2] = { c->records + records + c->item_records, c->pages + n + c->item_pages };
+    uint64_t nbytes = c->bytes + body;
+    uint32_t tail[2] = { crc_of(c->crc, out, body), 0 };
+    memcpy(b, end_q, 16);
+    memcpy(b + 16, counts, 8);
+    memcpy(b + 24, &nbytes, 8);
+    memcpy(b + 32, tail, 8);
+    return (int64_t)(body + 8 + END_BODY);
 }

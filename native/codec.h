@@ -2,9 +2,10 @@
  * codec.h - the replication stream's hot encoder (docs/stream-format.md).
  *
  * kemari_agent/replication/primary.py decides what a checkpoint holds; this
- * only writes its PAGES records straight from guest memory into the send
- * buffer (one copy, no Python object per page). The Python encoder
- * (codec.pages_parts) stays the reference; tests/unit compare the two.
+ * writes it: PAGES records straight from guest memory into the send buffer
+ * (one copy, no Python object per page), or a whole protected checkpoint in
+ * one call (kcodec_checkpoint). The Python encoder (codec.pages_parts,
+ * Primary._encode_checkpoint) stays the reference; tests/unit compare the two.
  */
 #ifndef KEMARI_CODEC_H
 #define KEMARI_CODEC_H
@@ -51,5 +52,59 @@ int kcodec_xor_apply(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns
 
 /* dst = a XOR b over n bytes (BLOB_XOR's vCPU and device blobs). */
 void kcodec_xor(uint8_t *dst, const uint8_t *a, const uint8_t *b, uint64_t n);
+
+/* A whole protected checkpoint in one call (kcodec_checkpoint). It needs the
+ * LZ4 block compressor and the CRC-32 the Python side uses: python-lz4's
+ * LZ4_initStream and LZ4_compress_fast_continue (lz4.block.compress calls
+ * them so: the same block comes out) with LZ4_sizeofState(), and zlib-ng's
+ * zng_crc32. Their modules export them; native_codec.py looks them up and
+ * binds them here once. Returns 0. */
+int kcodec_bind(void *lz4_init_stream, void *lz4_compress_fast_continue,
+                uint64_t lz4_state_size, void *zng_crc32);
+int kcodec_bound(void);
+
+/* What follows a checkpoint's pages, in order: a VCPU or DEVICE blob (type
+ * 3 or 4), sent as a BLOB_XOR against `base` when there is one of its
+ * length and LZ4 shrinks the XOR enough, else whole; or (type 0) records
+ * the caller encoded, copied as they are. */
+struct kcodec_item {
+    const uint8_t *data;
+    const uint8_t *base;         /* NULL: no delta for this blob */
+    uint64_t len;
+    uint32_t type, ident, version, reserved;
+};
+
+/* The checkpoint's END counts what was queued for it before (heartbeats):
+ * records, pages, bytes and the CRC-32 so far. The call adds its own and
+ * fills in the statistics. */
+struct kcodec_ckpt {
+    uint64_t seq, generation;
+    uint64_t bytes;
+    uint32_t records, pages, crc;
+    uint32_t item_records, item_pages;   /* in: the records and pages of type-0 items */
+    double lz4_worth;                    /* codec.LZ4_WORTH */
+    uint64_t xor_pages, xor_bytes, plain_pages, xor_blobs, xor_blob_bytes;   /* out */
+};
+
+/* One checkpoint, as primary.Primary.checkpoint writes it with a delta cache
+ * (the same bytes; tests/unit compare the two):
+ *   pfns[0..n_hits) are in the cache at slots[0..n_hits): PAGES_XOR records
+ *   of at most 4096 pages (plain PAGES for a batch LZ4 does not shrink to
+ *   lz4_worth); pfns[n_hits..n_hits+n_misses) go whole in PAGES records, and
+ *   the last n_cached of them take slots[n_hits..n_hits+n_cached); every slot
+ *   takes its page, in that order; then the items; then CHECKPOINT_END.
+ * `scratch` holds min(n_hits, 4096) pages and the largest blob. Returns the
+ * bytes written; -1 a pfn or slot out of range, -2 out too small, -3 not
+ * bound, -4 scratch too small. */
+int64_t kcodec_checkpoint(struct kcodec_ckpt *c, const uint8_t *mem, uint64_t mem_size,
+                          const uint64_t *pfns, const uint32_t *slots, uint32_t n_hits,
+                          uint32_t n_misses, uint32_t n_cached, uint8_t *cache,
+                          uint64_t cache_pages, uint8_t *scratch, uint64_t scratch_size,
+                          const struct kcodec_item *items, uint32_t n_items,
+                          uint8_t *out, uint64_t out_size);
+
+/* Bytes kcodec_checkpoint may need at most, besides the type-0 items' own. */
+uint64_t kcodec_checkpoint_bound(uint32_t n_hits, uint32_t n_misses, uint32_t n_items,
+                                 uint64_t blob_bytes);
 
 #endif

@@ -69,26 +69,8 @@ class PageCache:
         guest is paused), so call this only for a checkpoint that will be
         sent. A batch LZ4 does not shrink goes as plain PAGES.
         """
-        hits: list[int] = []
-        misses: list[int] = []
-        slots: list[int] = []
-        index = self._slots
-        for pfn in pfns:
-            slot = index.get(pfn)
-            if slot is None:
-                misses.append(pfn)
-            else:
-                index.move_to_end(pfn)
-                hits.append(pfn)
-                slots.append(slot)
-        cached = misses[-self.capacity:]
-        for pfn in cached:
-            if self._free:
-                slot = self._free.pop()
-            else:   # least recently sent; a hit above may lose its slot after its delta
-                _old, slot = index.popitem(last=False)
-            index[pfn] = slot
-            slots.append(slot)
+        hits, slots, misses = self.plan(pfns)
+        cached = misses[len(misses) - (len(slots) - len(hits)):]
         delta, new = self._update(memory, hits + cached, slots, len(hits))
         self.stats["plain_pages"] += len(misses)
         parts: list[Buffer] = []
@@ -106,6 +88,36 @@ class PageCache:
                 self.stats["plain_pages"] += len(batch)
             records += 1
         return parts, records, misses
+
+    def plan(self, pfns: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+        """Which of `pfns` the cache holds, and where each goes from now on.
+
+        Returns (hits, slots, misses): `slots` names the hits' slots, then
+        those of the last misses (as many as the cache holds), which replace
+        the least recently sent pages. The caller then sends the hits as
+        deltas against their slots and the misses whole, and every slot takes
+        its page, in that order: a hit may lose its slot to a miss after
+        its delta."""
+        hits: list[int] = []
+        misses: list[int] = []
+        slots: list[int] = []
+        index = self._slots
+        for pfn in pfns:
+            slot = index.get(pfn)
+            if slot is None:
+                misses.append(pfn)
+            else:
+                index.move_to_end(pfn)
+                hits.append(pfn)
+                slots.append(slot)
+        for pfn in misses[-self.capacity:]:
+            if self._free:
+                slot = self._free.pop()
+            else:   # least recently sent
+                _old, slot = index.popitem(last=False)
+            index[pfn] = slot
+            slots.append(slot)
+        return hits, slots, misses
 
     def _update(self, memory: Buffer, pfns: list[int], slots: list[int],
                 hits: int) -> tuple[memoryview, memoryview]:
@@ -143,19 +155,28 @@ class BlobBases:
         """The record's parts: a BLOB_XOR if `delta` and a base of its size exists
         and LZ4 shrinks the XOR, else the record itself. Either way it becomes
         the base of the next one (the secondary applies every blob it gets)."""
-        key = (int(record.TYPE), record.ident, record.version)
         blob = record.blob
-        base = self._last.get(key)
-        self._last[key] = bytes(blob)
-        if delta and base is not None and len(base) == len(blob) and 0 < len(blob) <= MAX_XOR_BLOB:
+        base = self.base_for(record, delta=delta)
+        if base is not None:
             diff = xor_buffers(blob, base)
             packed = lz4_block.compress(diff, store_size=False)
             if len(packed) <= LZ4_WORTH * len(blob):
                 self.stats["xor_blobs"] += 1
                 self.stats["xor_bytes"] += len(packed)
-                return xor_blob_parts(key[0], record.ident, record.version, len(blob), packed,
-                                      crc32(blob))
+                return xor_blob_parts(int(record.TYPE), record.ident, record.version,
+                                      len(blob), packed, crc32(blob))
         return encode_parts(record)
+
+    def base_for(self, record: Vcpu | Device, *, delta: bool) -> bytes | None:
+        """The blob `record` may go as a delta against (`delta`: deltas are
+        allowed now), or None; `record` becomes the base of the next one."""
+        key = (int(record.TYPE), record.ident, record.version)
+        blob = record.blob
+        base = self._last.get(key)
+        self._last[key] = bytes(blob)
+        if delta and base is not None and len(base) == len(blob) and 0 < len(blob) <= MAX_XOR_BLOB:
+            return base
+        return None
 
 
 def xor_buffers(a: Buffer, b: Buffer) -> Buffer:

@@ -1,4 +1,5 @@
-"""The C encoder for a checkpoint's pages (native/codec.c), when it is built.
+"""The C encoder for a checkpoint's pages, or for a whole protected checkpoint
+(native/codec.c), when it is built.
 
 KEMARI_NATIVE_CODEC=0 in a daemon's environment selects the Python encoder
 (codec.pages_parts) instead, e.g. to compare the two in one benchmark run
@@ -10,6 +11,7 @@ built) the Python encoder is used.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 from .codec import Buffer
@@ -23,6 +25,44 @@ ENABLED = lib is not None and os.environ.get("KEMARI_NATIVE_CODEC", "1") != "0"
 # Checkpoints of fewer pages use the Python encoder: cffi's per-call cost
 # (~3 us, bench/bench_checkpoint_stages.py) is more than it saves there.
 MIN_PAGES = 8
+
+
+
+
+def _bind() -> bool:
+    """Hand the C checkpoint writer the LZ4 block compressor and the CRC-32 that
+    lz4.block and zlib_ng call: their modules link those libraries in and
+    export their C API. Called as lz4.block.compress calls it (a fresh stream,
+    LZ4_compress_fast_continue), LZ4 writes the same block. False where a
+    module does not export them (then checkpoints are encoded in Python)."""
+    if lib is None:
+        return False
+    try:
+        import cffi
+        from lz4.block import _block
+        from zlib_ng import zlib_ng
+        abi = cffi.FFI()
+        abi.cdef("void *LZ4_initStream(void *, size_t);"
+                 "int LZ4_compress_fast_continue(void *, const char *, char *, int, int, int);"
+                 "int LZ4_sizeofState(void);"
+                 "uint32_t zng_crc32(uint32_t, const uint8_t *, uint32_t);")
+        lz4_lib, zng_lib = abi.dlopen(_block.__file__), abi.dlopen(zlib_ng.__file__)
+        init, compress, crc = (ffi.cast("void *", int(abi.cast("uintptr_t", fn)))
+                               for fn in (lz4_lib.LZ4_initStream,
+                                          lz4_lib.LZ4_compress_fast_continue,
+                                          zng_lib.zng_crc32))
+        state_size = lz4_lib.LZ4_sizeofState()
+    except (ImportError, OSError, AttributeError):
+        return False
+    _LIBRARIES.extend((lz4_lib, zng_lib))          # never closed
+    return lib.kcodec_bind(init, compress, state_size, crc) == 0 and bool(lib.kcodec_bound())
+
+
+_LIBRARIES: list = []
+# The C checkpoint writer can run (kcodec_checkpoint): with ENABLED, Primary.checkpoint
+# writes each checkpoint in one C call. KEMARI_CHECKPOINT_WRITER=0 keeps the
+# record-by-record path (C for pages and XOR only), to compare the two.
+CHECKPOINT_WRITER = os.environ.get("KEMARI_CHECKPOINT_WRITER", "1") != "0" and _bind()
 
 
 # Memory for the encoder's output, of which only what it wrote is used: not
@@ -110,3 +150,79 @@ def xor(a: Buffer, b: Buffer) -> bytearray:
     out = bytearray(len(a))
     lib.kcodec_xor(ffi.from_buffer(out), ffi.from_buffer(a), ffi.from_buffer(b), len(a))
     return out
+
+
+# kcodec_checkpoint's items: what follows a checkpoint's pages.
+RAW = 0
+
+
+def write_checkpoint(memory: Buffer, hits: Sequence[int], slots: Sequence[int],
+                     misses: Sequence[int], cache: bytearray | None,
+                     items: Sequence[tuple[int, int, int, Buffer, Buffer | None]],
+                     item_records: int, item_pages: int, *, seq: int, generation: int,
+                     queued: tuple[int, int, int, int], lz4_worth: float,
+                     ) -> tuple[memoryview, dict[str, int]]:
+    """A whole protected checkpoint, as Primary.checkpoint's Python path writes
+    it (native/codec.h, kcodec_checkpoint). `hits` go as PAGES_XOR against
+    their `slots` of `cache`, `misses` whole, the last of them into the
+    remaining slots; `items` are (type, id, version, data, base): a VCPU or
+    DEVICE blob with the base of its delta (or None), or RAW records, of which
+    there are `item_records` holding `item_pages` pages. `queued`: records,
+    pages, bytes and CRC-32 already queued for this checkpoint. Returns the
+    bytes and the statistics."""
+    pfns = list(hits) + list(misses)
+    n_cached = len(slots) - len(hits)
+    if pfns and min(pfns) < 0:
+        raise ValueError("pfn outside guest memory")
+    keep = []
+    citems = ffi.new("struct kcodec_item[]", len(items)) if items else ffi.NULL
+    blob_bytes = raw_bytes = widest = 0
+    for i, (type_, ident, version, data, base) in enumerate(items):
+        item = citems[i]
+        item.data = data_ptr = ffi.from_buffer(data)
+        keep.append(data_ptr)
+        item.len, item.type, item.ident, item.version = len(data), type_, ident, version
+        if base is not None:
+            item.base = base_ptr = ffi.from_buffer(base)
+            keep.append(base_ptr)
+            widest = max(widest, len(data))
+        if type_ == RAW:
+            raw_bytes += len(data)
+        else:
+            blob_bytes += len(data)
+    need = max(min(len(hits), 4096) * 4096, widest)
+    scratch_ = _scratch(2 * need + need // 255 + 16, "work")     # the XOR, then its LZ4 block
+    out = _scratch(int(lib.kcodec_checkpoint_bound(len(hits), len(misses), len(items),
+                                                  blob_bytes)) + raw_bytes, "out")
+    c = ffi.new("struct kcodec_ckpt *")
+    c.seq, c.generation, c.lz4_worth = seq, generation, lz4_worth
+    c.records, c.pages, c.bytes, c.crc = queued
+    c.item_records, c.item_pages = item_records, item_pages
+    cache_ptr = ffi.from_buffer(cache) if cache is not None else ffi.NULL
+    mem = ffi.from_buffer(memory)
+    written = lib.kcodec_checkpoint(
+        c, mem, len(mem), ffi.new("uint64_t[]", pfns) if pfns else ffi.NULL,
+        ffi.new("uint32_t[]", list(slots)) if slots else ffi.NULL, len(hits), len(misses),
+        n_cached, cache_ptr, len(cache) // 4096 if cache is not None else 0,
+        scratch_, len(scratch_), citems, len(items), out, len(out))
+    if written == -1:
+        raise ValueError("pfn outside guest memory or slot outside the cache")
+    if written < 0:
+        raise RuntimeError(f"kcodec_checkpoint failed ({written})")
+    stats = {"xor_pages": c.xor_pages, "xor_bytes": c.xor_bytes, "plain_pages": c.plain_pages,
+             "xor_blobs": c.xor_blobs, "xor_blob_bytes": c.xor_blob_bytes}
+    # A copy of what was written, not a view: the buffer serves the next call.
+    return bytearray(ffi.buffer(out, written)), stats
+
+
+_work = threading.local()
+
+
+def _scratch(size: int, name: str):
+    """kcodec_checkpoint's buffer `name`, kept between calls (per thread) and
+    grown as needed: a fresh one per checkpoint would be faulted in each time."""
+    buffer = getattr(_work, name, None)
+    if buffer is None or len(buffer) < size:
+        buffer = _unzeroed("uint8_t[]", size)
+        setattr(_work, name, buffer)
+    return buffer

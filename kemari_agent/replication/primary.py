@@ -16,6 +16,7 @@ from enum import Enum
 from . import native_codec
 from .codec import (
     DEFAULT_CAPABILITIES,
+    LZ4_WORTH,
     MAX_PAGES_PER_RECORD,
     PAGE_SIZE,
     VERSION,
@@ -222,15 +223,38 @@ class Primary:
             raise RuntimeError("the sync's closing checkpoint is not acknowledged yet")
         if len(self.outstanding) >= self.max_outstanding:
             raise RuntimeError(f"{len(self.outstanding)} checkpoints already outstanding")
-        npages = len(pfns)
-        parts: list[Buffer] = []
-        nrecords = 0
+        for record in records:
+            if not isinstance(record, (Pages, Vcpu, Device, DiskWrite)):
+                raise TypeError(f"{type(record).__name__} cannot be part of a checkpoint")
         delta = self.delta_cache if self.state is PrimaryState.PROTECTED and not detect_zero \
             else None
         if pfns and (delta is not None or native_codec.ENABLED):   # C reads these pages
             pfns = pfns if isinstance(pfns, (list, tuple)) else list(pfns)
             if min(pfns) < 0 or max(pfns) >= len(memory) // PAGE_SIZE:
                 raise ValueError("pfn outside guest memory")
+        seq = self.last_sent + 1
+        if native_codec.ENABLED and native_codec.CHECKPOINT_WRITER and not detect_zero:
+            data = self._write_checkpoint(memory, pfns, records, delta, seq)
+        else:
+            data = self._encode_checkpoint(memory, pfns, records, delta, seq, detect_zero)
+        self._outbox.append(data)
+        self.bytes_sent += len(data)
+        self.liveness.sent(now)
+        self._reset_checkpoint()
+        self.last_sent = seq
+        self.outstanding[seq] = now
+        self.checkpoints_sent += 1
+        if self.state is not PrimaryState.PROTECTED:
+            self.sync_seq = seq
+        return seq
+
+    def _encode_checkpoint(self, memory: Buffer, pfns: Sequence[int], records: Sequence[Record],
+                           delta: PageCache | None, seq: int, detect_zero: bool) -> bytearray:
+        """checkpoint()'s bytes, record by record in Python (KEMARI_NATIVE_CODEC=0:
+        the reference the C writer is checked against)."""
+        npages = len(pfns)
+        parts: list[Buffer] = []
+        nrecords = 0
         # Pages the secondary holds from an earlier checkpoint of this session go
         # as deltas against that content; `pfns` keeps the others.
         if delta is not None and pfns:
@@ -245,8 +269,6 @@ class Primary:
             parts += plain
             nrecords += plain_records
         for record in records:
-            if not isinstance(record, (Pages, Vcpu, Device, DiskWrite)):
-                raise TypeError(f"{type(record).__name__} cannot be part of a checkpoint")
             if self.blob_bases is not None and isinstance(record, Vcpu | Device):
                 parts.extend(self.blob_bases.encode(record, delta=delta is not None))
             else:
@@ -254,7 +276,6 @@ class Primary:
             nrecords += 1
             if isinstance(record, Pages):
                 npages += record.page_count
-        seq = self.last_sent + 1
         # One copy out of guest memory into the send buffer, then the checksum
         # over that (now cache-hot) buffer, then END written into its slot.
         parts.append(_END_SLOT)
@@ -273,16 +294,37 @@ class Primary:
                             self._pages + npages, self._bytes + len(body), crc)
         body.release()
         data[-len(_END_SLOT):] = encode(end)
-        self._outbox.append(data)
-        self.bytes_sent += len(data)
-        self.liveness.sent(now)
-        self._reset_checkpoint()
-        self.last_sent = seq
-        self.outstanding[seq] = now
-        self.checkpoints_sent += 1
-        if self.state is not PrimaryState.PROTECTED:
-            self.sync_seq = seq
-        return seq
+        return data
+
+    def _write_checkpoint(self, memory: Buffer, pfns: Sequence[int], records: Sequence[Record],
+                          delta: PageCache | None, seq: int) -> bytearray:
+        """The same bytes as _encode_checkpoint, in one C call (native/codec.h):
+        here only the cache's bookkeeping and the records' bases."""
+        hits, slots, misses = delta.plan(pfns) if delta is not None and pfns \
+            else ([], [], pfns)
+        items = []
+        item_records = item_pages = 0
+        for record in records:
+            if isinstance(record, Vcpu | Device):
+                base = self.blob_bases.base_for(record, delta=delta is not None) \
+                    if self.blob_bases is not None else None
+                items.append((int(record.TYPE), record.ident, record.version, record.blob, base))
+            else:
+                items.append((native_codec.RAW, 0, 0, encode(record), None))
+                item_records += 1
+                if isinstance(record, Pages):
+                    item_pages += record.page_count
+        data, stats = native_codec.write_checkpoint(
+            memory, hits, slots, misses, delta.arena if delta is not None else None, items,
+            item_records, item_pages, seq=seq, generation=self.generation,
+            queued=(self._records, self._pages, self._bytes, self._crc), lz4_worth=LZ4_WORTH)
+        if delta is not None:
+            for key in ("xor_pages", "xor_bytes", "plain_pages"):
+                delta.stats[key] += stats[key]
+        if self.blob_bases is not None:
+            self.blob_bases.stats["xor_blobs"] += stats["xor_blobs"]
+            self.blob_bases.stats["xor_bytes"] += stats["xor_blob_bytes"]
+        return data
 
     def is_acked(self, seq: int) -> bool:
         """True once checkpoint `seq` (or a later one, or a resume HELLO or full

@@ -102,7 +102,8 @@ def test_fast_state_equals_what_kvm_reports_by_ioctl():
             full = m.get_vcpu_state()
             assert fast[SREGS_REGS] == full[SREGS_REGS]
             tsc_fast = int.from_bytes(fast[-8:], "little")
-            assert 0 <= full_blob_tsc(full) - tsc_fast < 10**10    # read later: seconds apart at most
+            # the full blob reads its TSC later: seconds apart at most
+            assert 0 <= full_blob_tsc(full) - tsc_fast < 10**10
         m.kick(signal_thread=False)
         assert m.run().reason == EXIT_KICKED
         m.clear_kick()

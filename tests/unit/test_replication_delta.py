@@ -28,7 +28,10 @@ from kemari_agent.replication.codec import (
     Buffer,
     Capability,
     Decoder,
+    Device,
+    DiskWrite,
     Hello,
+    Pages,
     RecordType,
     Role,
     Vcpu,
@@ -284,6 +287,52 @@ def test_python_path_gives_the_same_stream(monkeypatch: pytest.MonkeyPatch) -> N
             pair.assert_mirrors_primary()
             assert pair.sink.vcpus[0] == (2, bytes(blob))
         assert pair.primary.blob_bases.stats["xor_blobs"] == 11
+        streams.append(b"".join(pair.wire[1:]))
+    assert streams[0] == streams[1]
+
+
+@given(seed=st.integers(0, 2**32 - 1), cache=st.sampled_from([0, 1, 3, 16]))
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_c_checkpoint_writer_gives_the_python_paths_bytes(monkeypatch: pytest.MonkeyPatch,
+                                                         seed: int, cache: int) -> None:
+    """kcodec_checkpoint (one C call per checkpoint) against Primary's Python
+    path over random sessions: cache hits, misses and evictions, pages LZ4
+    cannot shrink, vCPU and device blobs (deltas, resized, other versions),
+    disk writes and prebuilt pages, heartbeats counted into the next END."""
+    assert native_codec.CHECKPOINT_WRITER           # the modules export LZ4 and zng_crc32
+    streams = []
+    for native in (True, False):
+        monkeypatch.setattr(native_codec, "ENABLED", native)
+        rng = random.Random(seed)
+        pair = Pair(delta_cache_pages=cache)
+        pair.mem[:] = random.Random(seed + 1).randbytes(MEM)
+        pair.full_sync()
+        vcpu = bytearray(rng.randbytes(700))
+        for step in range(8):
+            pfns = sorted(rng.sample(range(NPAGES), rng.randint(0, 12)))
+            for pfn in pfns:
+                if rng.random() < 0.2:
+                    pair.mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE] = rng.randbytes(PAGE_SIZE)
+                else:
+                    touch(pair.mem, pfn, rng)
+            if rng.random() < 0.15:
+                vcpu += b"\x01"                            # a new size: sent whole
+            vcpu[rng.randrange(len(vcpu))] ^= 0x5A
+            records: list = [Vcpu(0, rng.choice([2, 2, 1]), bytes(vcpu))]
+            if rng.random() < 0.5:
+                records.append(Device(1, 1, b"ring%d" % rng.randrange(4) + bytes(300)))
+            if rng.random() < 0.3:
+                sectors = rng.randint(1, 4)
+                records.append(DiskWrite(0, rng.randrange(60), rng.randbytes(512 * sectors)))
+            if rng.random() < 0.2:
+                pfn = rng.randrange(NPAGES)
+                page = bytes(pair.mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE])
+                records.insert(rng.randrange(len(records) + 1), Pages((pfn,), page))
+            if rng.random() < 0.3:
+                pair.primary.poll(0.6 * (step + 1))        # a heartbeat for the next END
+            checkpoint(pair, pfns, tuple(records))
+            pair.assert_mirrors_primary()
         streams.append(b"".join(pair.wire[1:]))
     assert streams[0] == streams[1]
 

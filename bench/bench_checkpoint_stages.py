@@ -236,8 +236,10 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     "Python": ({"KEMARI_NATIVE_CODEC": "0"}, "delta_cache_mib = 0"),
     # "native" with the primary's bytes in TLS records instead of frames
     "TLS records": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FRAMES": "0"}, ""),
-    # "native" encoding a checkpoint record by record (C for pages and XOR only)
-    "per record": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_CHECKPOINT_WRITER": "0"}, ""),
+    # "native" writing and reading a checkpoint record by record (C for pages and
+    # XOR only), not in one C call on each side
+    "per record": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_CHECKPOINT_WRITER": "0",
+                    "KEMARI_CHECKPOINT_READER": "0"}, ""),
     # "native" reading the vCPU's registers and TSC by ioctl, not from kvm_run
     "vCPU ioctls": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_VCPU_IOCTLS": "1"}, ""),
 }

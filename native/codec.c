@@ -411,3 +411,206 @@ int64_t kcodec_checkpoint(struct kcodec_ckpt *c, const uint8_t *mem, uint64_t me
     memcpy(b + 32, tail, 8);
     return (int64_t)(body + 8 + END_BODY);
 }
+
+/* ---- a whole checkpoint received (kcodec_receive) ---------------------------------- */
+
+#define TYPE_VCPU 3u
+#define TYPE_DEVICE 4u
+#define TYPE_HEARTBEAT 8u
+#define MAX_BODY (64u << 20)
+#define PFN_MASK ((1ull << 52) - 1)
+
+typedef int (*lz4_decompress_fn)(const char *src, char *dst, int src_size, int dst_capacity);
+static lz4_decompress_fn lz4_decompress;
+
+int kcodec_bind_decompress(void *lz4_decompress_safe)
+{
+    lz4_decompress = (lz4_decompress_fn)lz4_decompress_safe;
+    return 0;
+}
+
+/* The calling thread's staging: grown as needed, kept. */
+struct staging {
+    uint64_t *pfns;
+    uint8_t *data;
+    struct kcodec_blob_out *blobs;
+    uint8_t *blob_data;
+    uint64_t pfns_cap, data_cap, blobs_cap, blob_data_cap;
+};
+static __thread struct staging st;
+
+static int grow(void **p, uint64_t *cap, uint64_t need, uint64_t unit)
+{
+    if (need <= *cap)
+        return 0;
+    uint64_t n = *cap ? *cap : 64;
+    while (n < need)
+        n *= 2;
+    void *q = realloc(*p, n * unit);
+    if (q == NULL)
+        return -1;
+    *p = q;
+    *cap = n;
+    return 0;
+}
+
+static uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* The base a BLOB_XOR names: one staged earlier in this checkpoint, else the caller's. */
+static const uint8_t *find_base(uint32_t n_blobs, const struct kcodec_base *bases,
+                                uint32_t n_bases, uint32_t type, uint32_t ident,
+                                uint32_t version, uint64_t len)
+{
+    for (uint32_t i = n_blobs; i-- > 0;) {
+        const struct kcodec_blob_out *b = &st.blobs[i];
+        if (b->type == type && b->ident == ident && b->version == version)
+            return b->len == len ? st.blob_data + (uintptr_t)b->data : NULL;
+    }
+    for (uint32_t i = 0; i < n_bases; i++)
+        if (bases[i].type == type && bases[i].ident == ident && bases[i].version == version)
+            return bases[i].len == len ? bases[i].data : NULL;
+    return NULL;
+}
+
+/* Stage a blob (copied: the next record may be its delta). 0, or -1. */
+static int stage_blob(uint32_t *n_blobs, uint64_t *blob_used, uint32_t type, uint32_t ident,
+                      uint32_t version, const uint8_t *data, uint64_t len, int xor_with_data,
+                      const uint8_t *base)
+{
+    if (grow((void **)&st.blobs, &st.blobs_cap, *n_blobs + 1, sizeof *st.blobs)
+        || grow((void **)&st.blob_data, &st.blob_data_cap, *blob_used + len, 1))
+        return -1;
+    uint8_t *dst = st.blob_data + *blob_used;
+    if (xor_with_data)
+        kcodec_xor(dst, data, base, len);
+    else
+        memcpy(dst, data, len);
+    /* an offset for now: blob_data may move while the checkpoint grows */
+    st.blobs[*n_blobs] = (struct kcodec_blob_out){ (const uint8_t *)(uintptr_t)*blob_used, len,
+                                                   type, ident, version, 0 };
+    (*n_blobs)++;
+    *blob_used += len;
+    return 0;
+}
+
+int64_t kcodec_receive(struct kcodec_rx *rx, const uint8_t *buf, uint64_t len,
+                       const uint8_t *mem, const struct kcodec_base *bases, uint32_t n_bases)
+{
+    if (!kcodec_bound() || lz4_decompress == NULL)
+        return 0;
+    uint64_t pos = 0, bytes = 0, expanded = 0, n_pfns = 0, data_used = 0, blob_used = 0;
+    uint32_t records = 0, pages = 0, n_blobs = 0, crc = 0;
+    while (pos + 8 <= len) {
+        const uint8_t *h = buf + pos;
+        uint16_t type, flags;
+        memcpy(&type, h, 2);
+        memcpy(&flags, h + 2, 2);
+        uint32_t length = get32(h + 4);
+        uint64_t total = 8 + (uint64_t)length + pad8(length);
+        if (flags != 0 || length > MAX_BODY || pos + total > len)
+            return 0;
+        for (uint64_t i = 8 + (uint64_t)length; i < total; i++)
+            if (h[i])
+                return 0;
+        const uint8_t *body = h + 8;
+        if (type == TYPE_CHECKPOINT_END) {
+            if (length != END_BODY || get32(body + 36) != 0)
+                return 0;
+            if (get64(body) != rx->expected_seq || get64(body + 8) != rx->generation
+                || get32(body + 16) != records || get32(body + 20) != pages
+                || get64(body + 24) != bytes || get32(body + 32) != crc)
+                return 0;
+            for (uint32_t i = 0; i < n_blobs; i++)       /* offsets become pointers */
+                st.blobs[i].data = st.blob_data + (uintptr_t)st.blobs[i].data;
+            rx->seq = rx->expected_seq;
+            rx->bytes = bytes;
+            rx->records = records;
+            rx->pages = pages;
+            rx->n_pfns = (uint32_t)n_pfns;
+            rx->n_blobs = n_blobs;
+            rx->pfns = st.pfns;
+            rx->data = st.data;
+            rx->blobs = st.blobs;
+            return (int64_t)(pos + total);
+        }
+        crc = crc_of(crc, h, total);
+        records++;
+        bytes += total;
+        if (bytes > rx->staging_limit)
+            return 0;
+        if (type == TYPE_PAGES_XOR || type == TYPE_PAGES) {
+            if (length < 8)
+                return 0;
+            uint32_t count = get32(body), check = get32(body + 4);
+            if (count == 0 || count > KCODEC_MAX_PAGES_PER_RECORD
+                || (uint64_t)length < 8 + 8 * (uint64_t)count)
+                return 0;
+            if (type == TYPE_PAGES && (check != 0
+                    || (uint64_t)length != 8 + (uint64_t)count * (8 + PAGE)))
+                return 0;
+            uint64_t size = (uint64_t)count * PAGE;
+            if (grow((void **)&st.pfns, &st.pfns_cap, n_pfns + count, 8)
+                || grow((void **)&st.data, &st.data_cap, data_used + size, 1))
+                return 0;
+            for (uint32_t i = 0; i < count; i++) {
+                uint64_t pfn = get64(body + 8 + 8 * (uint64_t)i);
+                if (pfn > PFN_MASK || pfn >= rx->npages)
+                    return 0;
+                st.pfns[n_pfns + i] = pfn;
+            }
+            uint8_t *dst = st.data + data_used;
+            const uint8_t *payload = body + 8 + 8 * (uint64_t)count;
+            uint64_t payload_len = length - 8 - 8 * (uint64_t)count;
+            if (type == TYPE_PAGES) {
+                memcpy(dst, payload, size);
+            } else {
+                expanded += size;
+                if (payload_len == 0 || bytes + expanded > rx->staging_limit
+                    || lz4_decompress((const char *)payload, (char *)dst, (int)payload_len,
+                                      (int)size) != (int)size)
+                    return 0;
+                for (uint32_t i = 0; i < count; i++) {
+                    uint8_t *d = dst + (uint64_t)i * PAGE;
+                    xor_page(d, d, mem + st.pfns[n_pfns + i] * PAGE);
+                }
+                if (crc_of(0, dst, size) != check)
+                    return 0;
+            }
+            n_pfns += count;
+            data_used += size;
+            pages += count;
+        } else if (type == TYPE_BLOB_XOR) {
+            if (length <= 24)
+                return 0;
+            uint32_t kind = get32(body), ident = get32(body + 4), version = get32(body + 8);
+            uint32_t check = get32(body + 12), size = get32(body + 16);
+            if (get32(body + 20) != 0 || size == 0 || size > MAX_XOR_BLOB
+                || (kind != TYPE_VCPU && kind != TYPE_DEVICE))
+                return 0;
+            const uint8_t *base = find_base(n_blobs, bases, n_bases, kind, ident, version, size);
+            expanded += size;
+            if (base == NULL || bytes + expanded > rx->staging_limit)
+                return 0;
+            if (grow((void **)&st.data, &st.data_cap, data_used + size, 1))
+                return 0;
+            uint8_t *delta = st.data + data_used;        /* scratch past the staged pages */
+            if (lz4_decompress((const char *)body + 24, (char *)delta, (int)(length - 24),
+                               (int)size) != (int)size)
+                return 0;
+            /* base may live in blob_data, which stage_blob may move: XOR first */
+            kcodec_xor(delta, delta, base, size);
+            if (crc_of(0, delta, size) != check
+                || stage_blob(&n_blobs, &blob_used, kind, ident, version, delta, size, 0, NULL))
+                return 0;
+        } else if (type == TYPE_VCPU || type == TYPE_DEVICE) {
+            if (length < 8 || stage_blob(&n_blobs, &blob_used, type, get32(body),
+                                         get32(body + 4), body + 8, length - 8, 0, NULL))
+                return 0;
+        } else if (type != TYPE_HEARTBEAT || length != 16) {
+            return 0;
+        }
+        pos += total;
+    }
+    return 0;                /* no END yet: the caller decodes what arrived */
+}

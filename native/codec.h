@@ -103,6 +103,46 @@ int64_t kcodec_checkpoint(struct kcodec_ckpt *c, const uint8_t *mem, uint64_t me
                           const struct kcodec_item *items, uint32_t n_items,
                           uint8_t *out, uint64_t out_size);
 
+/* The secondary's side of the same: one protected checkpoint received whole.
+ *
+ * kcodec_receive walks the records at the start of buf, up to and including
+ * a CHECKPOINT_END, doing what secondary.Secondary does for them: checks,
+ * checksum and counts, PAGES_XOR rebuilt from the committed pages in mem
+ * and checked, BLOB_XOR rebuilt from its base and checked, pages and blobs
+ * staged. It takes only what its caller would accept: records of types
+ * PAGES (no zero entries), PAGES_XOR, VCPU, DEVICE, BLOB_XOR, HEARTBEAT and
+ * an END that matches. Anything else, anything short, anything wrong: it
+ * returns 0 and has changed nothing, and the caller (Secondary) decodes the
+ * same bytes itself, reaching its own verdict. On success it returns the
+ * bytes consumed and fills rx with what to apply; nothing is applied here.
+ * Needs kcodec_bind_decompress. Staging buffers belong to the calling
+ * thread and stay valid until its next call. */
+int kcodec_bind_decompress(void *lz4_decompress_safe);
+
+struct kcodec_base {             /* the last blob of a type, id and version */
+    const uint8_t *data;
+    uint64_t len;
+    uint32_t type, ident, version, reserved;
+};
+
+struct kcodec_blob_out {         /* a staged VCPU or DEVICE blob */
+    const uint8_t *data;
+    uint64_t len;
+    uint32_t type, ident, version, reserved;
+};
+
+struct kcodec_rx {
+    uint64_t expected_seq, generation, npages, staging_limit;     /* in */
+    uint64_t seq, bytes;                                          /* out */
+    uint32_t records, pages, n_pfns, n_blobs;
+    const uint64_t *pfns;        /* staged pages, in order, */
+    const uint8_t *data;         /* and their contents */
+    const struct kcodec_blob_out *blobs;
+};
+
+int64_t kcodec_receive(struct kcodec_rx *rx, const uint8_t *buf, uint64_t len,
+                       const uint8_t *mem, const struct kcodec_base *bases, uint32_t n_bases);
+
 /* Bytes kcodec_checkpoint may need at most, besides the type-0 items' own. */
 uint64_t kcodec_checkpoint_bound(uint32_t n_hits, uint32_t n_misses, uint32_t n_items,
                                  uint64_t blob_bytes);

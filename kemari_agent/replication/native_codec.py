@@ -45,6 +45,7 @@ def _bind() -> bool:
         abi.cdef("void *LZ4_initStream(void *, size_t);"
                  "int LZ4_compress_fast_continue(void *, const char *, char *, int, int, int);"
                  "int LZ4_sizeofState(void);"
+                 "int LZ4_decompress_safe(const char *, char *, int, int);"
                  "uint32_t zng_crc32(uint32_t, const uint8_t *, uint32_t);")
         lz4_lib, zng_lib = abi.dlopen(_block.__file__), abi.dlopen(zlib_ng.__file__)
         init, compress, crc = (ffi.cast("void *", int(abi.cast("uintptr_t", fn)))
@@ -52,17 +53,22 @@ def _bind() -> bool:
                                           lz4_lib.LZ4_compress_fast_continue,
                                           zng_lib.zng_crc32))
         state_size = lz4_lib.LZ4_sizeofState()
+        decompress = ffi.cast("void *", int(abi.cast("uintptr_t", lz4_lib.LZ4_decompress_safe)))
     except (ImportError, OSError, AttributeError):
         return False
     _LIBRARIES.extend((lz4_lib, zng_lib))          # never closed
+    lib.kcodec_bind_decompress(decompress)
     return lib.kcodec_bind(init, compress, state_size, crc) == 0 and bool(lib.kcodec_bound())
 
 
 _LIBRARIES: list = []
-# The C checkpoint writer can run (kcodec_checkpoint): with ENABLED, Primary.checkpoint
-# writes each checkpoint in one C call. KEMARI_CHECKPOINT_WRITER=0 keeps the
-# record-by-record path (C for pages and XOR only), to compare the two.
-CHECKPOINT_WRITER = os.environ.get("KEMARI_CHECKPOINT_WRITER", "1") != "0" and _bind()
+# The C checkpoint writer and reader can run (kcodec_checkpoint, kcodec_receive):
+# with ENABLED, Primary.checkpoint writes each checkpoint in one C call and
+# Secondary.receive_data takes a whole one in one C call. KEMARI_CHECKPOINT_WRITER=0
+# and KEMARI_CHECKPOINT_READER=0 keep the record-by-record paths, to compare.
+_BOUND = _bind()
+CHECKPOINT_WRITER = os.environ.get("KEMARI_CHECKPOINT_WRITER", "1") != "0" and _BOUND
+CHECKPOINT_READER = os.environ.get("KEMARI_CHECKPOINT_READER", "1") != "0" and _BOUND
 
 
 # Memory for the encoder's output, of which only what it wrote is used: not
@@ -226,3 +232,37 @@ def _scratch(size: int, name: str):
         buffer = _unzeroed("uint8_t[]", size)
         setattr(_work, name, buffer)
     return buffer
+
+
+class ReceivedCheckpoint:
+    """What kcodec_receive staged: valid until the thread's next receive()."""
+
+    def __init__(self, rx, consumed: int) -> None:
+        self.consumed = consumed
+        self.seq = int(rx.seq)
+        self.records, self.pages, self.bytes = int(rx.records), int(rx.pages), int(rx.bytes)
+        self.pfns = ffi.unpack(rx.pfns, rx.n_pfns) if rx.n_pfns else []
+        self.data = ffi.buffer(rx.data, rx.n_pfns * 4096) if rx.n_pfns else b""
+        self.blobs = [(int(b.type), int(b.ident), int(b.version), ffi.buffer(b.data, b.len)[:])
+                      for b in (rx.blobs[i] for i in range(rx.n_blobs))]
+
+
+def receive(data: Buffer, committed: Buffer, bases: dict[tuple[int, int, int], bytes], *,
+            expected_seq: int, generation: int, staging_limit: int) -> ReceivedCheckpoint | None:
+    """One whole protected checkpoint at the start of `data`, checked and staged
+    in C (native/codec.h, kcodec_receive), or None: then nothing happened, and
+    the caller decodes `data` itself. `committed`: the image's memory (PAGES_XOR
+    bases); `bases`: the last blob of each (type, id, version)."""
+    rx = ffi.new("struct kcodec_rx *")
+    rx.expected_seq, rx.generation = expected_seq, generation
+    rx.npages, rx.staging_limit = len(committed) // 4096, staging_limit
+    keep = []
+    cbases = ffi.new("struct kcodec_base[]", len(bases)) if bases else ffi.NULL
+    for i, ((type_, ident, version), blob) in enumerate(bases.items()):
+        base = cbases[i]
+        base.data = pointer = ffi.from_buffer(blob)
+        keep.append(pointer)
+        base.len, base.type, base.ident, base.version = len(blob), type_, ident, version
+    consumed = lib.kcodec_receive(rx, ffi.from_buffer(data), len(data),
+                                  ffi.from_buffer(committed), cbases, len(bases))
+    return ReceivedCheckpoint(rx, int(consumed)) if consumed > 0 else None

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Protocol
 
+from . import native_codec
 from .codec import (
     DEFAULT_CAPABILITIES,
     PAGE_SIZE,
@@ -190,6 +191,8 @@ class Secondary:
             self.bytes_received += len(data)
         events: list[Event] = []
         try:
+            if native_codec.ENABLED and native_codec.CHECKPOINT_READER:
+                data = self._receive_whole_checkpoints(data, now, events)
             for record, raw in self._decoder.feed_raw(data):
                 self._on_record(record, raw, now, events)
         except StreamError as exc:
@@ -379,21 +382,52 @@ class Secondary:
         # still holds the last checkpoint.
         for record in sorted(self._staged, key=lambda r: not isinstance(r, DiskWrite)):
             self._apply(record)
-        self.sink.commit(end.generation, end.seq)
+        self._commit(end.seq, end.generation, events, now)
+
+    def _receive_whole_checkpoints(self, data: bytes, now: float, events: list[Event]) -> bytes:
+        """The common case in one C call per checkpoint (native_codec.receive): a
+        protected checkpoint that arrived whole, of pages, deltas and blobs only.
+        The C code takes only what _on_record and _on_end would accept, and
+        stages it the same way; whatever it does not take (anything else, a
+        partial checkpoint, any error) comes back to be decoded record by
+        record, which gives the verdict. Returns the bytes left."""
+        memory = getattr(self.sink, "memory", None)     # the committed image (ImageSink)
+        while (data and memory is not None and self.state is SecondaryState.PROTECTED
+               and self._peer_sends_deltas and not self._records and not self._decoder.buffered):
+            got = native_codec.receive(data, memory, self._blobs, expected_seq=self._expected_seq,
+                                       generation=self._session_generation,
+                                       staging_limit=self._staging_limit)
+            if got is None:
+                break
+            if got.pfns:
+                self.sink.apply_pages(got.pfns, got.data, ())
+            for type_, ident, version, blob in got.blobs:
+                self._blobs[(type_, ident, version)] = blob
+                if type_ == RecordType.VCPU:
+                    self.sink.set_vcpu(ident, version, blob)
+                else:
+                    self.sink.set_device(ident, version, blob)
+            self._records, self._pages, self._bytes = got.records, got.pages, got.bytes
+            self._commit(got.seq, self._session_generation, events, now)
+            data = data[got.consumed:]
+        return data
+
+    def _commit(self, seq: int, generation: int, events: list[Event], now: float) -> None:
+        """Checkpoint `seq`, applied, becomes this node's: commit, ACK, report."""
+        self.sink.commit(generation, seq)
         was_syncing = self.state in (SecondaryState.SYNCING, SecondaryState.RESYNCING)
-        self.generation = end.generation
+        self.generation = generation
         self.consistent = True
         self.outdated = False
-        self.checkpoint_seq = end.seq
+        self.checkpoint_seq = seq
         self.has_checkpoint = True
         self.checkpoints += 1
         self.state = SecondaryState.PROTECTED
-        self._send(encode(Ack(end.seq, end.generation)), now)
-        events.append(Committed(end.seq, end.generation, self._records, self._pages,
-                                self._bytes))
+        self._send(encode(Ack(seq, generation)), now)
+        events.append(Committed(seq, generation, self._records, self._pages, self._bytes))
         if was_syncing:
-            events.append(SyncComplete(end.seq))
-        self._expected_seq = end.seq + 1
+            events.append(SyncComplete(seq))
+        self._expected_seq = seq + 1
         self._reset_staging()
 
     # -- staging ----------------------------------------------------------

@@ -300,7 +300,8 @@ def test_c_checkpoint_writer_gives_the_python_paths_bytes(monkeypatch: pytest.Mo
     path over random sessions: cache hits, misses and evictions, pages LZ4
     cannot shrink, vCPU and device blobs (deltas, resized, other versions),
     disk writes and prebuilt pages, heartbeats counted into the next END."""
-    assert native_codec.CHECKPOINT_WRITER           # the modules export LZ4 and zng_crc32
+    assert native_codec._BOUND            # the modules export LZ4 and zng_crc32
+    monkeypatch.setattr(native_codec, "CHECKPOINT_WRITER", True)
     streams = []
     for native in (True, False):
         monkeypatch.setattr(native_codec, "ENABLED", native)
@@ -335,6 +336,79 @@ def test_c_checkpoint_writer_gives_the_python_paths_bytes(monkeypatch: pytest.Mo
             pair.assert_mirrors_primary()
         streams.append(b"".join(pair.wire[1:]))
     assert streams[0] == streams[1]
+
+
+_C_RECEIVE = native_codec.receive
+
+
+def _session_outcome(seed: int, damage: str, reader: bool,
+                     monkeypatch: pytest.MonkeyPatch) -> tuple[tuple, int]:
+    """A protected session's secondary after 3 good checkpoints and a 4th one
+    damaged by `damage`: (what it did, checkpoints the C reader took)."""
+    monkeypatch.setattr(native_codec, "CHECKPOINT_READER", reader)
+    taken = []
+
+    def counting(*args, **kw):
+        got = _C_RECEIVE(*args, **kw)
+        taken.append(got is not None)
+        return got
+    monkeypatch.setattr(native_codec, "receive", counting)
+    rng = random.Random(seed)
+    pair = Pair(delta_cache_pages=16)
+    pair.mem[:] = random.Random(seed + 1).randbytes(MEM)
+    pair.full_sync()
+    vcpu = bytearray(rng.randbytes(500))
+    wires = []
+    for _ in range(4):
+        pfns = sorted(rng.sample(range(NPAGES), rng.randint(1, 8)))
+        for pfn in pfns:
+            touch(pair.mem, pfn, rng)
+        vcpu[rng.randrange(len(vcpu))] ^= 0x21
+        records = [Vcpu(0, 2, bytes(vcpu))]
+        if rng.random() < 0.3:
+            pfn = rng.randrange(NPAGES)
+            records.append(Pages((pfn,), bytes(pair.mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE])))
+        if rng.random() < 0.3:
+            pair.primary.poll(0.6)                     # a heartbeat inside the next one
+        pair.primary.checkpoint(pair.mem, pfns, records, now=0.0)
+        wires.append(bytes(pair.primary.data_to_send()))
+        pair.primary.outstanding.clear()
+    data = wires[3]
+    if damage == "flip":
+        i = rng.randrange(len(data))
+        data = data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1:]
+    elif damage == "cut":
+        data = data[:rng.randrange(len(data))]
+    elif damage == "replay":
+        data = wires[2] + data
+    elif damage == "two at once":
+        wires[2] += data
+        data = b""
+    what: list = []
+    for chunk in (*wires[:3], data):
+        try:
+            what.append(pair.secondary.receive_data(chunk, 0.0))
+        except Exception as exc:          # noqa: BLE001 - the verdict is compared
+            what.append((type(exc).__name__, str(exc)))
+            break
+    what.append(pair.secondary.data_to_send())
+    return (tuple(map(repr, what)), pair.snapshot(), pair.secondary.state), sum(taken)
+
+
+@given(seed=st.integers(0, 2**32 - 1),
+       damage=st.sampled_from(["none", "flip", "flip", "cut", "replay", "two at once"]))
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_c_checkpoint_reader_reaches_the_python_paths_verdict(
+        monkeypatch: pytest.MonkeyPatch, seed: int, damage: str) -> None:
+    """kcodec_receive (a whole checkpoint in one C call) against the record-by-
+    record path, on good, flipped, cut, replayed and back-to-back checkpoints:
+    the same events, errors, ACKs and image. It takes the good ones itself."""
+    assert native_codec._BOUND            # the modules export LZ4 and zng_crc32
+    with_c, taken = _session_outcome(seed, damage, True, monkeypatch)
+    without_c, _ = _session_outcome(seed, damage, False, monkeypatch)
+    assert with_c == without_c
+    assert taken == 4 if damage in ("none", "two at once") else taken >= 3
 
 
 def test_page_cache_needs_a_slot_and_a_zero_delta_gives_the_base() -> None:

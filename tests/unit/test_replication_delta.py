@@ -61,6 +61,17 @@ def touch(mem: bytearray, pfn: int, rng: random.Random) -> None:
     mem[offset:offset + 8] = rng.randbytes(8)
 
 
+def dirty_some(pair: Pair, rng: random.Random, fewest: int, most: int) -> list[int]:
+    """Random pages dirtied: most change a few bytes, a fifth is rewritten whole."""
+    pfns = sorted(rng.sample(range(NPAGES), rng.randint(fewest, most)))
+    for pfn in pfns:
+        if rng.random() < 0.2:
+            pair.mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE] = rng.randbytes(PAGE_SIZE)
+        else:
+            touch(pair.mem, pfn, rng)
+    return pfns
+
+
 def checkpoint(pair: Pair, pfns: list[int], records: tuple = ()) -> tuple[list, int]:
     """One checkpoint of `pfns` and `records`, delivered and acknowledged:
     (events, wire bytes)."""
@@ -142,13 +153,7 @@ def test_eviction_keeps_the_image_exact() -> None:
     rng = random.Random(3)
     pair = protected_pair(delta_cache_pages=3)
     for _ in range(60):
-        pfns = sorted(rng.sample(range(NPAGES), rng.randint(1, 5)))
-        for pfn in pfns:
-            if rng.random() < 0.2:
-                pair.mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE] = rng.randbytes(PAGE_SIZE)
-            else:
-                touch(pair.mem, pfn, rng)
-        checkpoint(pair, pfns)
+        checkpoint(pair, dirty_some(pair, rng, 1, 5))
         pair.assert_mirrors_primary()
     cache = pair.primary.delta_cache
     assert len(cache) == 3
@@ -311,12 +316,7 @@ def test_c_checkpoint_writer_gives_the_python_paths_bytes(monkeypatch: pytest.Mo
         pair.full_sync()
         vcpu = bytearray(rng.randbytes(700))
         for step in range(8):
-            pfns = sorted(rng.sample(range(NPAGES), rng.randint(0, 12)))
-            for pfn in pfns:
-                if rng.random() < 0.2:
-                    pair.mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE] = rng.randbytes(PAGE_SIZE)
-                else:
-                    touch(pair.mem, pfn, rng)
+            pfns = dirty_some(pair, rng, 0, 12)
             if rng.random() < 0.15:
                 vcpu += b"\x01"                            # a new size: sent whole
             vcpu[rng.randrange(len(vcpu))] ^= 0x5A

@@ -494,11 +494,29 @@ static int stage_blob(uint32_t *n_blobs, uint64_t *blob_used, uint32_t type, uin
     return 0;
 }
 
+/* Staging kept between checkpoints at most: a rare large checkpoint must not
+ * stay in the secondary's memory for good. */
+#define KEEP_STAGING (4u << 20)
+
+static void release_large(void **p, uint64_t *cap, uint64_t unit)
+{
+    if (*cap * unit > KEEP_STAGING) {
+        free(*p);
+        *p = NULL;
+        *cap = 0;
+    }
+}
+
 int64_t kcodec_receive(struct kcodec_rx *rx, const uint8_t *buf, uint64_t len,
                        const uint8_t *mem, const struct kcodec_base *bases, uint32_t n_bases)
 {
     if (!kcodec_bound() || lz4_decompress == NULL)
         return 0;
+    /* the last call's staging has been applied by now */
+    release_large((void **)&st.pfns, &st.pfns_cap, 8);
+    release_large((void **)&st.data, &st.data_cap, 1);
+    release_large((void **)&st.blobs, &st.blobs_cap, sizeof *st.blobs);
+    release_large((void **)&st.blob_data, &st.blob_data_cap, 1);
     uint64_t pos = 0, bytes = 0, expanded = 0, n_pfns = 0, data_used = 0, blob_used = 0;
     uint32_t records = 0, pages = 0, n_blobs = 0, crc = 0;
     while (pos + 8 <= len) {

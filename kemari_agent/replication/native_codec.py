@@ -224,13 +224,18 @@ def write_checkpoint(memory: Buffer, hits: Sequence[int], slots: Sequence[int],
 _work = threading.local()
 
 
+# Buffers kept between checkpoints at most: a rare large one (a resync) gets its own.
+KEEP_SCRATCH = 4 << 20
+
+
 def _scratch(size: int, name: str):
     """kcodec_checkpoint's buffer `name`, kept between calls (per thread) and
     grown as needed: a fresh one per checkpoint would be faulted in each time."""
     buffer = getattr(_work, name, None)
     if buffer is None or len(buffer) < size:
         buffer = _unzeroed("uint8_t[]", size)
-        setattr(_work, name, buffer)
+        if size <= KEEP_SCRATCH:
+            setattr(_work, name, buffer)
     return buffer
 
 

@@ -475,17 +475,12 @@ static const uint8_t *find_base(uint32_t n_blobs, const struct kcodec_base *base
 
 /* Stage a blob (copied: the next record may be its delta). 0, or -1. */
 static int stage_blob(uint32_t *n_blobs, uint64_t *blob_used, uint32_t type, uint32_t ident,
-                      uint32_t version, const uint8_t *data, uint64_t len, int xor_with_data,
-                      const uint8_t *base)
+                      uint32_t version, const uint8_t *data, uint64_t len)
 {
     if (grow((void **)&st.blobs, &st.blobs_cap, *n_blobs + 1, sizeof *st.blobs)
         || grow((void **)&st.blob_data, &st.blob_data_cap, *blob_used + len, 1))
         return -1;
-    uint8_t *dst = st.blob_data + *blob_used;
-    if (xor_with_data)
-        kcodec_xor(dst, data, base, len);
-    else
-        memcpy(dst, data, len);
+    memcpy(st.blob_data + *blob_used, data, len);
     /* an offset for now: blob_data may move while the checkpoint grows */
     st.blobs[*n_blobs] = (struct kcodec_blob_out){ (const uint8_t *)(uintptr_t)*blob_used, len,
                                                    type, ident, version, 0 };
@@ -619,11 +614,11 @@ int64_t kcodec_receive(struct kcodec_rx *rx, const uint8_t *buf, uint64_t len,
             /* base may live in blob_data, which stage_blob may move: XOR first */
             kcodec_xor(delta, delta, base, size);
             if (crc_of(0, delta, size) != check
-                || stage_blob(&n_blobs, &blob_used, kind, ident, version, delta, size, 0, NULL))
+                || stage_blob(&n_blobs, &blob_used, kind, ident, version, delta, size))
                 return 0;
         } else if (type == TYPE_VCPU || type == TYPE_DEVICE) {
             if (length < 8 || stage_blob(&n_blobs, &blob_used, type, get32(body),
-                                         get32(body + 4), body + 8, length - 8, 0, NULL))
+                                         get32(body + 4), body + 8, length - 8))
                 return 0;
         } else if (type != TYPE_HEARTBEAT || length != 16) {
             return 0;

@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Sequence
 
-from .codec import Buffer
+from .codec import MAX_PAGES_PER_RECORD, PAGE_SIZE, Buffer
 
 try:
     from .._native import ffi, lib
@@ -25,8 +25,6 @@ ENABLED = lib is not None and os.environ.get("KEMARI_NATIVE_CODEC", "1") != "0"
 # Checkpoints of fewer pages use the Python encoder: cffi's per-call cost
 # (~3 us, bench/bench_checkpoint_stages.py) is more than it saves there.
 MIN_PAGES = 8
-
-
 
 
 def _bind() -> bool:
@@ -48,12 +46,11 @@ def _bind() -> bool:
                  "int LZ4_decompress_safe(const char *, char *, int, int);"
                  "uint32_t zng_crc32(uint32_t, const uint8_t *, uint32_t);")
         lz4_lib, zng_lib = abi.dlopen(_block.__file__), abi.dlopen(zlib_ng.__file__)
-        init, compress, crc = (ffi.cast("void *", int(abi.cast("uintptr_t", fn)))
-                               for fn in (lz4_lib.LZ4_initStream,
-                                          lz4_lib.LZ4_compress_fast_continue,
-                                          zng_lib.zng_crc32))
+        init, compress, decompress, crc = (
+            ffi.cast("void *", int(abi.cast("uintptr_t", fn)))
+            for fn in (lz4_lib.LZ4_initStream, lz4_lib.LZ4_compress_fast_continue,
+                       lz4_lib.LZ4_decompress_safe, zng_lib.zng_crc32))
         state_size = lz4_lib.LZ4_sizeofState()
-        decompress = ffi.cast("void *", int(abi.cast("uintptr_t", lz4_lib.LZ4_decompress_safe)))
     except (ImportError, OSError, AttributeError):
         return False
     _LIBRARIES.extend((lz4_lib, zng_lib))          # never closed
@@ -167,7 +164,7 @@ def write_checkpoint(memory: Buffer, hits: Sequence[int], slots: Sequence[int],
                      items: Sequence[tuple[int, int, int, Buffer, Buffer | None]],
                      item_records: int, item_pages: int, *, seq: int, generation: int,
                      queued: tuple[int, int, int, int], lz4_worth: float,
-                     ) -> tuple[memoryview, dict[str, int]]:
+                     ) -> tuple[bytearray, dict[str, int]]:
     """A whole protected checkpoint, as Primary.checkpoint's Python path writes
     it (native/codec.h, kcodec_checkpoint). `hits` go as PAGES_XOR against
     their `slots` of `cache`, `misses` whole, the last of them into the
@@ -196,7 +193,7 @@ def write_checkpoint(memory: Buffer, hits: Sequence[int], slots: Sequence[int],
             raw_bytes += len(data)
         else:
             blob_bytes += len(data)
-    need = max(min(len(hits), 4096) * 4096, widest)
+    need = max(min(len(hits), MAX_PAGES_PER_RECORD) * PAGE_SIZE, widest)
     scratch_ = _scratch(2 * need + need // 255 + 16, "work")     # the XOR, then its LZ4 block
     out = _scratch(int(lib.kcodec_checkpoint_bound(len(hits), len(misses), len(items),
                                                   blob_bytes)) + raw_bytes, "out")
@@ -208,7 +205,7 @@ def write_checkpoint(memory: Buffer, hits: Sequence[int], slots: Sequence[int],
     mem = ffi.from_buffer(memory)
     written = lib.kcodec_checkpoint(
         c, mem, len(mem), ffi.new("uint64_t[]", pfns) if pfns else ffi.NULL,
-        ffi.new("uint32_t[]", list(slots)) if slots else ffi.NULL, len(hits), len(misses),
+        ffi.new("uint32_t[]", slots) if slots else ffi.NULL, len(hits), len(misses),
         n_cached, cache_ptr, len(cache) // 4096 if cache is not None else 0,
         scratch_, len(scratch_), citems, len(items), out, len(out))
     if written == -1:

@@ -13,11 +13,9 @@
    shared disk (a write is output: two checkpoints per request) and with a
    replicated one (a write goes with the reply's checkpoint: one).
 
-Each daemon setting (SETTINGS: the C codec with and without deltas,
-`replication.delta_cache_mib = 0`, the Python encoder without deltas,
-KEMARI_NATIVE_CODEC=0, and the C codec with the primary's bytes in TLS
-records instead of frames, KEMARI_FRAMES=0) runs `--runs`
-times, interleaved, and the medians of the runs are reported; kv is
+Each daemon setting (ALL_SETTINGS below: the default, and the default with
+one fast path switched off, e.g. the Python encoder, TLS records instead
+of frames, or no hot pages) runs `--runs` times, interleaved, and the medians of the runs are reported; kv is
 measured once per setting and run. No CPU pinning:
 the scheduler places the daemons on the machine's CPUs; the CPU each
 daemon last ran on is recorded per run.
@@ -242,6 +240,8 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
                     "KEMARI_CHECKPOINT_READER": "0"}, ""),
     # "native" reading the vCPU's registers and TSC by ioctl, not from kvm_run
     "vCPU ioctls": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_VCPU_IOCTLS": "1"}, ""),
+    # "native" re-protecting every dirty page at every harvest (no hot pages)
+    "no hot pages": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_HOT_PAGES": "0"}, ""),
 }
 SETTINGS = dict(ALL_SETTINGS)
 

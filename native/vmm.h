@@ -76,8 +76,14 @@ int64_t kvmm_get_state_fast(struct kvmm *vm, uint8_t *buf, uint64_t len);
 int kvmm_set_state(struct kvmm *vm, const uint8_t *buf, uint64_t len);
 
 /* Dirty tracking: KVM's log (manual protect + clear) merged with the pages
- * the VMM itself wrote. start() begins with every page dirty. */
-int kvmm_dirty_start(struct kvmm *vm);
+ * the VMM itself wrote. start() begins with every page dirty. hot_pages:
+ * how many pages written at nearly every harvest may stay writable, to
+ * spare the guest their write-protect faults; each harvest then reports
+ * them whether written or not (0: none, every harvest is exact). */
+int kvmm_dirty_start(struct kvmm *vm, uint32_t hot_pages);
+#define KVMM_HOT_WINDOW         4   /* written again within this many harvests: hot */
+#define KVMM_HOT_LIFETIME       64  /* harvests a page stays hot */
+#define KVMM_HOT_MAX_PAGES      256 /* hot_pages is capped here */
 int kvmm_dirty_stop(struct kvmm *vm);
 int kvmm_dirty_tracking(struct kvmm *vm);
 void kvmm_mark_dirty(struct kvmm *vm, uint64_t gpa, uint64_t len);

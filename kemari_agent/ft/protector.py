@@ -67,6 +67,10 @@ SYNC_ACK_TIMEOUT_S = 10.0
 # The secondary stages a resync in memory beside the guest (STAGING_SLACK on top
 # of guest RAM); more disk than this written while disconnected means a full sync.
 RESYNC_DISK_LIMIT = 48 << 20
+# Pages the guest writes between nearly every two checkpoints (its stack, rings,
+# counters) are left writable and sent every time instead of faulting once per
+# checkpoint (native/vmm.c, "Hot pages"). KEMARI_HOT_PAGES=0: the bench's switch.
+HOT_PAGES = int(os.environ.get("KEMARI_HOT_PAGES", "32"))
 # Tapped mode, replicated disk: guest writes wait in a log for the next checkpoint
 # (see tap()); beyond this many bytes a disk doorbell takes the checkpoint itself.
 DISK_LOG_LIMIT = 16 << 20
@@ -340,7 +344,7 @@ class Protector:
         self._unacked.clear()
         if self.machine.tracking_dirty:
             self.machine.stop_dirty_tracking()
-        self.machine.start_dirty_tracking()
+        self.machine.start_dirty_tracking(HOT_PAGES)
         if self.replicated_disk and self.vmm.block is not None:
             self._disk_dirty = set()
             self.vmm.block.write_observer = self._note_disk_write

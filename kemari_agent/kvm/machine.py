@@ -160,9 +160,12 @@ class Machine:
         _check(lib.kvmm_set_state(self._vm, blob, len(blob)), "restoring vCPU state")
 
     # ---- dirty tracking ------------------------------------------------
-    def start_dirty_tracking(self) -> None:
-        """From now on track dirty pages; the first harvest returns every page."""
-        _check(lib.kvmm_dirty_start(self._vm), "starting dirty tracking")
+    def start_dirty_tracking(self, hot_pages: int = 0) -> None:
+        """From now on track dirty pages; the first harvest returns every page.
+        `hot_pages`: up to this many pages the guest writes at nearly every
+        harvest stay writable (no write-protect fault for the guest), and every
+        harvest reports them, written or not (native/vmm.c, "Hot pages")."""
+        _check(lib.kvmm_dirty_start(self._vm, hot_pages), "starting dirty tracking")
 
     def stop_dirty_tracking(self) -> None:
         _check(lib.kvmm_dirty_stop(self._vm), "stopping dirty tracking")

@@ -12,6 +12,7 @@ from helpers import REPO, TESTGUEST
 from kemari_agent.errors import KvmError
 from kemari_agent.kvm.boot import BootInfo, boot
 from kemari_agent.kvm.machine import EXIT_IO, EXIT_KICKED, PAGE_SIZE, Machine
+from kemari_agent.native import lib
 
 pytestmark = pytest.mark.kvm
 
@@ -168,6 +169,52 @@ def test_dirty_tracking_sees_guest_and_vmm_writes():
         m.write(5000 * PAGE_SIZE + 17, b"backend")
         assert 5000 in m.harvest_dirty()
         assert m.harvest_dirty() == []                    # harvesting reset the log
+
+
+def dirty_on_next_step(m: Machine, first: int, count: int, stride: int = 1) -> set[int]:
+    """The test guest's next step writes `count` pages from `first`; the harvest after."""
+    m.mem[MAILBOX : MAILBOX + 40] = b"".join(
+        v.to_bytes(8, "little") for v in (1, first, count, stride, 9))
+    ex = m.run()
+    assert (ex.reason, ex.io_port) == (EXIT_IO, PORT_STEP)
+    return set(m.harvest_dirty())
+
+
+def test_hot_pages_are_reported_until_they_are_write_protected_again():
+    """A page written at two harvests in a row is left writable, so every harvest
+    reports it, written or not, until it expires; then it is protected again:
+    no longer reported, and its next write is seen."""
+    with Machine(32 << 20) as m:
+        boot(m, guest_image(), BootInfo(args=(2,)))
+        m.start_dirty_tracking(hot_pages=8)
+        assert len(m.harvest_dirty()) == m.npages
+        m.run()
+        m.harvest_dirty()
+        assert 3000 in dirty_on_next_step(m, 3000, 1)
+        assert 3000 in dirty_on_next_step(m, 3000, 1)       # again: now hot
+        assert 3000 in dirty_on_next_step(m, 4000, 1)       # not written, still reported
+        reported = 2                                        # since the harvest it joined
+        while 3000 in m.harvest_dirty():                    # the guest stopped: no writes
+            reported += 1
+            assert reported <= lib.KVMM_HOT_LIFETIME + 1
+        assert reported == lib.KVMM_HOT_LIFETIME + 1        # the harvest it joined, then 64
+        assert m.harvest_dirty() == []                      # everything protected again
+        assert 3000 in dirty_on_next_step(m, 3000, 1)       # and its next write is seen
+
+
+def test_hot_pages_are_capped():
+    """Twenty pages written at every step: at most `hot_pages` of them stay
+    writable; with none, a harvest after no writes is empty."""
+    for hot in (0, 5):
+        with Machine(32 << 20) as m:
+            boot(m, guest_image(), BootInfo(args=(2,)))
+            m.start_dirty_tracking(hot_pages=hot)
+            m.run()                                         # to the first step
+            m.harvest_dirty()
+            for _ in range(4):
+                assert set(range(3000, 3020)) <= dirty_on_next_step(m, 3000, 20)
+            left_writable = m.harvest_dirty()
+            assert len(left_writable) == hot, left_writable
 
 
 def test_harvest_without_tracking_is_an_error():

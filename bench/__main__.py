@@ -8,6 +8,7 @@ from bench import (
     bench_full_sync,
     bench_handshake_crowd,
     bench_kv,
+    bench_kv_timeline,
     bench_replication,
     bench_resync,
 )
@@ -17,6 +18,7 @@ if __name__ == "__main__":
     bench_codec.main()
     bench_replication.main()
     bench_checkpoint_stages.main()
+    bench_kv_timeline.main(3.0, ["native", "no hot pages"])
     bench_handshake_crowd.main()
     bench_resync.main()
     bench_full_sync.main()

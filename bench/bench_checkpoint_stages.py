@@ -15,10 +15,10 @@
 
 Each daemon setting (ALL_SETTINGS below: the default, and the default with
 one fast path switched off, e.g. the Python encoder, TLS records instead
-of frames, or no hot pages) runs `--runs` times, interleaved, and the medians of the runs are reported; kv is
-measured once per setting and run. No CPU pinning:
-the scheduler places the daemons on the machine's CPUs; the CPU each
-daemon last ran on is recorded per run.
+of frames, or no hot pages) runs `--runs` times, interleaved, and the
+medians of the runs are reported; kv is measured once per setting and run.
+No CPU pinning: the scheduler places the daemons on the machine's CPUs;
+the CPU each daemon last ran on is recorded per run.
 
 Run: python -m bench.bench_checkpoint_stages [--quick] [--runs N]
 """

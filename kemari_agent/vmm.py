@@ -15,6 +15,7 @@ vCPU is stopped.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -51,6 +52,9 @@ PORT_BLK = lib.KEMARI_PORT_BLK_NOTIFY
 PORT_NET = lib.KEMARI_PORT_NET_NOTIFY
 PORT_BLOCK = lib.KEMARI_PORT_BLOCK
 PORT_EXIT = lib.KEMARI_PORT_EXIT
+# How the loop's timeline (KEMARI_STAGES=1) names each exit.
+EXIT_EVENTS = {PORT_BLK: "exit: blk doorbell", PORT_NET: "exit: net doorbell",
+               PORT_BLOCK: "exit: guest idles", PORT_CONSOLE: "exit: console"}
 
 Device = BlockBackend | NetBackend
 # Returns True when it has taken the requests itself (the loop then leaves them).
@@ -90,6 +94,9 @@ class Vmm:
         self.services: list[Service] = []
         self.exit_code: int | None = None
         self.exit_ns = 0          # when the last exit returned (KEMARI_STAGES=1)
+        # KEMARI_STAGES=1: (ns, event) of the loop's last few thousand moments
+        self.timeline: collections.deque[tuple[int, str]] | None = \
+            collections.deque(maxlen=stages.KEEP) if stages.ENABLED else None
         self._stop = False
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -223,6 +230,8 @@ class Vmm:
             ex = machine.run()
             if stages.ENABLED:
                 self.exit_ns = stages.now_ns()
+                self._moment(EXIT_EVENTS.get(ex.io_port, "exit: other")
+                             if ex.reason == EXIT_IO else "exit: kicked", self.exit_ns)
             self.counters.exits += 1
             if ex.reason == EXIT_IO:
                 self._handle_io(ex)
@@ -259,7 +268,11 @@ class Vmm:
         self.counters.doorbells += 1
         if self.tap_hook is not None and self.tap_hook(self, device):
             return       # the hook took the requests (epoch mode) and answers them later
+        if stages.ENABLED:
+            self._moment(f"tap released: {device.name}")
         device.process()
+        if stages.ENABLED:
+            self._moment(f"answered: {device.name}")
 
     def _guest_has_event(self) -> bool:
         rings = []
@@ -273,8 +286,8 @@ class Vmm:
         """The guest is idle: keep it stopped until a ring has news for it."""
         deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
         while True:
-            if self.net is not None:
-                self.net.receive()
+            if self.net is not None and self.net.receive() and stages.ENABLED:
+                self._moment("frames delivered")
             if self._guest_has_event():
                 return
             self._run_calls()
@@ -298,6 +311,10 @@ class Vmm:
             if self._wake_r in readable:
                 self._drain_wake()
             self._run_services()
+
+    def _moment(self, event: str, ns: int = 0) -> None:
+        assert self.timeline is not None
+        self.timeline.append((ns or stages.now_ns(), event))
 
     def _run_services(self) -> None:
         for svc in list(self.services):
@@ -329,6 +346,8 @@ class Vmm:
                "uptime_s": round(elapsed, 3)}
         for d in self.devices:
             out[d.name] = dict(d.stats)
+        if self.timeline is not None:
+            out["timeline"] = list(self.timeline)
         return out
 
 

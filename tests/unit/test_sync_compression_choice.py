@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kemari_agent.ft.sync_compression import PROBE_EVERY, CompressionChooser
+from kemari_agent.ft.sync_compression import MAX_PROBE_EVERY, PROBE_EVERY, CompressionChooser
 
 pytestmark = pytest.mark.unit
 
@@ -19,12 +19,28 @@ def run(chooser: CompressionChooser, cost: dict[bool, float], batches: int) -> l
 
 
 @pytest.mark.parametrize("cheaper", [True, False])
-def test_the_cheaper_option_wins_and_the_other_is_still_probed(cheaper: bool) -> None:
+def test_the_cheaper_option_wins_and_the_other_is_probed_ever_less_often(cheaper: bool) -> None:
     chooser = CompressionChooser(True)
-    choices = run(chooser, {cheaper: 1e-6, not cheaper: 5e-6}, 10 * PROBE_EVERY)
-    steady = choices[2:]
-    assert steady.count(not cheaper) == pytest.approx(len(steady) / PROBE_EVERY, abs=2)
-    assert steady.count(cheaper) > 0.8 * len(steady)
+    choices = run(chooser, {cheaper: 1e-6, not cheaper: 5e-6}, 6 * MAX_PROBE_EVERY)
+    probes = [i for i, choice in enumerate(choices) if i >= 2 and choice != cheaper]
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    expected = [min(PROBE_EVERY << n, MAX_PROBE_EVERY) for n in range(1, len(gaps) + 1)]
+    assert gaps == expected
+    assert len(probes) >= 5
+
+
+def test_a_probe_that_wins_switches_and_probes_often_again() -> None:
+    """Memory turns compressible while sending plain costs the same: only a probe
+    can tell, and once it has, probing starts again from PROBE_EVERY."""
+    chooser = CompressionChooser(True)
+    run(chooser, {True: 9e-6, False: 5e-6}, 4 * MAX_PROBE_EVERY)   # random pages
+    assert chooser.probe_every == MAX_PROBE_EVERY
+    later = run(chooser, {True: 1e-6, False: 5e-6}, 2 * MAX_PROBE_EVERY)
+    won = later.index(True)                          # the probe that found it out
+    assert won < MAX_PROBE_EVERY
+    after = later[won:]
+    assert after.index(False) == PROBE_EVERY         # the next probe, PROBE_EVERY later
+    assert after.count(True) > 0.9 * len(after)
 
 
 def test_a_change_in_memory_contents_is_followed() -> None:
@@ -48,4 +64,4 @@ def test_a_try_that_saved_nothing_rules_compression_out_until_the_next_probe() -
         # incompressible pages: a try costs about the same, but never shrinks anything
         chooser.record(choice, 512, 512e-6, shrank=False)
         choices.append(choice)
-    assert choices.count(True) <= 1 + 4          # the first try, then one probe per 8
+    assert choices.count(True) == 1 + 2          # the first try, then probes after 8 and 16

@@ -276,10 +276,12 @@ class Protector:
                 for i in range(0, len(pfns), SYNC_BATCH_PAGES):
                     batch, lz4 = pfns[i : i + SYNC_BATCH_PAGES], chooser.choose()
                     batch_started = time.perf_counter()
-                    packed_before = sm.sync_stats["lz4_pages"]
+                    packed_before, sent_before = sm.sync_stats["lz4_pages"], link.bytes_sent
                     sm.sync_pages(self.machine.mem, batch, now=time.monotonic(), compress=lz4)
+                    encoded = time.perf_counter()
                     link.flush()
-                    chooser.record(lz4, len(batch), time.perf_counter() - batch_started,
+                    chooser.record(lz4, len(batch), encoded - batch_started,
+                                   link.bytes_sent - sent_before, time.perf_counter() - encoded,
                                    shrank=sm.sync_stats["lz4_pages"] > packed_before)
                     self._check_peer_events(link.drain())
                     pace.wait(sm.bytes_sent, lambda: self._check_peer_events(link.drain()),

@@ -136,6 +136,17 @@ static int check_slots(uint64_t mem_size, const uint64_t *pfns, const uint32_t *
     return 0;
 }
 
+int kcodec_same_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns,
+                      const uint32_t *slots, uint32_t n, const uint8_t *cache,
+                      uint64_t cache_pages, uint8_t *same)
+{
+    if (check_slots(mem_size, pfns, slots, n, cache_pages))
+        return -1;
+    for (uint32_t i = 0; i < n; i++)
+        same[i] = memcmp(mem + pfns[i] * PAGE, cache + (uint64_t)slots[i] * PAGE, PAGE) == 0;
+    return 0;
+}
+
 int kcodec_cache_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns,
                        const uint32_t *slots, uint32_t n_hits, uint32_t n, uint8_t *cache,
                        uint64_t cache_pages, uint8_t *delta, uint8_t *new_pages)

@@ -45,6 +45,12 @@ int kcodec_cache_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pf
                        const uint32_t *slots, uint32_t n_hits, uint32_t n, uint8_t *cache,
                        uint64_t cache_pages, uint8_t *delta, uint8_t *new_pages);
 
+/* Primary: same[i] = 1 where page pfns[i] equals its cache slot slots[i] (the
+ * secondary holds it already), else 0. 0, or -1 for a pfn or slot outside. */
+int kcodec_same_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns,
+                      const uint32_t *slots, uint32_t n, const uint8_t *cache,
+                      uint64_t cache_pages, uint8_t *same);
+
 /* Secondary: delta[i] ^= page pfns[i] of mem, in place, so the delta becomes
  * the pages' new content. Returns 0, or -1 when a pfn lies outside mem. */
 int kcodec_xor_apply(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,

@@ -33,10 +33,11 @@
  * 13 dirty pages per checkpoint added ~0.6 ms of faults to each batch of
  * requests. A page written again within KVMM_HOT_WINDOW harvests is left
  * writable for KVMM_HOT_LIFETIME harvests: its bit stays set in KVM's log,
- * so every harvest reports it and every checkpoint carries it, written or
- * not (a delta of zeros when unchanged). Then it is re-protected, and joins
- * again only if written again soon. Correctness never depends on the
- * choice: a page is either write-protected or reported. */
+ * so every harvest reports it, written or not (a checkpoint leaves it out
+ * when it equals the copy last sent: PageCache.drop_unchanged). Then it is
+ * re-protected, and joins again only if written again soon. Correctness
+ * never depends on the choice: a page is either write-protected or
+ * reported. */
 
 struct hot_pages {
     uint32_t max, count;         /* max 0: off */

@@ -139,6 +139,7 @@ class FtLab:
         while time.monotonic() < end:
             st = self.primary.status()
             if st.get("role") == "primary" and st.get("state") == "synced":
+                assert st.get("last_sync") is not None, st     # published together
                 return st
             time.sleep(0.05)
         raise AssertionError(f"pair never in sync: {self.primary.status()}\n"

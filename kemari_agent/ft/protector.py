@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from .. import stages
 from ..config import VmConfig
@@ -169,6 +170,7 @@ class Protector:
             return None
         return {"delta_pages": cache.stats["xor_pages"], "delta_bytes": cache.stats["xor_bytes"],
                 "whole_pages": cache.stats["plain_pages"], "cached_pages": len(cache),
+                "unchanged_pages": cache.stats["unchanged_pages"],
                 "delta_blobs": blobs.stats["xor_blobs"],
                 "delta_blob_bytes": blobs.stats["xor_bytes"]}
 
@@ -247,14 +249,17 @@ class Protector:
         base = link.sm.resync_base
         log.info("%s: resync to %s from its checkpoint %d", self.config.name, self.peer, base)
         started = time.monotonic()
-        pages = self.vmm.call_in_loop(lambda: self._finish_sync(link, []), timeout=60)
-        elapsed = time.monotonic() - started
-        self.last_sync = {"kind": "resync", "from_checkpoint": base,
-                          "seconds": round(elapsed, 4), "rounds": 0, "pages": pages,
-                          "bytes": link.sm.bytes_sent, "memory_bytes": self.machine.mem_bytes,
-                          "reason": None}
+
+        def report(pages: int) -> dict:
+            return {"kind": "resync", "from_checkpoint": base,
+                    "seconds": round(time.monotonic() - started, 4), "rounds": 0,
+                    "pages": pages, "bytes": link.sm.bytes_sent,
+                    "memory_bytes": self.machine.mem_bytes, "reason": None}
+        self.vmm.call_in_loop(lambda: self._finish_sync(link, [], report), timeout=60)
+        sync = self.last_sync or {}
         log.info("%s: resynced %s in %.3f s (%d pages, %d bytes from checkpoint %d): protected",
-                 self.config.name, self.peer, elapsed, pages, link.sm.bytes_sent, base)
+                 self.config.name, self.peer, sync.get("seconds", 0), sync.get("pages", 0),
+                 link.sm.bytes_sent, base)
 
     def _full_sync(self, link: Link, reason: str) -> None:
         sm = link.sm
@@ -313,20 +318,22 @@ class Protector:
             throttle.stop()
         leftover = pfns
         finish_started = time.monotonic()
-        self.vmm.call_in_loop(lambda: self._finish_sync(link, leftover), timeout=60)
-        closing_s = time.monotonic() - finish_started
+
+        def report(_pages: int) -> dict:
+            now = time.monotonic()
+            return {"kind": "full", "seconds": round(now - started, 4), "rounds": sm.sync_round,
+                    "pages": sm.sync_pages_sent, "bytes": sm.bytes_sent,
+                    "memory_bytes": self.machine.mem_bytes, "reason": reason,
+                    "closing_pages": len(leftover),
+                    "closing_s": round(now - finish_started, 4),
+                    "throttle_max_percent": round(throttle.max_fraction * 100),
+                    "throttle_held_s": round(throttle.stopped_s, 3),
+                    "lz4_pages": sm.sync_stats["lz4_pages"],
+                    "lz4_batches_tried": chooser.compressed_batches,
+                    "paced_s": round(pace.slept_s, 3)}
+        self.vmm.call_in_loop(lambda: self._finish_sync(link, leftover, report), timeout=60)
         log.info("%s: full sync closing checkpoint: %d pages left, %.3f s to its ACK",
-                 self.config.name, len(leftover), closing_s)
-        elapsed = time.monotonic() - started
-        self.last_sync = {"kind": "full", "seconds": round(elapsed, 4), "rounds": sm.sync_round,
-                          "pages": sm.sync_pages_sent, "bytes": sm.bytes_sent,
-                          "memory_bytes": self.machine.mem_bytes, "reason": reason,
-                          "closing_pages": len(leftover), "closing_s": round(closing_s, 4),
-                          "throttle_max_percent": round(throttle.max_fraction * 100),
-                          "throttle_held_s": round(throttle.stopped_s, 3),
-                          "lz4_pages": sm.sync_stats["lz4_pages"],
-                          "lz4_batches_tried": chooser.compressed_batches,
-                          "paced_s": round(pace.slept_s, 3)}
+                 self.config.name, len(leftover), time.monotonic() - finish_started)
         log.info("%s: in sync with %s after %.2f s (%d rounds, %d pages): protected",
                  self.config.name, self.peer, time.monotonic() - started, sm.sync_round,
                  sm.sync_pages_sent)
@@ -385,9 +392,11 @@ class Protector:
         count = min(DISK_CHUNK_SECTORS, block.sectors - sector)
         return DiskWrite(0, sector, os.pread(block.fd, count * 512, sector * 512))
 
-    def _finish_sync(self, link: Link, leftover: list[int]) -> int:
+    def _finish_sync(self, link: Link, leftover: list[int],
+                     report: Callable[[int], dict]) -> None:
         """Loop thread, vCPU stopped: the closing checkpoint of a full sync, or a
-        resync's only one; then tapped mode. Returns how many pages it held."""
+        resync's only one; then tapped mode. `report(pages it held)` is the
+        sync's `last_sync`, published with the state "synced"."""
         pfns = set(leftover) | set(self.machine.harvest_dirty())
         chunks = set(self._disk_dirty or ())
         for old_pfns, old_chunks in self._unacked.values():   # the peer may lack them
@@ -412,6 +421,7 @@ class Protector:
             self.vmm.block.write_observer = self._log_disk_write
         self.last_checkpoint_at = time.monotonic()
         self.link = link
+        self.last_sync = report(len(pfns_sorted))
         self.state = "synced"
         self.was_protected = True
         self._unprotected = False
@@ -420,7 +430,6 @@ class Protector:
         self._next_epoch = time.monotonic() + self.epoch_s
         self._synced.set()
         self.peer_fence.peer_in_sync(self.peer)
-        return len(pfns_sorted)
 
     def _sent(self, seq: int, pfns: list[int], records: list) -> None:
         """Checkpoint `seq` left: until it is acknowledged, a resync resends its contents."""

@@ -56,20 +56,24 @@ class PageCache:
         # megabyte per checkpoint costs page faults and zeroing (heap.py).
         self._delta = bytearray()
         self._new = bytearray()
-        self.stats = {"xor_pages": 0, "xor_bytes": 0, "plain_pages": 0}
+        self.stats = {"xor_pages": 0, "xor_bytes": 0, "plain_pages": 0, "unchanged_pages": 0}
 
     def __len__(self) -> int:
         return len(self._slots)
 
-    def encode(self, memory: Buffer, pfns: Sequence[int]) -> tuple[list[Buffer], int, list[int]]:
+    def encode(self, memory: Buffer, pfns: Sequence[int]
+               ) -> tuple[list[Buffer], int, list[int], int]:
         """Records for the pages of `pfns` the cache holds, and the pfns it does not.
 
-        Returns (parts, record_count, misses); the caller sends the misses
-        whole. Every page of `pfns` is cached with its content now (the
-        guest is paused), so call this only for a checkpoint that will be
-        sent. A batch LZ4 does not shrink goes as plain PAGES.
+        Returns (parts, record_count, misses, unchanged); the caller sends the
+        misses whole; `unchanged` pages are not sent at all (drop_unchanged).
+        Every page of `pfns` is cached with its content now (the guest is
+        paused), so call this only for a checkpoint that will be sent. A
+        batch LZ4 does not shrink goes as plain PAGES.
         """
         hits, slots, misses = self.plan(pfns)
+        planned = len(hits)
+        hits, slots = self.drop_unchanged(memory, hits, slots)
         cached = misses[len(misses) - (len(slots) - len(hits)):]
         delta, new = self._update(memory, hits + cached, slots, len(hits))
         self.stats["plain_pages"] += len(misses)
@@ -87,7 +91,7 @@ class PageCache:
                 parts += pages_parts(memory, batch)[0]
                 self.stats["plain_pages"] += len(batch)
             records += 1
-        return parts, records, misses
+        return parts, records, misses, planned - len(hits)
 
     def plan(self, pfns: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
         """Which of `pfns` the cache holds, and where each goes from now on.
@@ -118,6 +122,28 @@ class PageCache:
             index[pfn] = slot
             slots.append(slot)
         return hits, slots, misses
+
+    def drop_unchanged(self, memory: Buffer, hits: list[int], slots: list[int]
+                       ) -> tuple[list[int], list[int]]:
+        """plan()'s hits and slots without the hits whose content is their slot's:
+        the secondary holds them already, and their delta would be zeros. Pages
+        the guest keeps writable (native/vmm.c, hot pages) are reported at every
+        harvest, written or not."""
+        if not hits:
+            return hits, slots
+        n = len(hits)
+        if native_codec.ENABLED:
+            same = native_codec.same_pages(memory, hits, slots[:n], self.arena)
+        else:
+            view = memoryview(memory)
+            same = [view[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]
+                    == self._view[slot * PAGE_SIZE:(slot + 1) * PAGE_SIZE]
+                    for pfn, slot in zip(hits, slots, strict=False)]
+        if not any(same):
+            return hits, slots
+        kept = [i for i in range(n) if not same[i]]
+        self.stats["unchanged_pages"] += n - len(kept)
+        return [hits[i] for i in kept], [slots[i] for i in kept] + slots[n:]
 
     def _update(self, memory: Buffer, pfns: list[int], slots: list[int],
                 hits: int) -> tuple[memoryview, memoryview]:

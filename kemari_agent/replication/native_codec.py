@@ -119,6 +119,18 @@ def write_pages_detect_zero(memory: Buffer, pfns: Sequence[int], out: Buffer) ->
     return int(written), int(data_pages[0])
 
 
+def same_pages(memory: Buffer, pfns: Sequence[int], slots: Sequence[int],
+               cache: bytearray) -> list[bool]:
+    """For each page of `pfns`: is it byte for byte its cache slot?"""
+    same = ffi.new("uint8_t[]", len(pfns))
+    mem = ffi.from_buffer(memory)
+    if lib.kcodec_same_pages(mem, len(mem), ffi.new("uint64_t[]", pfns),
+                             ffi.new("uint32_t[]", slots), len(pfns),
+                             ffi.from_buffer(cache), len(cache) // 4096, same) < 0:
+        raise ValueError("pfn outside guest memory or slot outside the cache")
+    return [bool(b) for b in ffi.unpack(same, len(pfns))]
+
+
 def cache_pages(memory: Buffer, pfns: Sequence[int], slots: Sequence[int], hits: int,
                 cache: bytearray, delta: bytearray, new: bytearray) -> None:
     """delta.PageCache's update: into `delta` and `new` (at least 4096 x `hits`

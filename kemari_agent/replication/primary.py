@@ -258,7 +258,8 @@ class Primary:
         # Pages the secondary holds from an earlier checkpoint of this session go
         # as deltas against that content; `pfns` keeps the others.
         if delta is not None and pfns:
-            parts, nrecords, pfns = delta.encode(memory, pfns)
+            parts, nrecords, pfns, unchanged = delta.encode(memory, pfns)
+            npages -= unchanged
         # The C encoder writes the pages straight into the send buffer (same bytes);
         # below a few pages its call overhead costs more than it saves.
         native = native_codec.ENABLED and not detect_zero and len(pfns) >= native_codec.MIN_PAGES
@@ -302,6 +303,8 @@ class Primary:
         here only the cache's bookkeeping and the records' bases."""
         hits, slots, misses = delta.plan(pfns) if delta is not None and pfns \
             else ([], [], pfns)
+        if hits:
+            hits, slots = delta.drop_unchanged(memory, hits, slots)
         items = []
         item_records = item_pages = 0
         for record in records:

@@ -47,6 +47,8 @@ def test_deltas_shrink_checkpoints_and_failover_keeps_every_reply(tmp_path):
         deltas = lab.primary.status()["page_deltas"]
         assert deltas["delta_pages"] > 2 * PUTS, deltas          # the hot pages, every time
         assert deltas["delta_bytes"] < deltas["delta_pages"] * 512, deltas
+        # hot pages are reported at every harvest; those unchanged are not sent
+        assert deltas["unchanged_pages"] > PUTS, deltas
         assert delta_per * 3 < whole_per, (delta_per, whole_per)
         assert counted == list(range(1, PUTS + 1))
         lab.failover()

@@ -316,7 +316,9 @@ def test_c_checkpoint_writer_gives_the_python_paths_bytes(monkeypatch: pytest.Mo
         pair.full_sync()
         vcpu = bytearray(rng.randbytes(700))
         for step in range(8):
-            pfns = dirty_some(pair, rng, 0, 12)
+            # and pages reported but not written (hot pages): sent only if changed
+            pfns = sorted(set(dirty_some(pair, rng, 0, 12))
+                          | set(rng.sample(range(NPAGES), rng.randint(0, 4))))
             if rng.random() < 0.15:
                 vcpu += b"\x01"                            # a new size: sent whole
             vcpu[rng.randrange(len(vcpu))] ^= 0x5A
@@ -361,7 +363,7 @@ def _session_outcome(seed: int, damage: str, reader: bool,
     wires = []
     for _ in range(4):
         pfns = sorted(rng.sample(range(NPAGES), rng.randint(1, 8)))
-        for pfn in pfns:
+        for pfn in pfns[: len(pfns) - rng.randint(0, 2)]:    # the rest unchanged
             touch(pair.mem, pfn, rng)
         vcpu[rng.randrange(len(vcpu))] ^= 0x21
         records = [Vcpu(0, 2, bytes(vcpu))]
@@ -409,6 +411,29 @@ def test_c_checkpoint_reader_reaches_the_python_paths_verdict(
     without_c, _ = _session_outcome(seed, damage, False, monkeypatch)
     assert with_c == without_c
     assert taken == 4 if damage in ("none", "two at once") else taken >= 3
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_pages_the_secondary_holds_unchanged_are_not_sent(monkeypatch: pytest.MonkeyPatch,
+                                                          native: bool) -> None:
+    """Hot pages are reported at every harvest, written or not: a cached page
+    that did not change since it was sent is left out, the others still go."""
+    monkeypatch.setattr(native_codec, "ENABLED", native)
+    rng = random.Random(5)
+    pair = Pair(delta_cache_pages=16)
+    pair.mem[:] = rng.randbytes(MEM)
+    pair.full_sync()
+    checkpoint(pair, [3, 4, 5, 6])                  # now cached
+    touch(pair.mem, 4, rng)
+    events, _ = checkpoint(pair, [3, 4, 5, 6, 9])   # 9: never sent, goes whole
+    pair.assert_mirrors_primary()
+    assert [(e.records, e.pages) for e in events if isinstance(e, Committed)] == [(2, 2)]
+    assert record_types(pair.wire[-1]) == [RecordType.PAGES_XOR, RecordType.PAGES,
+                                           RecordType.CHECKPOINT_END]
+    assert pair.primary.delta_cache.stats["unchanged_pages"] == 3
+    events, _ = checkpoint(pair, [3, 5])            # nothing changed: an END alone
+    assert [(e.records, e.pages) for e in events if isinstance(e, Committed)] == [(0, 0)]
+    pair.assert_mirrors_primary()
 
 
 def test_page_cache_needs_a_slot_and_a_zero_delta_gives_the_base() -> None:

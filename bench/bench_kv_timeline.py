@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from ftlab import FtLab
-from helpers import KemariProcess, free_udp_port, kv_config
 
 from bench.bench_checkpoint_stages import ALL_SETTINGS
+from bench.bench_replication import unprotected_kv
 from bench.common import report
 from kemari_agent.control import request
 from kemari_agent.kvload import Clients
@@ -63,18 +63,8 @@ def measure(addr, status, seconds: float) -> dict:
 
 
 def unprotected(seconds: float) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="kemari-bench-"))
-    (work / "run").mkdir()
-    (work / "state").mkdir()
-    port = free_udp_port()
-    cfg = kv_config(work, name="bench-t", net=f'[net]\nforward = "127.0.0.1:{port}"')
-    proc = KemariProcess(["run", str(cfg)], work)
-    try:
-        proc.wait_for_output("serving on")
-        return measure(("127.0.0.1", port),
-                       lambda: request(work / "run" / "bench-t.sock", "status"), seconds)
-    finally:
-        proc.stop()
+    with unprotected_kv("bench-t") as (addr, sock):
+        return measure(addr, lambda: request(sock, "status"), seconds)
 
 
 def protected(seconds: float, disk_mode: str, replication: str) -> dict:

@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ftlab import MEM, FakePrimary, FtLab
@@ -73,18 +75,26 @@ def kv_throughput(addr, seconds: float) -> float:
     return sum(len(r.latencies) for r in clients.records) / seconds
 
 
-def unprotected_ops(seconds: float) -> float:
+@contextlib.contextmanager
+def unprotected_kv(name: str = "bench-u") -> Iterator[tuple[tuple[str, int], Path]]:
+    """A kv guest run by `kemari run` behind the user-mode forward: (its address,
+    its control socket), stopped on leaving."""
     work = tmpdir()
     (work / "run").mkdir()
     (work / "state").mkdir()
     port = free_udp_port()
-    cfg = kv_config(work, name="bench-u", net=f'[net]\nforward = "127.0.0.1:{port}"')
+    cfg = kv_config(work, name=name, net=f'[net]\nforward = "127.0.0.1:{port}"')
     proc = KemariProcess(["run", str(cfg)], work)
     try:
         proc.wait_for_output("serving on")
-        return kv_throughput(("127.0.0.1", port), seconds)
+        yield ("127.0.0.1", port), work / "run" / f"{name}.sock"
     finally:
         proc.stop()
+
+
+def unprotected_ops(seconds: float) -> float:
+    with unprotected_kv() as (addr, _sock):
+        return kv_throughput(addr, seconds)
 
 
 def reply_latency(addr, n: int = 400) -> list[float]:

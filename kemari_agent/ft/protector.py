@@ -256,9 +256,10 @@ class Protector:
                     "pages": pages, "bytes": link.sm.bytes_sent,
                     "memory_bytes": self.machine.mem_bytes, "reason": None}
         self.vmm.call_in_loop(lambda: self._finish_sync(link, [], report), timeout=60)
-        sync = self.last_sync or {}
+        sync = self.last_sync
+        assert sync is not None          # _finish_sync published it
         log.info("%s: resynced %s in %.3f s (%d pages, %d bytes from checkpoint %d): protected",
-                 self.config.name, self.peer, sync.get("seconds", 0), sync.get("pages", 0),
+                 self.config.name, self.peer, sync["seconds"], sync["pages"],
                  link.sm.bytes_sent, base)
 
     def _full_sync(self, link: Link, reason: str) -> None:

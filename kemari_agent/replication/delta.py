@@ -71,9 +71,7 @@ class PageCache:
         paused), so call this only for a checkpoint that will be sent. A
         batch LZ4 does not shrink goes as plain PAGES.
         """
-        hits, slots, misses = self.plan(pfns)
-        planned = len(hits)
-        hits, slots = self.drop_unchanged(memory, hits, slots)
+        hits, slots, misses, unchanged = self.plan(memory, pfns)
         cached = misses[len(misses) - (len(slots) - len(hits)):]
         delta, new = self._update(memory, hits + cached, slots, len(hits))
         self.stats["plain_pages"] += len(misses)
@@ -91,17 +89,19 @@ class PageCache:
                 parts += pages_parts(memory, batch)[0]
                 self.stats["plain_pages"] += len(batch)
             records += 1
-        return parts, records, misses, planned - len(hits)
+        return parts, records, misses, unchanged
 
-    def plan(self, pfns: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+    def plan(self, memory: Buffer, pfns: Sequence[int]
+             ) -> tuple[list[int], list[int], list[int], int]:
         """Which of `pfns` the cache holds, and where each goes from now on.
 
-        Returns (hits, slots, misses): `slots` names the hits' slots, then
-        those of the last misses (as many as the cache holds), which replace
-        the least recently sent pages. The caller then sends the hits as
-        deltas against their slots and the misses whole, and every slot takes
-        its page, in that order: a hit may lose its slot to a miss after
-        its delta."""
+        Returns (hits, slots, misses, unchanged): `slots` names the hits'
+        slots, then those of the last misses (as many as the cache holds),
+        which replace the least recently sent pages. The caller then sends the
+        hits as deltas against their slots and the misses whole, and every
+        slot takes its page, in that order: a hit may lose its slot to a miss
+        after its delta. `unchanged` cached pages are left out of hits
+        (drop_unchanged)."""
         hits: list[int] = []
         misses: list[int] = []
         slots: list[int] = []
@@ -121,7 +121,9 @@ class PageCache:
                 _old, slot = index.popitem(last=False)
             index[pfn] = slot
             slots.append(slot)
-        return hits, slots, misses
+        planned = len(hits)
+        hits, slots = self.drop_unchanged(memory, hits, slots)
+        return hits, slots, misses, planned - len(hits)
 
     def drop_unchanged(self, memory: Buffer, hits: list[int], slots: list[int]
                        ) -> tuple[list[int], list[int]]:
@@ -139,8 +141,6 @@ class PageCache:
             same = [view[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]
                     == self._view[slot * PAGE_SIZE:(slot + 1) * PAGE_SIZE]
                     for pfn, slot in zip(hits, slots, strict=False)]
-        if not any(same):
-            return hits, slots
         kept = [i for i in range(n) if not same[i]]
         self.stats["unchanged_pages"] += n - len(kept)
         return [hits[i] for i in kept], [slots[i] for i in kept] + slots[n:]

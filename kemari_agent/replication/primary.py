@@ -301,10 +301,8 @@ class Primary:
                           delta: PageCache | None, seq: int) -> bytearray:
         """The same bytes as _encode_checkpoint, in one C call (native/codec.h):
         here only the cache's bookkeeping and the records' bases."""
-        hits, slots, misses = delta.plan(pfns) if delta is not None and pfns \
-            else ([], [], pfns)
-        if hits:
-            hits, slots = delta.drop_unchanged(memory, hits, slots)
+        hits, slots, misses, _unchanged = delta.plan(memory, pfns) \
+            if delta is not None and pfns else ([], [], pfns, 0)
         items = []
         item_records = item_pages = 0
         for record in records:

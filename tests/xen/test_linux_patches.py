@@ -339,8 +339,10 @@ def test_guest_restored_from_a_checkpoint_runs_on(modules: Path, tmp_path: Path)
     held notification runs on in a new domain, its frontends Connected.
 
     Fails without 0006 (kemari-restore cannot read or rebuild the guest's
-    registrations) and when the FIFO ABI is not rebuilt (seen: the copy gets
-    no event and completes no I/O round).
+    registrations), when the FIFO ABI is not rebuilt (seen: the copy gets
+    no event and completes no I/O round), and when an upcall pending in the
+    copied memory is not raised in the LAPIC saved before it: the script's
+    --late-event puts that race in every run (tests/xen/README.md).
     """
     results = boot_attach_test(tmp_path, modules, "patched", test="restore")
     assert_ok(

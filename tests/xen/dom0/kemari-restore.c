@@ -7,7 +7,7 @@
  * failover, on one host.  One "KEMARI-CHECK <name> PASS|FAIL <detail>" line
  * per step and a final "KEMARI-RESULT PASS|FAIL".
  *
- * usage: kemari-restore --domid A --into B --port PORT... [--timeout SEC]
+ * usage: kemari-restore --domid A --into B --port PORT... [--timeout SEC] [--late-event]
  *
  * The checkpoint (A, paused by the tap holding a notification on one of the
  * PORTs): the HVM context (vCPU registers, LAPIC, MTRR, XSAVE, MSRs, TSC),
@@ -23,7 +23,9 @@
  * areas and the FIFO ABI; bind every port at A's number (VIRQs and IPIs to
  * their vCPU, interdomain ports as unbound ports for dom0's backends to
  * bind in attach mode); copy the memory and the grant entries; load the HVM
- * context; rebuild the FIFO queue tails and arm the timers.
+ * context, with the upcall vector raised in the LAPIC of each vCPU whose
+ * copied vcpu_info has an upcall pending; rebuild the FIFO queue tails and
+ * arm the timers.
  *
  * A is left paused and armed: the caller destroys it (the primary died
  * after the checkpoint), attaches the backends to B and unpauses B.
@@ -47,6 +49,7 @@
 #include <xen/event_channel.h>
 #include <xen/grant_table.h>
 #include <xen/hvm/params.h>
+#include <xen/hvm/save.h>
 #include <xen/memory.h>
 
 #include "checks.h"
@@ -75,7 +78,7 @@ struct checkpoint {
 static void usage(void)
 {
 	fprintf(stderr, "usage: kemari-restore --domid A --into B --port PORT... "
-		"[--timeout SEC]\n");
+		"[--timeout SEC] [--late-event]\n");
 	exit(2);
 }
 
@@ -401,16 +404,101 @@ static bool restore_grants(xenforeignmemory_handle *fmem, uint16_t dom,
 	return check(used > 0, "restore.grant_entries", "in_use=%u of %u", used, n);
 }
 
+/* The byte and bit of vector's IRR bit in vCPU v's saved LAPIC, or NULL. */
+static uint8_t *saved_irr(struct checkpoint *c, unsigned int v, uint8_t vector,
+			  uint8_t *bit)
+{
+	uint32_t off = 0;
+
+	*bit = 1u << (vector % 8);
+	while (vector >= 16 && off + sizeof(struct hvm_save_descriptor) <= c->hvm_size) {
+		struct hvm_save_descriptor *d = (void *)(c->hvm + off);
+		uint8_t *regs = c->hvm + off + sizeof(*d);
+
+		if (d->typecode == 0 ||
+		    off + sizeof(*d) + d->length > c->hvm_size)
+			break;
+		if (d->typecode == HVM_SAVE_CODE(LAPIC_REGS) && d->instance == v &&
+		    d->length == sizeof(struct hvm_hw_lapic_regs))
+			return &regs[0x200 + (vector / 32) * 16 + (vector % 32) / 8];
+		off += sizeof(*d) + d->length;
+	}
+	return NULL;
+}
+
+/*
+ * --late-event: the saved LAPICs as if the event that marked an upcall
+ * pending had come just after the save, as a guest's timer or a backend's
+ * notification can while the primary is paused (CI, 2026-12-06): the
+ * memory copied later has the upcall pending, the saved IRR lacks the
+ * vector.  raise_pending_upcalls() must mend it, or the copy never runs.
+ */
+static void drop_saved_upcalls(struct checkpoint *c)
+{
+	unsigned int v, dropped = 0;
+	uint8_t bit, *irr;
+
+	for (v = 0; v < c->nr_vcpus; v++) {
+		irr = saved_irr(c, v, c->vcpu[v].u.vcpu.upcall_vector, &bit);
+		if (irr && (*irr & bit)) {
+			*irr &= ~bit;
+			dropped++;
+		}
+	}
+	printf("RESULT late_event info upcall vector taken out of %u of %u saved IRRs\n",
+	       dropped, c->nr_vcpus);
+}
+
+/*
+ * Xen raises the upcall vector only when it sets evtchn_upcall_pending
+ * from clear.  The copied vcpu_info can have it set by an event that came
+ * after the LAPIC was saved: the copy would then never see an upcall
+ * again.  So a pending upcall gets its vector in the IRR, as Xen's own
+ * map_vcpu_info() does it: at worst one spurious upcall.
+ */
+static bool raise_pending_upcalls(xenforeignmemory_handle *fmem, uint16_t b,
+				  struct checkpoint *c)
+{
+	unsigned int v, pending = 0, raised = 0, was_raised = 0;
+
+	for (v = 0; v < c->nr_vcpus; v++) {
+		const struct xen_domctl_kemari *s = &c->vcpu[v];
+		xen_pfn_t gfn = s->u.vcpu.vcpu_info_gfn;
+		const struct vcpu_info *info;
+		uint8_t *page, *irr, bit;
+		int err = 0;
+
+		page = xenforeignmemory_map(fmem, b, PROT_READ, 1, &gfn, &err);
+		if (!page || err)
+			return check(false, "restore.upcalls", "vcpu%u: map errno=%d",
+				     v, page ? -err : errno);
+		info = (const void *)(page + s->u.vcpu.vcpu_info_offset);
+		if (info->evtchn_upcall_pending) {
+			pending++;
+			irr = saved_irr(c, v, s->u.vcpu.upcall_vector, &bit);
+			if (irr) {
+				was_raised += !!(*irr & bit);
+				*irr |= bit;
+				raised++;
+			}
+		}
+		xenforeignmemory_unmap(fmem, page, 1);
+	}
+	return check(raised == pending, "restore.upcalls",
+		     "pending=%u raised=%u (already in the saved IRR: %u) of %u vcpus",
+		     pending, raised, was_raised, c->nr_vcpus);
+}
+
 static bool restore(xc_interface *xch, xenforeignmemory_handle *fmem,
 		    struct kemari_ctl *k, uint16_t a, uint16_t b,
-		    const struct checkpoint *c)
+		    struct checkpoint *c)
 {
 	unsigned int v;
 	int rc;
 
 	if (!restore_vcpus(k, b, c) || !restore_frames(xch, b, c) ||
 	    !restore_ports(k, b, c) || !restore_memory(xch, fmem, a, b, c) ||
-	    !restore_grants(fmem, b, c))
+	    !restore_grants(fmem, b, c) || !raise_pending_upcalls(fmem, b, c))
 		return false;
 
 	rc = xc_hvm_param_set(xch, b, HVM_PARAM_CALLBACK_IRQ, c->callback);
@@ -430,12 +518,14 @@ int main(int argc, char **argv)
 		{ "into", required_argument, NULL, 'i' },
 		{ "port", required_argument, NULL, 'p' },
 		{ "timeout", required_argument, NULL, 't' },
+		{ "late-event", no_argument, NULL, 'l' },
 		{ NULL, 0, NULL, 0 },
 	};
 	static struct checkpoint c;
 	uint32_t ports[16];
 	unsigned int nr = 0;
 	int a = -1, b = -1, timeout = 60, opt;
+	bool late_event = false;
 	xc_interface *xch;
 	xenforeignmemory_handle *fmem;
 	struct kemari_ctl *k;
@@ -446,6 +536,7 @@ int main(int argc, char **argv)
 		case 'd': a = atoi(optarg); break;
 		case 'i': b = atoi(optarg); break;
 		case 't': timeout = atoi(optarg); break;
+		case 'l': late_event = true; break;
 		case 'p':
 			if (nr == 16)
 				usage();
@@ -464,8 +555,11 @@ int main(int argc, char **argv)
 		   !!fmem, !!k))
 		return 1;
 
-	if (wait_for_hold(k, a, ports, nr, timeout) && save(xch, fmem, k, a, &c))
+	if (wait_for_hold(k, a, ports, nr, timeout) && save(xch, fmem, k, a, &c)) {
+		if (late_event)
+			drop_saved_upcalls(&c);
 		restore(xch, fmem, k, a, b, &c);
+	}
 
 	kemari_close(k);
 	xenforeignmemory_close(fmem);

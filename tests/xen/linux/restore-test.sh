@@ -124,7 +124,7 @@ mapfile -t PORTS < <(ports_of "$FE_VBD"; ports_of "$FE_VIF")
 echo "ports ${PORTS[*]} domids primary=$A copy=$B"
 check frontend_ports "${#PORTS[@]} ports: ${PORTS[*]}" [ "${#PORTS[@]}" -ge 2 ]
 t_hold=$(date +%s%N)
-/kemari/files/kemari-restore --domid "$A" --into "$B" $(printf -- '--port %s ' "${PORTS[@]}")
+/kemari/files/kemari-restore --domid "$A" --into "$B" --late-event $(printf -- '--port %s ' "${PORTS[@]}")
 rc=$?; check restored "kemari-restore rc=$rc" [ $rc = 0 ]
 io0=$(last "$PRIM_LOG" DOMU-IO)
 mapfile -t FE_KEYS < <(snapshot "$FE_VBD"; snapshot "$FE_VIF")

@@ -18,8 +18,12 @@ Each daemon setting (ALL_SETTINGS below: the default, and the default with
 one fast path switched off, e.g. the Python encoder, TLS records instead
 of frames, or no hot pages) runs `--runs` times, interleaved, and the
 medians of the runs are reported; kv is measured once per setting and run.
-No CPU pinning: the scheduler places the daemons on the machine's CPUs;
-the CPU each daemon last ran on is recorded per run.
+No CPU pinning but in the "split CPUs" setting: the scheduler places the
+daemons on the machine's CPUs, and the CPU each daemon last ran on is
+recorded per run. A write on a TCP socket wakes its reader on the writer's
+CPU (a sync wake-up), so unpinned the two daemons mostly take turns on one
+CPU. "split CPUs" pins the primary to CPU 0 and the secondary to CPU 1, as
+two hosts would run them, and its floor's ping-pong likewise.
 
 Run: python -m bench.bench_checkpoint_stages [--quick] [--runs N]
 """
@@ -27,6 +31,7 @@ Run: python -m bench.bench_checkpoint_stages [--quick] [--runs N]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import socket
@@ -82,9 +87,19 @@ def exit_round_trip(n: int = 20000) -> dict:
             "n": len(times)}
 
 
-def _tls_server(key: str, port_q, nbytes: int, reply: int, n: int) -> None:
+def _pin(pid: int, cpu: int) -> None:
+    """Every thread of pid onto one CPU (threads started later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), {cpu})
+
+
+def _tls_server(key: str, port_q, nbytes: int, reply: int, n: int,
+                cpu: int | None = None) -> None:
     from kemari_agent.replication import transport
 
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     with transport.listen(key) as lst:
         port_q.put(lst.address[1])
         ch = lst.accept(timeout=30)
@@ -97,15 +112,21 @@ def _tls_server(key: str, port_q, nbytes: int, reply: int, n: int) -> None:
         ch.close()
 
 
-def tls_ping_pong(key: str, nbytes: int, reply: int = 24, n: int = 2000) -> dict:
+def tls_ping_pong(key: str, nbytes: int, reply: int = 24, n: int = 2000,
+                  cpus: tuple[int, int] | None = None) -> dict:
     """The replication transport between two processes on loopback: nbytes out,
-    `reply` bytes back, timed on the client."""
+    `reply` bytes back, timed on the client. `cpus`: the client's and the
+    server's CPU (default: unpinned)."""
     from kemari_agent.replication import transport
 
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
-    server = ctx.Process(target=_tls_server, args=(key, q, nbytes, reply, n), daemon=True)
+    server = ctx.Process(target=_tls_server, daemon=True,
+                         args=(key, q, nbytes, reply, n, cpus[1] if cpus else None))
     server.start()
+    affinity = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, {cpus[0]})
     try:
         ch = transport.connect(key, "127.0.0.1", q.get(timeout=30))
         payload = os.urandom(nbytes)
@@ -122,6 +143,7 @@ def tls_ping_pong(key: str, nbytes: int, reply: int = 24, n: int = 2000) -> dict
         return {"p50": percentile(times, 50) / 1e3, "p99": percentile(times, 99) / 1e3,
                 "bytes": nbytes}
     finally:
+        os.sched_setaffinity(0, affinity)
         server.join(10)
         if server.is_alive():
             server.kill()
@@ -149,7 +171,7 @@ def _moment(row_p: dict, row_s: dict, key: str) -> int | None:
 
 
 def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
-                      replication: str = "") -> dict:
+                      replication: str = "", cpus: tuple[int, int] | None = None) -> dict:
     from ftlab import FtLab
 
     os.environ["KEMARI_STAGES"] = "1"
@@ -157,9 +179,12 @@ def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
                 extra=f"[stress]\npages = {pages}\nrate_hz = {rate_hz}")
     try:
         lab.start_pair()
-        time.sleep(0.5)                      # past the full sync's after-effects
         spid = lab.secondary.pid()
         ppid = lab.primary.pid()
+        if cpus:
+            _pin(ppid, cpus[0])
+            _pin(spid, cpus[1])
+        time.sleep(0.5)                      # past the full sync's after-effects
         c0 = lab.secondary.status()["checkpoints"]
         p0 = lab.primary.status()
         t0, _ = _cpu_ticks(spid)
@@ -195,7 +220,8 @@ def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
             "secondary_cpu_us_per_checkpoint": (t1 - t0) / hz * 1e6 / max(1, ncp),
             # the daemon's threads and the guest's vCPU alike (KVM_RUN is its time)
             "primary_cpu_us_per_checkpoint": (pt1 - pt0) / hz * 1e6 / max(1, ncp),
-            "placement": f"unpinned; last on CPU primary {pcpu}, secondary {scpu}",
+            "placement": f"{'pinned' if cpus else 'unpinned'}; last on CPU primary {pcpu}, "
+                         f"secondary {scpu}",
             "pages_harvested_p50": percentile([prim[s].get("pages", 0) for s in seqs], 50),
             "bytes_per_checkpoint": (pst["bytes_sent"] - p0["bytes_sent"])
             / max(1, pst["checkpoints"] - p0["checkpoints"])}
@@ -246,7 +272,11 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     "vCPU ioctls": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_VCPU_IOCTLS": "1"}, ""),
     # "native" re-protecting every dirty page at every harvest (no hot pages)
     "no hot pages": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_HOT_PAGES": "0"}, ""),
+    # "native" with each daemon pinned to its own CPU (SPLIT_CPUS), as on two hosts
+    "split CPUs": ({"KEMARI_NATIVE_CODEC": "1"}, ""),
 }
+# Settings that pin the primary's and the secondary's side to these CPUs.
+SPLIT_CPUS: dict[str, tuple[int, int]] = {"split CPUs": (0, 1)}
 SETTINGS = dict(ALL_SETTINGS)
 
 
@@ -269,14 +299,16 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
     key = _keygen()
     load_before = os.getloadavg()
     results: dict[str, dict[int, list[dict]]] = {c: {p: [] for p in sizes} for c in SETTINGS}
-    kv: dict[str, list[dict]] = {c: [] for c in SETTINGS}
+    # kv runs unpinned: a split setting would measure its "native" again
+    kv_settings = [c for c in SETTINGS if c not in SPLIT_CPUS]
+    kv: dict[str, list[dict]] = {c: [] for c in kv_settings}
     floors = []
     for _ in range(runs):
         for pages in sizes:
             for setting in SETTINGS:
                 replication = _use(setting)
-                results[setting][pages].append(checkpoint_stages(pages, secs,
-                                                                 replication=replication))
+                results[setting][pages].append(checkpoint_stages(
+                    pages, secs, replication=replication, cpus=SPLIT_CPUS.get(setting)))
         _use(None)
         # The TLS part of the floor carries what a setting's smallest checkpoint
         # put on the wire (deltas make it smaller, and so its floor), over the
@@ -285,10 +317,11 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
         for setting in SETTINGS:
             _use(setting)
             tls[setting] = tls_ping_pong(key, int(statistics.median(
-                r["bytes_per_checkpoint"] for r in results[setting][sizes[0]])))
+                r["bytes_per_checkpoint"] for r in results[setting][sizes[0]])),
+                cpus=SPLIT_CPUS.get(setting))
         _use(None)
         floors.append({"exit": exit_round_trip(), "tls": tls})
-        for setting in SETTINGS:
+        for setting in kv_settings:
             replication = _use(setting)
             kv[setting].append(kv_ratio(secs, replication))
     _use(None)
@@ -326,7 +359,7 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
             for name, _a, _b in STAGES:
                 rows.append((f"[{setting}, {pages} p] {name}",
                              statistics.median(r["stages"][name]["p50"] for r in rs), "us p50"))
-    for setting in SETTINGS:
+    for setting in kv_settings:
         rows += [
             (f"[{setting}] kv ops/s unprotected / protected (4 clients)",
              f"{_median(kv[setting], 'unprotected'):.0f} / "
@@ -349,7 +382,8 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
          if link_mbit else "loopback, MTU 65536", ""),
         ("load average before / after (1 min)",
          f"{load_before[0]:.2f} / {load_after[0]:.2f}", ""),
-        ("placement", "unpinned (2 CPUs)", ""),
+        ("placement", "unpinned (2 CPUs), but \"split CPUs\": primary on CPU 0, secondary "
+                      "on CPU 1 (checkpoints and the TLS floor; kv unpinned)", ""),
     ]
     name = f"checkpoint_stages_{link_mbit}mbit" if link_mbit else "checkpoint_stages"
     return report(name, rows, {"link_mbit": link_mbit,

@@ -411,7 +411,9 @@ static uint8_t *saved_irr(struct checkpoint *c, unsigned int v, uint8_t vector,
 	uint32_t off = 0;
 
 	*bit = 1u << (vector % 8);
-	while (vector >= 16 && off + sizeof(struct hvm_save_descriptor) <= c->hvm_size) {
+	if (vector < 16)	/* none registered, or not a valid vector */
+		return NULL;
+	while (off + sizeof(struct hvm_save_descriptor) <= c->hvm_size) {
 		struct hvm_save_descriptor *d = (void *)(c->hvm + off);
 		uint8_t *regs = c->hvm + off + sizeof(*d);
 

@@ -272,6 +272,9 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     "vCPU ioctls": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_VCPU_IOCTLS": "1"}, ""),
     # "native" re-protecting every dirty page at every harvest (no hot pages)
     "no hot pages": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_HOT_PAGES": "0"}, ""),
+    # "native" with a replicated disk's writes waiting for their checkpoint instead
+    # of going to the secondary before the primary's own fdatasync (kv only)
+    "disk writes wait": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_DISK_AHEAD": "0"}, ""),
     # "native" with each daemon pinned to its own CPU (SPLIT_CPUS), as on two hosts
     "split CPUs": ({"KEMARI_NATIVE_CODEC": "1"}, ""),
 }

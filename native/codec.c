@@ -523,8 +523,9 @@ int64_t kcodec_receive(struct kcodec_rx *rx, const uint8_t *buf, uint64_t len,
     release_large((void **)&st.data, &st.data_cap, 1);
     release_large((void **)&st.blobs, &st.blobs_cap, sizeof *st.blobs);
     release_large((void **)&st.blob_data, &st.blob_data_cap, 1);
-    uint64_t pos = 0, bytes = 0, expanded = 0, n_pfns = 0, data_used = 0, blob_used = 0;
-    uint32_t records = 0, pages = 0, n_blobs = 0, crc = 0;
+    uint64_t pos = 0, bytes = rx->queued_bytes, expanded = 0, n_pfns = 0, data_used = 0;
+    uint64_t blob_used = 0;
+    uint32_t records = rx->queued_records, pages = 0, n_blobs = 0, crc = rx->queued_crc;
     while (pos + 8 <= len) {
         const uint8_t *h = buf + pos;
         uint16_t type, flags;

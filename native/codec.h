@@ -117,7 +117,9 @@ int64_t kcodec_checkpoint(struct kcodec_ckpt *c, const uint8_t *mem, uint64_t me
  * and checked, BLOB_XOR rebuilt from its base and checked, pages and blobs
  * staged. It takes only what its caller would accept: records of types
  * PAGES (no zero entries), PAGES_XOR, VCPU, DEVICE, BLOB_XOR, HEARTBEAT and
- * an END that matches. Anything else, anything short, anything wrong: it
+ * an END that matches, counting the records its caller took before them
+ * (rx's queued_*: disk writes sent ahead, heartbeats). Anything else,
+ * anything short, anything wrong: it
  * returns 0 and has changed nothing, and the caller (Secondary) decodes the
  * same bytes itself, reaching its own verdict. On success it returns the
  * bytes consumed and fills rx with what to apply; nothing is applied here.
@@ -139,6 +141,8 @@ struct kcodec_blob_out {         /* a staged VCPU or DEVICE blob */
 
 struct kcodec_rx {
     uint64_t expected_seq, generation, npages, staging_limit;     /* in */
+    uint64_t queued_bytes;                  /* in: what the caller took of this */
+    uint32_t queued_records, queued_crc;    /* checkpoint before buf, if anything */
     uint64_t seq, bytes;                                          /* out */
     uint32_t records, pages, n_pfns, n_blobs;
     const uint64_t *pfns;        /* staged pages, in order, */

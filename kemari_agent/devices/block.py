@@ -100,6 +100,8 @@ class BlockBackend:
         self.sectors = os.fstat(self.fd).st_size // SECTOR
         self.ring = BackendRing(machine, lib.KEMARI_BLK_RING_GPA, "struct kemari_blk_ring *")
         self.write_observer: WriteObserver | None = None
+        # Called once a batch's writes are done, before they are made durable.
+        self.before_sync: Callable[[], None] | None = None
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "errors": 0, "bytes_written": 0}
 
     def close(self) -> None:
@@ -161,6 +163,8 @@ class BlockBackend:
         statuses = [self._do(op, sector, n, gpa) for _i, _id, op, sector, n, gpa in batch]
         ops = [b[2] for b in batch]
         wrote = any(op == OP_WRITE and st == OK for op, st in zip(ops, statuses, strict=True))
+        if wrote and self.before_sync is not None:
+            self.before_sync()
         if wrote and (sync := self._sync()) != OK:
             # nothing in this batch is durable: say so for every write and flush
             statuses = [sync if op in (OP_WRITE, OP_FLUSH) else st

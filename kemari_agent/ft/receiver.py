@@ -114,6 +114,17 @@ class StandbySink(ImageSink):
         self._undo.clear()
         super().commit(generation, seq)
 
+    def flush_disks(self) -> None:
+        """Disk writes that came ahead of their checkpoint's END, durable now."""
+        self._settle_disk()
+
+    def undo_disk_writes(self) -> None:
+        """Their checkpoint was discarded: the disk goes back to the last commit."""
+        self._roll_back()
+        if self.disk_fd is not None:
+            with contextlib.suppress(OSError):   # the next checkpoint's sync reports it
+                os.fdatasync(self.disk_fd)
+
     def _settle_disk(self) -> None:
         """The disk writes applied so far, durable (or undone, if that fails); a
         full sync's are made durable only at its closing commit."""
@@ -296,7 +307,8 @@ class Receiver:
                        has_checkpoint=self.has_checkpoint, now=time.monotonic(),
                        heartbeat_interval=repl.heartbeat_ms / 1000,
                        peer_timeout=repl.peer_timeout_ms / 1000,
-                       config=self.settings, outdated=self.node.outdated)
+                       config=self.settings, outdated=self.node.outdated,
+                       disk_ahead=self.sink.disk_fd is not None)
         link = Link(channel, sm, repl.peer_timeout_ms / 1000)
         link.flush()
         return link

@@ -262,13 +262,17 @@ class ReceivedCheckpoint:
 
 
 def receive(data: Buffer, committed: Buffer, bases: dict[tuple[int, int, int], bytes], *,
-            expected_seq: int, generation: int, staging_limit: int) -> ReceivedCheckpoint | None:
+            expected_seq: int, generation: int, staging_limit: int,
+            queued: tuple[int, int, int] = (0, 0, 0)) -> ReceivedCheckpoint | None:
     """One whole protected checkpoint at the start of `data`, checked and staged
     in C (native/codec.h, kcodec_receive), or None: then nothing happened, and
     the caller decodes `data` itself. `committed`: the image's memory (PAGES_XOR
-    bases); `bases`: the last blob of each (type, id, version)."""
+    bases); `bases`: the last blob of each (type, id, version); `queued`: the
+    records, bytes and CRC-32 of what the caller already took of this checkpoint
+    (it staged none of it)."""
     rx = ffi.new("struct kcodec_rx *")
     rx.expected_seq, rx.generation = expected_seq, generation
+    rx.queued_records, rx.queued_bytes, rx.queued_crc = queued
     rx.npages, rx.staging_limit = len(committed) // 4096, staging_limit
     keep = []
     cbases = ffi.new("struct kcodec_base[]", len(bases)) if bases else ffi.NULL

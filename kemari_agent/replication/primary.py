@@ -369,6 +369,18 @@ class Primary:
             parts.extend(encode_parts(write))
         self._queue(parts, len(writes), 0, now)
 
+    def send_ahead(self, writes: Sequence[DiskWrite], *, now: float) -> None:
+        """Queue replicated-disk writes now, ahead of the checkpoint they belong
+        to (the next one: they count in its END). The secondary can write them
+        while this side makes its own copy durable; until that END arrives it
+        can still undo them."""
+        if self.state is not PrimaryState.PROTECTED:
+            raise RuntimeError(f"cannot send disk writes ahead in state {self.state.value}")
+        parts: list[Buffer] = []
+        for write in writes:
+            parts.extend(encode_parts(write))
+        self._queue(parts, len(writes), 0, now)
+
     def end_sync_round(self, pages_remaining: int, *, now: float) -> bool:
         """Close a pre-copy round, `pages_remaining` being the pages dirtied during it.
 

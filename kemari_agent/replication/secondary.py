@@ -113,6 +113,17 @@ class CheckpointSink(Protocol):
         """Everything applied since the last commit forms checkpoint `seq`."""
 
 
+class DiskAheadSink(CheckpointSink, Protocol):
+    """A sink that can take a checkpoint's disk writes before its END, because it
+    can undo them (Secondary(disk_ahead=True))."""
+
+    def flush_disks(self) -> None:
+        """Make the disk writes so far durable (undoing them if that fails)."""
+
+    def undo_disk_writes(self) -> None:
+        """Put back, durably, what the disk writes since the last commit overwrote."""
+
+
 class SecondaryState(Enum):
     HANDSHAKE = "handshake"  # HELLO sent, waiting for the primary's
     SYNCING = "syncing"  # full sync in progress (image not valid)
@@ -140,10 +151,15 @@ class Secondary:
         peer_timeout: float = 3.0,
         config: Mapping[str, str] | None = None,
         outdated: bool = False,
+        disk_ahead: bool = False,
     ) -> None:
         """`config`: settings the primary's must equal (sent and compared at HELLO).
-        `outdated`: this node already knows its peer went on without it."""
+        `outdated`: this node already knows its peer went on without it.
+        `disk_ahead`: the sink is a DiskAheadSink. Protected, a DISK_WRITE is then
+        written as it arrives and made durable at the end of that read, while the
+        primary makes its own copy durable; a discarded checkpoint's are undone."""
         self.sink = sink
+        self.disk_ahead = disk_ahead
         self.name = name
         self.memory_size = memory_size
         self.generation = generation
@@ -195,6 +211,9 @@ class Secondary:
                 data = self._receive_whole_checkpoints(data, now, events)
             for record, raw in self._decoder.feed_raw(data):
                 self._on_record(record, raw, now, events)
+            if self._unflushed:        # written ahead, and their END has not come yet
+                self._unflushed = False
+                self.sink.flush_disks()
         except StreamError as exc:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise
@@ -291,7 +310,11 @@ class Secondary:
             self._pages += record.page_count
             self._stage(record)
         elif isinstance(record, DiskWrite):
-            self._stage(record)
+            if self.disk_ahead and self.state is SecondaryState.PROTECTED:
+                self.sink.write_disk(record.disk_id, record.sector, record.data)
+                self._wrote_ahead = self._unflushed = True
+            else:
+                self._stage(record)
         elif isinstance(record, Vcpu | Device | XorBlob):
             blob = self._rebuild_blob(record) if isinstance(record, XorBlob) else record
             # The next BLOB_XOR's base, from now on: if this checkpoint does not
@@ -390,13 +413,17 @@ class Secondary:
         The C code takes only what _on_record and _on_end would accept, and
         stages it the same way; whatever it does not take (anything else, a
         partial checkpoint, any error) comes back to be decoded record by
-        record, which gives the verdict. Returns the bytes left."""
+        record, which gives the verdict. Records of the checkpoint taken before
+        and not staged (disk writes sent ahead, heartbeats) are counted in.
+        Returns the bytes left."""
         memory = getattr(self.sink, "memory", None)     # the committed image (ImageSink)
         while (data and memory is not None and self.state is SecondaryState.PROTECTED
-               and self._peer_sends_deltas and not self._records and not self._decoder.buffered):
+               and self._peer_sends_deltas and not self._staged and not self._pages
+               and not self._decoder.buffered):
             got = native_codec.receive(data, memory, self._blobs, expected_seq=self._expected_seq,
                                        generation=self._session_generation,
-                                       staging_limit=self._staging_limit)
+                                       staging_limit=self._staging_limit,
+                                       queued=(self._records, self._bytes, self._crc))
             if got is None:
                 break
             if got.pfns:
@@ -520,6 +547,7 @@ class Secondary:
         self._pages = 0
         self._bytes = 0
         self._expanded = 0     # bytes PAGES_XOR deltas grew to
+        self._wrote_ahead = self._unflushed = False    # disk_ahead: this checkpoint's
 
     def _discard(self, reason: str) -> None:
         if self.state is SecondaryState.SYNCING:
@@ -528,6 +556,8 @@ class Secondary:
             log.warning("%s: discarding staged checkpoint (%d records), keeping checkpoint "
                         "%d of generation %d: %s", self.name, len(self._staged),
                         self.checkpoint_seq, self.generation, reason)
+        if self._wrote_ahead:
+            self.sink.undo_disk_writes()
         self._reset_staging()
 
     def _fail(self, reason: str) -> None:

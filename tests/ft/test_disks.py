@@ -143,3 +143,50 @@ def test_full_disk_on_the_secondary_ends_the_session_and_keeps_the_checkpoint(tm
         again.close()
     finally:
         lab.close()
+
+
+def test_disk_writes_sent_ahead_reach_the_disk_at_once_and_are_undone_if_torn(tmp_path):
+    """A replicated disk's writes may come ahead of their checkpoint (the primary
+    sends them before its own fdatasync): the secondary writes them at once, and
+    when the connection drops before that checkpoint's END it puts the disk back
+    as the last checkpoint left it."""
+    lab = FtLab(tmp_path, disk_mode="replicated", memory_mib=MEM >> 20)
+    sock = lab.secondary.dir / "run" / f"{lab.name}.sock"
+
+    def sectors(sector: int, count: int) -> bytes:
+        with open(lab.secondary.disk, "rb") as f:
+            f.seek(sector * 512)
+            return f.read(count * 512)
+
+    def wait_until(what, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < end, lab.secondary.log()
+            time.sleep(0.02)
+
+    try:
+        lab.secondary.start("secondary")
+        memory = bytearray(os.urandom(MEM))
+        fake = FakePrimary(lab, memory)
+        fake.full_sync()
+        before = sectors(64, 8)
+        fake.sm.send_ahead([DiskWrite(0, 64, b"A" * 4096)], now=time.monotonic())
+        fake.send()
+        wait_until(lambda: sectors(64, 8) == b"A" * 4096)          # no END sent yet
+        memory[0:4] = b"good"
+        good = send_checkpoint(fake, [0], [])
+        kept = hashlib.sha256(memory).hexdigest()
+
+        fake.sm.send_ahead([DiskWrite(0, 64, b"B" * 4096), DiskWrite(0, 200, b"C" * 512)],
+                           now=time.monotonic())
+        fake.send()
+        wait_until(lambda: sectors(200, 1) == b"C" * 512)
+        fake.close()                                              # ... and its END never comes
+        wait_until(lambda: any("discarded a checkpoint" in e
+                               for e in lab.secondary.status()["recent_errors"]))
+        assert sectors(64, 8) == b"A" * 4096 and sectors(200, 1) == bytes(512)   # undone
+        assert before != b"A" * 4096
+        digest = request(sock, "checkpoint-digest")
+        assert (digest["seq"], digest["sha256"]) == (good, kept)
+    finally:
+        lab.close()

@@ -1,6 +1,6 @@
 """Tapped mode with a replicated disk: the disk is the guest's own state, so a
-write is done locally at once and reaches the secondary with the next
-checkpoint (applied there before that checkpoint's memory); only output that
+write is done locally at once and sent to the secondary ahead of the next
+checkpoint, which counts it (durable there before that checkpoint's memory); only output that
 leaves the pair waits for a checkpoint. Every reply a client got must still
 hold after a failover, and an idle guest's writes reach the secondary anyway."""
 
@@ -31,6 +31,9 @@ def test_a_put_takes_one_checkpoint_and_survives_failover(tmp_path):
             for i in range(PUTS):
                 assert c.put(f"k{i}", str(i)).kind == "OK"
             took = lab.primary.status()["checkpoints"] - before
+            # ... and each log write went to the secondary before the primary's own
+            # fdatasync, ahead of the reply's checkpoint
+            assert lab.primary.status()["disk_writes_ahead"] >= PUTS
         # each reply left after a checkpoint of its own; the log writes took none
         # (with one per write as well, it would be 2 x PUTS or more)
         assert PUTS <= took <= PUTS * 1.3, took

@@ -15,6 +15,7 @@ from test_replication_session import (
     MEM,
     NPAGES,
     Pair,
+    UndoingSink,
     assert_not_applied,
     feed_damaged,
     protected_pair,
@@ -344,9 +345,11 @@ _C_RECEIVE = native_codec.receive
 
 
 def _session_outcome(seed: int, damage: str, reader: bool,
-                     monkeypatch: pytest.MonkeyPatch) -> tuple[tuple, int]:
+                     monkeypatch: pytest.MonkeyPatch, ahead: bool = False) -> tuple[tuple, int]:
     """A protected session's secondary after 3 good checkpoints and a 4th one
-    damaged by `damage`: (what it did, checkpoints the C reader took)."""
+    damaged by `damage`: (what it did, checkpoints the C reader took).
+    `ahead`: before each checkpoint, disk writes sent ahead and a heartbeat, or
+    either, or none, in a read of their own, to a secondary that writes ahead."""
     monkeypatch.setattr(native_codec, "CHECKPOINT_READER", reader)
     taken = []
 
@@ -356,12 +359,20 @@ def _session_outcome(seed: int, damage: str, reader: bool,
         return got
     monkeypatch.setattr(native_codec, "receive", counting)
     rng = random.Random(seed)
-    pair = Pair(delta_cache_pages=16)
+    pair = Pair(delta_cache_pages=16, sink=UndoingSink() if ahead else None, disk_ahead=ahead)
     pair.mem[:] = random.Random(seed + 1).randbytes(MEM)
     pair.full_sync()
     vcpu = bytearray(rng.randbytes(500))
     wires = []
+    before = []
     for _ in range(4):
+        if ahead:
+            if rng.random() < 0.6:
+                pair.primary.send_ahead([DiskWrite(0, rng.randrange(60), rng.randbytes(512))],
+                                        now=0.0)
+            if rng.random() < 0.4:
+                pair.primary.poll(0.6)
+            before.append(bytes(pair.primary.data_to_send()))
         pfns = sorted(rng.sample(range(NPAGES), rng.randint(1, 8)))
         for pfn in pfns[: len(pfns) - rng.randint(0, 2)]:    # the rest unchanged
             touch(pair.mem, pfn, rng)
@@ -387,7 +398,10 @@ def _session_outcome(seed: int, damage: str, reader: bool,
         wires[2] += data
         data = b""
     what: list = []
-    for chunk in (*wires[:3], data):
+    chunks = [wires[0], wires[1], wires[2], data]
+    if ahead:
+        chunks = [c for pair_ in zip(before, chunks, strict=True) for c in pair_ if c]
+    for chunk in chunks:
         try:
             what.append(pair.secondary.receive_data(chunk, 0.0))
         except Exception as exc:          # noqa: BLE001 - the verdict is compared
@@ -411,6 +425,21 @@ def test_c_checkpoint_reader_reaches_the_python_paths_verdict(
     without_c, _ = _session_outcome(seed, damage, False, monkeypatch)
     assert with_c == without_c
     assert taken == 4 if damage in ("none", "two at once") else taken >= 3
+
+
+@given(seed=st.integers(0, 2**32 - 1),
+       damage=st.sampled_from(["none", "flip", "cut", "replay"]))
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_c_checkpoint_reader_counts_the_records_that_came_before(
+        monkeypatch: pytest.MonkeyPatch, seed: int, damage: str) -> None:
+    """The same, with disk writes sent ahead (written at once by the secondary)
+    and heartbeats arriving in reads before their checkpoint: the C reader
+    counts them into the END it checks, and takes every good checkpoint."""
+    with_c, taken = _session_outcome(seed, damage, True, monkeypatch, ahead=True)
+    without_c, _ = _session_outcome(seed, damage, False, monkeypatch, ahead=True)
+    assert with_c == without_c
+    assert taken == 4 if damage == "none" else taken >= 3
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -65,13 +65,15 @@ class Pair:
 
     def __init__(self, *, generation: int = 1, sink: ImageSink | None = None,
                  sec_generation: int = 0, sec_seq: int = 0, has_checkpoint: bool = False,
-                 primary_seq: int = 0, **primary_kw: object) -> None:
+                 primary_seq: int = 0, disk_ahead: bool = False,
+                 **primary_kw: object) -> None:
         self.mem = bytearray(os.urandom(MEM))
         self.mem[7 * PAGE_SIZE:9 * PAGE_SIZE] = bytes(2 * PAGE_SIZE)
         self.sink = sink or ImageSink(MEM, disks={0: bytearray(DISK)})
         self.secondary = Secondary(self.sink, name="kv1", memory_size=MEM,
                                    generation=sec_generation, checkpoint_seq=sec_seq,
-                                   has_checkpoint=has_checkpoint, now=0.0)
+                                   has_checkpoint=has_checkpoint, now=0.0,
+                                   disk_ahead=disk_ahead)
         self.primary = Primary(name="kv1", memory_size=MEM, generation=generation,
                                checkpoint_seq=primary_seq, now=0.0, **primary_kw)
         self.wire: list[bytes] = []  # everything the primary sent, for replays
@@ -478,6 +480,81 @@ def test_disk_writes_go_to_a_real_file(tmp_path: os.PathLike) -> None:
             assert f.read()[3 * 512:6 * 512] == b"w" * 1536
     finally:
         os.close(fd)
+
+
+class UndoingSink(ImageSink):
+    """A DiskAheadSink over a bytearray disk: undoes what it wrote since a commit."""
+
+    def __init__(self) -> None:
+        super().__init__(MEM, disks={0: bytearray(DISK)})
+        self.undo: list[tuple[int, bytes]] = []
+        self.flushes = 0
+
+    def write_disk(self, disk_id: int, sector: int, data) -> None:
+        disk = self.disks[disk_id]
+        self.undo.append((sector * 512, bytes(disk[sector * 512:sector * 512 + len(data)])))
+        super().write_disk(disk_id, sector, data)
+
+    def flush_disks(self) -> None:
+        self.flushes += 1
+
+    def undo_disk_writes(self) -> None:
+        for offset, old in reversed(self.undo):
+            self.disks[0][offset:offset + len(old)] = old
+        self.undo.clear()
+
+    def commit(self, generation: int, seq: int) -> None:
+        self.undo.clear()
+        super().commit(generation, seq)
+
+
+@pytest.mark.parametrize("disk_ahead", [True, False])
+def test_disk_writes_sent_ahead_count_in_their_checkpoint(disk_ahead: bool) -> None:
+    """Written at once by a secondary that can undo them (durable at the end of
+    that read), staged by one that cannot; committed with their checkpoint either way."""
+    sink = UndoingSink()
+    pair = protected_pair(sink=sink, disk_ahead=disk_ahead)
+    pair.primary.send_ahead([DiskWrite(0, 4, b"a" * 1024), DiskWrite(0, 5, b"b" * 512)], now=1.0)
+    assert pair.to_secondary(1.0) == []
+    ahead = bytes(sink.disks[0][4 * 512:6 * 512])
+    assert ahead == (b"a" * 512 + b"b" * 512 if disk_ahead else bytes(1024))
+    assert sink.flushes == (1 if disk_ahead else 0)
+    seq = pair.primary.checkpoint(pair.mem, pair.dirty(2), [Vcpu(0, 1, b"r")], now=1.0)
+    assert isinstance(pair.to_secondary(1.0)[-1], Committed)   # END counted them
+    assert Acked(seq, 0.0) in pair.to_primary(1.0)
+    assert bytes(sink.disks[0][4 * 512:6 * 512]) == b"a" * 512 + b"b" * 512
+    pair.assert_mirrors_primary()
+    with pytest.raises(RuntimeError, match="ahead"):
+        Primary(name="kv1", memory_size=MEM, generation=1, checkpoint_seq=0,
+                now=0.0).send_ahead([DiskWrite(0, 1, b"x" * 512)], now=0.0)
+
+
+@pytest.mark.parametrize("end", ["connection lost", "bad checksum", "goodbye"])
+def test_disk_writes_sent_ahead_are_undone_when_their_checkpoint_is_discarded(end: str) -> None:
+    sink = UndoingSink()
+    pair = protected_pair(sink=sink, disk_ahead=True)
+    pair.primary.checkpoint(pair.mem, [], [DiskWrite(0, 4, b"k" * 512)], now=1.0)
+    pair.to_secondary(1.0)
+    pair.to_primary(1.0)
+    before = pair.snapshot()
+    pair.primary.send_ahead([DiskWrite(0, 4, b"x" * 512), DiskWrite(0, 4, b"y" * 1024)],
+                            now=2.0)
+    pair.to_secondary(2.0)
+    assert bytes(sink.disks[0][4 * 512:6 * 512]) == b"y" * 1024     # written at once
+    if end == "connection lost":
+        events = pair.secondary.connection_lost()
+    elif end == "bad checksum":
+        pair.primary.checkpoint(pair.mem, pair.dirty(3), now=2.0)
+        data = bytearray(pair.primary.data_to_send())
+        data[-5] ^= 1                              # inside END's checksum
+        with pytest.raises(ChecksumMismatch):
+            pair.secondary.receive_data(bytes(data), 2.0)
+        events = [Discarded("")]
+    else:
+        pair.primary.goodbye(now=2.0)
+        events = pair.to_secondary(2.0)
+    assert isinstance(events[0], Discarded)
+    assert pair.snapshot() == before          # disk included: both writes undone, in order
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

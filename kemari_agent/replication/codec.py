@@ -790,6 +790,15 @@ def encode(record: Record) -> bytes:
     return b"".join(encode_parts(record))
 
 
+_ACK_RECORD = struct.Struct("<HHIQQ")
+
+
+def encode_ack(seq: int, generation: int) -> bytes:
+    """encode(Ack(seq, generation)), without building the record: the secondary
+    sends one per checkpoint, right before the primary may go on."""
+    return _ACK_RECORD.pack(RecordType.ACK, 0, _QQ.size, seq, generation)
+
+
 def encode_error(exc: BaseException) -> bytes:
     """An ERROR record telling the peer why this side is closing."""
     code = exc.code if isinstance(exc, StreamError) else StreamError.code

@@ -53,6 +53,7 @@ from .codec import (
     XorPages,
     crc32,
     encode,
+    encode_ack,
 )
 from .delta import xor_buffers
 from .errors import (
@@ -450,7 +451,7 @@ class Secondary:
         self.has_checkpoint = True
         self.checkpoints += 1
         self.state = SecondaryState.PROTECTED
-        self._send(encode(Ack(seq, generation)), now)
+        self._send(encode_ack(seq, generation), now)
         events.append(Committed(seq, generation, self._records, self._pages, self._bytes))
         if was_syncing:
             events.append(SyncComplete(seq))

@@ -34,6 +34,7 @@ from kemari_agent.replication.codec import (
     Unknown,
     Vcpu,
     encode,
+    encode_ack,
     encode_error,
     pages_parts,
 )
@@ -259,3 +260,8 @@ def test_fuzz_bit_flips_and_truncation_raise_only_stream_errors(
     cut = data.draw(st.integers(0, len(wire)))
     _decode_all(bytes(wire[:cut]))
     _decode_all(bytes(wire))
+
+
+@given(u64, u64)
+def test_the_secondarys_ack_shortcut_gives_the_records_bytes(seq: int, generation: int) -> None:
+    assert encode_ack(seq, generation) == encode(Ack(seq, generation))

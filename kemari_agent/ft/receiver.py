@@ -307,8 +307,7 @@ class Receiver:
                        has_checkpoint=self.has_checkpoint, now=time.monotonic(),
                        heartbeat_interval=repl.heartbeat_ms / 1000,
                        peer_timeout=repl.peer_timeout_ms / 1000,
-                       config=self.settings, outdated=self.node.outdated,
-                       disk_ahead=self.sink.disk_fd is not None)
+                       config=self.settings, outdated=self.node.outdated)
         link = Link(channel, sm, repl.peer_timeout_ms / 1000)
         link.flush()
         return link
@@ -316,6 +315,9 @@ class Receiver:
     def _replace_session(self, link: Link, events: list) -> None:
         if self.link is not None:
             self._drop("a newer primary session replaces this one")
+        # Only now, the old session's torn checkpoint undone: disk writes may come
+        # ahead of their checkpoint (those of its first read were staged).
+        link.sm.disk_ahead = self.sink.disk_fd is not None
         self.link = link
         self.peer = f"{link.channel.peer[0]}:{link.channel.peer[1]}"
         self.handed_over = False
@@ -378,16 +380,22 @@ class Receiver:
         del self.rejections[:-20]
 
     def _session_failed(self, reason: str) -> None:
-        if self.link is not None:
-            for ev in self.link.sm.connection_lost():
-                if isinstance(ev, Discarded):
-                    self._reject(f"discarded a checkpoint: {ev.reason}")
+        self._discard_torn()
         self._reject(f"replication session ended: {reason}; keeping checkpoint "
                      f"{self.node.checkpoint_seq if self.has_checkpoint else 'none'}")
         self._drop(reason)
 
+    def _discard_torn(self) -> None:
+        """The session ends: a checkpoint it had begun is torn, and the disk writes
+        it sent ahead are undone (before a promotion or a newer session uses the disk)."""
+        if self.link is not None:
+            for ev in self.link.sm.connection_lost():
+                if isinstance(ev, Discarded):
+                    self._reject(f"discarded a checkpoint: {ev.reason}")
+
     def _drop(self, reason: str) -> None:
         if self.link is not None:
+            self._discard_torn()
             self.bytes_received += self.link.sm.bytes_received
             self.bytes_sent += self.link.bytes_sent
             self.link.close()

@@ -158,7 +158,9 @@ class Secondary:
         `outdated`: this node already knows its peer went on without it.
         `disk_ahead`: the sink is a DiskAheadSink. Protected, a DISK_WRITE is then
         written as it arrives and made durable at the end of that read, while the
-        primary makes its own copy durable; a discarded checkpoint's are undone."""
+        primary makes its own copy durable; a discarded checkpoint's are undone.
+        It may be switched on between reads: a checkpoint that has staged a
+        DISK_WRITE stages the rest of them too."""
         self.sink = sink
         self.disk_ahead = disk_ahead
         self.name = name
@@ -311,11 +313,14 @@ class Secondary:
             self._pages += record.page_count
             self._stage(record)
         elif isinstance(record, DiskWrite):
-            if self.disk_ahead and self.state is SecondaryState.PROTECTED:
+            # Ahead or staged, a checkpoint's writes all go the same way, in order.
+            if self.disk_ahead and self.state is SecondaryState.PROTECTED \
+                    and not self._staged_writes:
                 self.sink.write_disk(record.disk_id, record.sector, record.data)
                 self._wrote_ahead = self._unflushed = True
             else:
                 self._stage(record)
+                self._staged_writes = True
         elif isinstance(record, Vcpu | Device | XorBlob):
             blob = self._rebuild_blob(record) if isinstance(record, XorBlob) else record
             # The next BLOB_XOR's base, from now on: if this checkpoint does not
@@ -549,6 +554,7 @@ class Secondary:
         self._bytes = 0
         self._expanded = 0     # bytes PAGES_XOR deltas grew to
         self._wrote_ahead = self._unflushed = False    # disk_ahead: this checkpoint's
+        self._staged_writes = False
 
     def _discard(self, reason: str) -> None:
         if self.state is SecondaryState.SYNCING:

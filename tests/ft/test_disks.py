@@ -190,3 +190,51 @@ def test_disk_writes_sent_ahead_reach_the_disk_at_once_and_are_undone_if_torn(tm
         assert (digest["seq"], digest["sha256"]) == (good, kept)
     finally:
         lab.close()
+
+
+def test_writes_sent_ahead_by_a_session_that_ends_are_undone_before_anything_else(tmp_path):
+    """A session replaced by a newer one, or a daemon stopped, mid-checkpoint: its
+    disk writes sent ahead are undone first; the newer session's go on top."""
+    lab = FtLab(tmp_path, disk_mode="replicated", memory_mib=MEM >> 20)
+
+    def sectors(sector: int, count: int) -> bytes:
+        with open(lab.secondary.disk, "rb") as f:
+            f.seek(sector * 512)
+            return f.read(count * 512)
+
+    def wait_until(what, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < end, lab.secondary.log()
+            time.sleep(0.02)
+
+    try:
+        lab.secondary.start("secondary")
+        memory = bytearray(os.urandom(MEM))
+        old = FakePrimary(lab, memory)
+        old.full_sync()
+        good = send_checkpoint(old, [0], [DiskWrite(0, 64, b"G" * 512)])
+        old.sm.send_ahead([DiskWrite(0, 64, b"X" * 512), DiskWrite(0, 300, b"X" * 512)],
+                          now=time.monotonic())
+        old.send()
+        wait_until(lambda: sectors(300, 1) == b"X" * 512)
+        # the same primary, reconnected: its new session replaces the old one, whose
+        # connection stays open, its checkpoint unfinished
+        new = FakePrimary(lab, memory, seq=good, full=False)
+        wait_until(lambda: sectors(300, 1) == bytes(512))               # undone
+        assert sectors(64, 1) == b"G" * 512
+        new.sm.send_ahead([DiskWrite(0, 300, b"N" * 512)], now=time.monotonic())
+        new.send()
+        assert send_checkpoint(new, [1], []) == good + 1
+        assert sectors(300, 1) == b"N" * 512
+
+        new.sm.send_ahead([DiskWrite(0, 64, b"Y" * 512)], now=time.monotonic())
+        new.send()
+        wait_until(lambda: sectors(64, 1) == b"Y" * 512)
+        lab.secondary.kemari("stop", lab.name)          # a checkpoint still unfinished
+        wait_until(lambda: sectors(64, 1) == b"G" * 512)
+        assert sectors(300, 1) == b"N" * 512
+        old.close()
+        new.close()
+    finally:
+        lab.close()

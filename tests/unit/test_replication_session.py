@@ -529,6 +529,26 @@ def test_disk_writes_sent_ahead_count_in_their_checkpoint(disk_ahead: bool) -> N
                 now=0.0).send_ahead([DiskWrite(0, 1, b"x" * 512)], now=0.0)
 
 
+def test_a_checkpoint_that_staged_a_disk_write_stages_the_rest_in_order() -> None:
+    """disk_ahead switched on between two reads of one checkpoint (a new session
+    becoming the current one): its later writes are staged too, so the two
+    writes of one sector land in the order they were made."""
+    sink = UndoingSink()
+    pair = protected_pair(sink=sink)
+    pair.primary.send_ahead([DiskWrite(0, 4, b"1" * 512)], now=1.0)
+    pair.to_secondary(1.0)
+    pair.secondary.disk_ahead = True
+    pair.primary.send_ahead([DiskWrite(0, 4, b"2" * 512)], now=1.0)
+    pair.to_secondary(1.0)
+    assert bytes(sink.disks[0][4 * 512:5 * 512]) == bytes(512)      # both staged
+    pair.primary.checkpoint(pair.mem, [], now=1.0)
+    assert isinstance(pair.to_secondary(1.0)[-1], Committed)
+    assert bytes(sink.disks[0][4 * 512:5 * 512]) == b"2" * 512
+    pair.primary.send_ahead([DiskWrite(0, 4, b"3" * 512)], now=2.0)   # the next one: ahead
+    pair.to_secondary(2.0)
+    assert bytes(sink.disks[0][4 * 512:5 * 512]) == b"3" * 512
+
+
 @pytest.mark.parametrize("end", ["connection lost", "bad checksum", "goodbye"])
 def test_disk_writes_sent_ahead_are_undone_when_their_checkpoint_is_discarded(end: str) -> None:
     sink = UndoingSink()

@@ -920,6 +920,18 @@ class Decoder:
         """Bytes received but not yet part of a returned record."""
         return self._avail
 
+    def lone_ack(self, data: Buffer) -> Ack | None:
+        """`data` as the one ACK record it is, with nothing buffered before it:
+        what the primary reads after each checkpoint, decoded without the
+        general path. None for anything else (then feed() it)."""
+        if self._avail or self._first or self._error is not None \
+                or len(data) != _ACK_RECORD.size:
+            return None
+        rtype, flags, length, seq, generation = _ACK_RECORD.unpack(data)
+        if rtype != RecordType.ACK or flags or length != _QQ.size:
+            return None
+        return Ack(seq, generation)
+
     def feed(self, data: Buffer) -> list[Record]:
         """Records completed by `data` (may be empty)."""
         return [record for record, _ in self.feed_raw(data)]

@@ -273,9 +273,6 @@ def receive(data: Buffer, committed: Buffer, bases: dict[tuple[int, int, int], b
     rx = getattr(_work, "rx", None)        # read out before the next call
     if rx is None:
         rx = _work.rx = ffi.new("struct kcodec_rx *")
-    memory = getattr(_work, "committed", None)     # the same image, call after call
-    if memory is None or memory[0] is not committed:
-        memory = _work.committed = (committed, ffi.from_buffer(committed))
     rx.expected_seq, rx.generation = expected_seq, generation
     rx.queued_records, rx.queued_bytes, rx.queued_crc = queued
     rx.npages, rx.staging_limit = len(committed) // 4096, staging_limit
@@ -287,5 +284,5 @@ def receive(data: Buffer, committed: Buffer, bases: dict[tuple[int, int, int], b
         keep.append(pointer)
         base.len, base.type, base.ident, base.version = len(blob), type_, ident, version
     consumed = lib.kcodec_receive(rx, ffi.from_buffer(data), len(data),
-                                  memory[1], cbases, len(bases))
+                                  ffi.from_buffer(committed), cbases, len(bases))
     return ReceivedCheckpoint(rx, int(consumed)) if consumed > 0 else None

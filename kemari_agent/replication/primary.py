@@ -170,7 +170,8 @@ class Primary:
             self.liveness.received(now)
         try:
             events: list[Event] = []
-            for record in self._decoder.feed(data):
+            ack = self._decoder.lone_ack(data)
+            for record in (ack,) if ack is not None else self._decoder.feed(data):
                 self._on_record(record, now, events)
             return events
         except StreamError:

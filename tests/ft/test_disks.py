@@ -145,6 +145,20 @@ def test_full_disk_on_the_secondary_ends_the_session_and_keeps_the_checkpoint(tm
         lab.close()
 
 
+def sectors(lab: FtLab, sector: int, count: int) -> bytes:
+    """What the secondary's disk holds there."""
+    with open(lab.secondary.disk, "rb") as f:
+        f.seek(sector * 512)
+        return f.read(count * 512)
+
+
+def wait_until(lab: FtLab, what, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < end, lab.secondary.log()
+        time.sleep(0.02)
+
+
 def test_disk_writes_sent_ahead_reach_the_disk_at_once_and_are_undone_if_torn(tmp_path):
     """A replicated disk's writes may come ahead of their checkpoint (the primary
     sends them before its own fdatasync): the secondary writes them at once, and
@@ -152,27 +166,15 @@ def test_disk_writes_sent_ahead_reach_the_disk_at_once_and_are_undone_if_torn(tm
     as the last checkpoint left it."""
     lab = FtLab(tmp_path, disk_mode="replicated", memory_mib=MEM >> 20)
     sock = lab.secondary.dir / "run" / f"{lab.name}.sock"
-
-    def sectors(sector: int, count: int) -> bytes:
-        with open(lab.secondary.disk, "rb") as f:
-            f.seek(sector * 512)
-            return f.read(count * 512)
-
-    def wait_until(what, timeout: float = 10.0) -> None:
-        end = time.monotonic() + timeout
-        while not what():
-            assert time.monotonic() < end, lab.secondary.log()
-            time.sleep(0.02)
-
     try:
         lab.secondary.start("secondary")
         memory = bytearray(os.urandom(MEM))
         fake = FakePrimary(lab, memory)
         fake.full_sync()
-        before = sectors(64, 8)
+        before = sectors(lab, 64, 8)
         fake.sm.send_ahead([DiskWrite(0, 64, b"A" * 4096)], now=time.monotonic())
         fake.send()
-        wait_until(lambda: sectors(64, 8) == b"A" * 4096)          # no END sent yet
+        wait_until(lab, lambda: sectors(lab, 64, 8) == b"A" * 4096)    # no END sent yet
         memory[0:4] = b"good"
         good = send_checkpoint(fake, [0], [])
         kept = hashlib.sha256(memory).hexdigest()
@@ -180,11 +182,12 @@ def test_disk_writes_sent_ahead_reach_the_disk_at_once_and_are_undone_if_torn(tm
         fake.sm.send_ahead([DiskWrite(0, 64, b"B" * 4096), DiskWrite(0, 200, b"C" * 512)],
                            now=time.monotonic())
         fake.send()
-        wait_until(lambda: sectors(200, 1) == b"C" * 512)
+        wait_until(lab, lambda: sectors(lab, 200, 1) == b"C" * 512)
         fake.close()                                              # ... and its END never comes
-        wait_until(lambda: any("discarded a checkpoint" in e
-                               for e in lab.secondary.status()["recent_errors"]))
-        assert sectors(64, 8) == b"A" * 4096 and sectors(200, 1) == bytes(512)   # undone
+        wait_until(lab, lambda: any("discarded a checkpoint" in e
+                                    for e in lab.secondary.status()["recent_errors"]))
+        assert sectors(lab, 64, 8) == b"A" * 4096                           # undone
+        assert sectors(lab, 200, 1) == bytes(512)
         assert before != b"A" * 4096
         digest = request(sock, "checkpoint-digest")
         assert (digest["seq"], digest["sha256"]) == (good, kept)
@@ -196,18 +199,6 @@ def test_writes_sent_ahead_by_a_session_that_ends_are_undone_before_anything_els
     """A session replaced by a newer one, or a daemon stopped, mid-checkpoint: its
     disk writes sent ahead are undone first; the newer session's go on top."""
     lab = FtLab(tmp_path, disk_mode="replicated", memory_mib=MEM >> 20)
-
-    def sectors(sector: int, count: int) -> bytes:
-        with open(lab.secondary.disk, "rb") as f:
-            f.seek(sector * 512)
-            return f.read(count * 512)
-
-    def wait_until(what, timeout: float = 10.0) -> None:
-        end = time.monotonic() + timeout
-        while not what():
-            assert time.monotonic() < end, lab.secondary.log()
-            time.sleep(0.02)
-
     try:
         lab.secondary.start("secondary")
         memory = bytearray(os.urandom(MEM))
@@ -217,23 +208,23 @@ def test_writes_sent_ahead_by_a_session_that_ends_are_undone_before_anything_els
         old.sm.send_ahead([DiskWrite(0, 64, b"X" * 512), DiskWrite(0, 300, b"X" * 512)],
                           now=time.monotonic())
         old.send()
-        wait_until(lambda: sectors(300, 1) == b"X" * 512)
+        wait_until(lab, lambda: sectors(lab, 300, 1) == b"X" * 512)
         # the same primary, reconnected: its new session replaces the old one, whose
         # connection stays open, its checkpoint unfinished
         new = FakePrimary(lab, memory, seq=good, full=False)
-        wait_until(lambda: sectors(300, 1) == bytes(512))               # undone
-        assert sectors(64, 1) == b"G" * 512
+        wait_until(lab, lambda: sectors(lab, 300, 1) == bytes(512))        # undone
+        assert sectors(lab, 64, 1) == b"G" * 512
         new.sm.send_ahead([DiskWrite(0, 300, b"N" * 512)], now=time.monotonic())
         new.send()
         assert send_checkpoint(new, [1], []) == good + 1
-        assert sectors(300, 1) == b"N" * 512
+        assert sectors(lab, 300, 1) == b"N" * 512
 
         new.sm.send_ahead([DiskWrite(0, 64, b"Y" * 512)], now=time.monotonic())
         new.send()
-        wait_until(lambda: sectors(64, 1) == b"Y" * 512)
+        wait_until(lab, lambda: sectors(lab, 64, 1) == b"Y" * 512)
         lab.secondary.kemari("stop", lab.name)          # a checkpoint still unfinished
-        wait_until(lambda: sectors(64, 1) == b"G" * 512)
-        assert sectors(300, 1) == b"N" * 512
+        wait_until(lab, lambda: sectors(lab, 64, 1) == b"G" * 512)
+        assert sectors(lab, 300, 1) == b"N" * 512
         old.close()
         new.close()
     finally:

@@ -265,3 +265,24 @@ def test_fuzz_bit_flips_and_truncation_raise_only_stream_errors(
 @given(u64, u64)
 def test_the_secondarys_ack_shortcut_gives_the_records_bytes(seq: int, generation: int) -> None:
     assert encode_ack(seq, generation) == encode(Ack(seq, generation))
+
+
+def test_a_lone_ack_is_taken_only_when_it_is_exactly_one_ack_after_the_hello() -> None:
+    """Decoder.lone_ack, the primary's shortcut: the same Ack as the general path
+    for exactly one ACK record; None whenever the general path must decide."""
+    ack = encode(Ack(7, 3))
+    d = Decoder()
+    assert d.lone_ack(ack) is None                        # a stream must open with HELLO
+    assert d.feed(encode(HELLO)) == [HELLO]
+    assert d.lone_ack(ack) == Ack(7, 3) == d.feed(ack)[0]
+    assert d.lone_ack(ack + ack) is None                  # two records
+    assert d.lone_ack(encode(Heartbeat(1, 2))) is None    # as long as an ACK, not one
+    assert d.lone_ack(ack[:2] + b"\x01\x00" + ack[4:]) is None        # flags set
+    assert d.feed(ack[:5]) == []
+    assert d.lone_ack(ack) is None                        # a record begun before it
+    assert d.feed(ack[5:]) == [Ack(7, 3)]
+    broken = Decoder()
+    broken.feed(encode(HELLO))
+    with pytest.raises(StreamError):
+        broken.feed(b"\xff" * 8 + bytes(16))
+    assert broken.lone_ack(ack) is None                   # a failed decoder stays failed

@@ -582,3 +582,18 @@ def test_two_blobs_of_one_kind_in_a_checkpoint_chain_their_deltas() -> None:
     assert isinstance(events[-1], Committed)
     assert pair.primary.blob_bases.stats["xor_blobs"] == 2
     assert pair.sink.vcpus[7] == (2, second)
+
+
+def test_the_c_reader_keeps_no_hold_on_the_image_it_reads() -> None:
+    """A secondary's machine releases its memory view when it closes: a buffer
+    export the reader kept between calls would make that fail."""
+    pair = protected_pair(delta_cache_pages=8)
+    taken = []
+    for pfn in (1, 2, 1):
+        pair.dirty(pfn)
+        pair.primary.checkpoint(pair.mem, [pfn], [Vcpu(0, 2, bytes(64))], now=0.0)
+        taken += pair.to_secondary()
+        pair.to_primary()
+    assert [type(e) for e in taken] == [Committed] * 3
+    pair.assert_mirrors_primary()
+    pair.sink.memory.release()           # BufferError if an export were still held

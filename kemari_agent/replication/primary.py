@@ -365,10 +365,7 @@ class Primary:
         checkpoint, like pages dirtied during a round."""
         if self.state is not PrimaryState.SYNCING or self.sync_seq is not None:
             raise RuntimeError("sync_disk is only allowed during a full sync's rounds")
-        parts: list[Buffer] = []
-        for write in writes:
-            parts.extend(encode_parts(write))
-        self._queue(parts, len(writes), 0, now)
+        self._queue_disk_writes(writes, now)
 
     def send_ahead(self, writes: Sequence[DiskWrite], *, now: float) -> None:
         """Queue replicated-disk writes now, ahead of the checkpoint they belong
@@ -377,10 +374,7 @@ class Primary:
         can still undo them."""
         if self.state is not PrimaryState.PROTECTED:
             raise RuntimeError(f"cannot send disk writes ahead in state {self.state.value}")
-        parts: list[Buffer] = []
-        for write in writes:
-            parts.extend(encode_parts(write))
-        self._queue(parts, len(writes), 0, now)
+        self._queue_disk_writes(writes, now)
 
     def end_sync_round(self, pages_remaining: int, *, now: float) -> bool:
         """Close a pre-copy round, `pages_remaining` being the pages dirtied during it.
@@ -429,6 +423,12 @@ class Primary:
         self.bytes_sent += len(data)
         self._outbox.append(data)
         self.liveness.sent(now)
+
+    def _queue_disk_writes(self, writes: Sequence[DiskWrite], now: float) -> None:
+        parts: list[Buffer] = []
+        for write in writes:
+            parts.extend(encode_parts(write))
+        self._queue(parts, len(writes), 0, now)
 
     def _on_record(self, record: Record, now: float, events: list[Event]) -> None:
         if self.state is PrimaryState.HANDSHAKE and not isinstance(record, Hello | Error):

@@ -46,8 +46,17 @@ def test_pair_scores_fencing_failover(cluster_nodes, vm_config):
         assert cib.score(n.node, name) == 5
         assert cib.node_attr(n.node, f"kemari-{name}-sync") == "disconnected"
 
-    # promote node1: cold boot; its peer (node2, from [replication.nodes]) syncs
-    ok(node1.run("promote"))
+    # promote node1: cold boot; its peer (node2, from [replication.nodes]) syncs.
+    # node2 is held stopped until the guest's first output (formatting its blank
+    # disk) has left: node1 must fence node2 before that output, and a fast sync
+    # would otherwise win the race and leave nothing unprotected to fence for.
+    pid2 = node2.pid()
+    os.kill(pid2, signal.SIGSTOP)
+    try:
+        ok(node1.run("promote"))
+        wait_for("node1 fences node2", lambda: "peer fenced" in node1.log(), detail=node1.log)
+    finally:
+        os.kill(pid2, signal.SIGCONT)
     ok(node1.run("monitor"), PROMOTED)
     assert cib.score("node1", name) == 10000
     assert cib.node_attr("node1", f"kemari-{name}-last-generation", transient=False) == "1"
@@ -57,8 +66,7 @@ def test_pair_scores_fencing_failover(cluster_nodes, vm_config):
     assert cib.score("node2", name) == 1000
     assert cib.node_attr("node2", f"kemari-{name}-sync") == "synced"
     assert cib.node_attr("node2", f"kemari-{name}-generation") == "1"
-    # node1 released output before node2 was in sync: it fenced node2, then lifted it
-    assert "peer fenced" in node1.log()
+    # node2 in sync again: node1 lifts the fence
     wait_for("node1 lifts the fence", lambda: not node1.status(name)["peer_fence"]["fenced"],
              detail=node1.log)
     assert cib.fenced_for(clone) is None

@@ -28,12 +28,34 @@ class Link:
         self.io_timeout = io_timeout
         self.bytes_sent = 0
         self.recv_ns = self.decoded_ns = 0    # KEMARI_STAGES=1: last read's moments
+        self.early_ns: tuple[int, int] | None = None   # and its early send's (send_early)
+        self.early_sent_at = 0.0          # time.monotonic() of the last early send
+        self._send_failed: str | None = None
         channel.settimeout(io_timeout)
 
     def fileno(self) -> int:
         return self.channel.fileno()
 
+    def send_early(self, data: bytes) -> None:
+        """Bytes out in the middle of the state machine's work (Secondary.send_early).
+        A failed send is not raised here, where the caller is halfway through a
+        checkpoint, but by the next flush(), once the pass has finished it."""
+        if self._send_failed is not None:
+            return
+        ready = stages.now_ns() if stages.ENABLED else 0
+        try:
+            self.channel.send_all(data)
+        except TransportError as exc:
+            self._send_failed = str(exc)
+            return
+        self.bytes_sent += len(data)
+        self.early_sent_at = time.monotonic()
+        if ready:
+            self.early_ns = (ready, stages.now_ns())
+
     def flush(self) -> None:
+        if self._send_failed is not None:
+            raise SessionLost(self._send_failed)
         data = self.sm.data_to_send()
         if data:
             try:

@@ -520,8 +520,6 @@ class Protector:
         seq = link.sm.checkpoint(self.machine.mem, pfns, records, now=time.monotonic())
         if trace is not None:
             trace.mark("encoded")
-        self._sent(seq, pfns, records)
-        self._take_disk_log()           # in `records`: a resync resends them until acked
         block = self.vmm.block
         if self.epoch_mode and block is not None and block.has_work():
             self._held_block.append((seq, block.position()))
@@ -529,9 +527,15 @@ class Protector:
             data = link.sm.data_to_send()
             link.channel.send_all(data[: len(data) // 2])
             self.faults.die()
-        link.flush()
-        if trace is not None:
-            trace.mark("sent")
+        try:
+            link.flush()
+        finally:
+            if trace is not None:
+                trace.mark("sent")
+            # After the send, while the secondary works; also when the send fails:
+            # a resync resends what was harvested for it.
+            self._sent(seq, pfns, records)
+            self._take_disk_log()           # in `records`: a resync resends them until acked
         if wait:
             self._check_peer_events(
                 link.wait_for(lambda: link.sm.is_acked(seq), self.timeout_s))

@@ -44,6 +44,11 @@ from .settings import pair_settings
 
 log = logging.getLogger(__name__)
 
+# A verified checkpoint's ACK leaves before this node applies and records it, so
+# the primary's wake-up overlaps that work (Secondary._ack_early says when it may).
+# KEMARI_EARLY_ACK=0: the bench's switch (the ACK then waits for both).
+EARLY_ACK = os.environ.get("KEMARI_EARLY_ACK", "1") != "0"
+
 
 class StandbySink(ImageSink):
     """ImageSink into the standby VM's RAM. Replicated disk writes are applied
@@ -170,8 +175,10 @@ class Receiver:
         self.peer: str | None = None
         self.checkpoints = 0
         self.bytes_received = 0
+        self.early_acks = 0
         self.bytes_sent = 0
-        # read that completed a checkpoint -> its ACK sent (apply, record, send)
+        # read that completed a checkpoint -> its ACK sent (after apply and record,
+        # or before them: an early ACK)
         self.ack_latencies: collections.deque[float] = collections.deque(maxlen=2000)
         self.last_commit_at: float | None = None
         self.sync_progress: dict | None = None
@@ -199,6 +206,7 @@ class Receiver:
                 "last_checkpoint_age_ms": age,
                 "bytes_received": self.bytes_received + (link.sm.bytes_received if link else 0),
                 "bytes_sent": self.bytes_sent + (link.bytes_sent if link else 0),
+                "early_acks": self.early_acks + (link.sm.early_acks if link else 0),
                 "latency_us": {"p50": pct(0.5), "p99": pct(0.99)},
                 "incoming": self.admission.status(),
                 "sync": self.sync_progress,
@@ -260,7 +268,8 @@ class Receiver:
                     pass
             if self.link is not None:
                 try:
-                    # ACKs leave only after this node has recorded what they acknowledge
+                    # ACKs leave only after this node has recorded what they acknowledge,
+                    # but for an early one, whose record need not be durable (_ack_early)
                     started = time.monotonic()
                     events = self.link.read(flush=False) \
                         if self.link.fileno() in readable else []
@@ -270,7 +279,8 @@ class Receiver:
                     if self.link is not None:
                         handled = stages.now_ns() if woke else 0
                         self.link.flush()
-                        acked = time.monotonic()
+                        acked = self.link.early_sent_at or time.monotonic()
+                        self.link.early_sent_at = 0.0
                         self.ack_latencies.extend(acked - started for ev in events
                                                   if isinstance(ev, Committed))
                         if woke:
@@ -289,9 +299,14 @@ class Receiver:
         committed = [ev.seq for ev in events if isinstance(ev, Committed)]
         if not committed:
             return
+        moments = {"decoded": decoded, "handled": handled, "ack_sent": stages.now_ns()}
+        if link.early_ns is not None:       # the ACK left first; apply and record after it
+            ready, sent = link.early_ns
+            moments = {"decoded": ready, "handled": ready, "ack_sent": sent,
+                       "after_ack": handled}
+            link.early_ns = None
         self.stages.pending = {"wake": first, "last_wake": woke, "recv": link.recv_ns,
-                               "decoded": decoded, "apply": self.sink.apply_ns,
-                               "handled": handled, "ack_sent": stages.now_ns()}
+                               "apply": self.sink.apply_ns, **moments}
         for seq in committed:
             self.stages.close(seq)
         self.sink.apply_ns = 0
@@ -318,6 +333,8 @@ class Receiver:
         # Only now, the old session's torn checkpoint undone: disk writes may come
         # ahead of their checkpoint (those of its first read were staged).
         link.sm.disk_ahead = self.sink.disk_fd is not None
+        if EARLY_ACK:
+            link.sm.send_early = link.send_early
         self.link = link
         self.peer = f"{link.channel.peer[0]}:{link.channel.peer[1]}"
         self.handed_over = False
@@ -397,6 +414,7 @@ class Receiver:
         if self.link is not None:
             self._discard_torn()
             self.bytes_received += self.link.sm.bytes_received
+            self.early_acks += self.link.sm.early_acks
             self.bytes_sent += self.link.bytes_sent
             self.link.close()
             self.link = None

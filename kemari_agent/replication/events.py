@@ -26,7 +26,8 @@ class Acked:
 
 @dataclass(frozen=True)
 class Committed:
-    """Secondary: checkpoint `seq` was applied atomically and its ACK is queued."""
+    """Secondary: checkpoint `seq` was applied atomically and its ACK is queued (or
+    already sent: Secondary.send_early)."""
 
     seq: int
     generation: int

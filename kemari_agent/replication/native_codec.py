@@ -249,16 +249,35 @@ def _scratch(size: int, name: str):
 
 
 class ReceivedCheckpoint:
-    """What kcodec_receive staged: valid until the thread's next receive()."""
+    """What kcodec_receive staged: valid until the thread's next receive(). Only
+    seq and consumed are read at once; the rest when asked for, after the ACK
+    may have left (Secondary._ack_early)."""
 
     def __init__(self, rx, consumed: int) -> None:
+        self._rx = rx
         self.consumed = consumed
         self.seq = int(rx.seq)
-        self.records, self.pages, self.bytes = int(rx.records), int(rx.pages), int(rx.bytes)
-        self.pfns = ffi.unpack(rx.pfns, rx.n_pfns) if rx.n_pfns else []
-        self.data = ffi.buffer(rx.data, rx.n_pfns * 4096) if rx.n_pfns else b""
-        self.blobs = [(int(b.type), int(b.ident), int(b.version), ffi.buffer(b.data, b.len)[:])
-                      for b in (rx.blobs[i] for i in range(rx.n_blobs))]
+
+    def counts(self) -> tuple[int, int, int]:
+        """The checkpoint's records, pages and bytes."""
+        rx = self._rx
+        return int(rx.records), int(rx.pages), int(rx.bytes)
+
+    @property
+    def pfns(self) -> list[int]:
+        rx = self._rx
+        return ffi.unpack(rx.pfns, rx.n_pfns) if rx.n_pfns else []
+
+    @property
+    def data(self):
+        rx = self._rx
+        return ffi.buffer(rx.data, rx.n_pfns * 4096) if rx.n_pfns else b""
+
+    @property
+    def blobs(self) -> list[tuple[int, int, int, bytes]]:
+        rx = self._rx
+        return [(int(b.type), int(b.ident), int(b.version), ffi.buffer(b.data, b.len)[:])
+                for b in (rx.blobs[i] for i in range(rx.n_blobs))]
 
 
 def receive(data: Buffer, committed: Buffer, bases: dict[tuple[int, int, int], bytes], *,

@@ -410,9 +410,23 @@ class Receiver:
                 if isinstance(ev, Discarded):
                     self._reject(f"discarded a checkpoint: {ev.reason}")
 
+    def _keep_what_the_session_did(self) -> None:
+        """An error later in a read loses the events of what that read did before
+        it: a checkpoint it committed (whose ACK may have left early) is recorded
+        all the same, and an image it left torn is no longer promotable."""
+        sm = self.link.sm
+        if sm.checkpoints and sm.consistent and \
+                (sm.generation, sm.checkpoint_seq) != (self.node.generation,
+                                                       self.node.checkpoint_seq):
+            self.has_checkpoint = True
+            self.node.record(sm.generation, sm.checkpoint_seq)
+        if not sm.consistent and self.node.consistent:
+            self.node.mark(consistent=False)
+
     def _drop(self, reason: str) -> None:
         if self.link is not None:
             self._discard_torn()
+            self._keep_what_the_session_did()
             self.bytes_received += self.link.sm.bytes_received
             self.early_acks += self.link.sm.early_acks
             self.bytes_sent += self.link.bytes_sent

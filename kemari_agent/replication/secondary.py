@@ -437,19 +437,28 @@ class Secondary:
             if got is None:
                 break
             acked = self._ack_early(got.seq, now)
-            pfns = got.pfns
-            if pfns:
-                self.sink.apply_pages(pfns, got.data, ())
-            for type_, ident, version, blob in got.blobs:
-                self._blobs[(type_, ident, version)] = blob
-                if type_ == RecordType.VCPU:
-                    self.sink.set_vcpu(ident, version, blob)
-                else:
-                    self.sink.set_device(ident, version, blob)
+            try:
+                self._apply_received(got)
+            except Exception as exc:
+                # The image may hold part of this checkpoint, which the primary
+                # may already count as held (an early ACK): no state to resume.
+                self.consistent = False
+                raise ApplyError(f"cannot apply checkpoint {got.seq}: {exc}") from exc
             self._records, self._pages, self._bytes = got.counts()
             self._commit(got.seq, self._session_generation, events, now, acked=acked)
             data = data[got.consumed:]
         return data
+
+    def _apply_received(self, got: native_codec.ReceivedCheckpoint) -> None:
+        pfns = got.pfns
+        if pfns:
+            self.sink.apply_pages(pfns, got.data, ())
+        for type_, ident, version, blob in got.blobs:
+            self._blobs[(type_, ident, version)] = blob
+            if type_ == RecordType.VCPU:
+                self.sink.set_vcpu(ident, version, blob)
+            else:
+                self.sink.set_device(ident, version, blob)
 
     def _ack_early(self, seq: int, now: float) -> bool:
         """The ACK of checkpoint `seq`, verified and staged whole, sent now through

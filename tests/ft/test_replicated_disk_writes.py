@@ -34,9 +34,10 @@ def test_a_put_takes_one_checkpoint_and_survives_failover(tmp_path):
             # ... and each log write went to the secondary before the primary's own
             # fdatasync, ahead of the reply's checkpoint
             assert lab.primary.status()["disk_writes_ahead"] >= PUTS
-            # the secondary acknowledged most checkpoints before applying them
+            # the secondary acknowledged checkpoints before applying them (not those
+            # that arrived in one read with their writes: those are staged)
             early = lab.secondary.status()["early_acks"]
-            assert early >= PUTS // 2, early
+            assert early >= PUTS // 4, early
         # each reply left after a checkpoint of its own; the log writes took none
         # (with one per write as well, it would be 2 x PUTS or more)
         assert PUTS <= took <= PUTS * 1.3, took

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 
 import pytest
 from ftlab import MEM, VCPU, FakePrimary, FtLab
@@ -25,63 +26,57 @@ def wait_for(what, timeout: float = 30.0):
     raise AssertionError(f"timed out waiting for {what.__doc__ or what}")
 
 
-def protected_fake(lab: FtLab, memory: bytearray) -> FakePrimary:
-    """A FakePrimary past its full sync and one checkpoint, sending deltas
-    (the secondary's C reader, which alone acknowledges early, needs them)."""
-    fake = FakePrimary(lab, memory, delta_cache_pages=64)
-    fake.full_sync()
-    memory[:4096] = os.urandom(4096)
-    fake.checkpoint([0])
-    return fake
-
-
-def test_a_checkpoint_acked_early_is_kept_when_the_rest_of_its_read_is_refused(tmp_path):
+@pytest.fixture
+def pair(tmp_path) -> Iterator[tuple[FtLab, FakePrimary, bytearray]]:
+    """A secondary daemon, and a FakePrimary past its full sync and one
+    checkpoint, sending deltas (the secondary's C reader, which alone
+    acknowledges early, needs them); with the fake guest memory."""
     lab = FtLab(tmp_path, memory_mib=MEM >> 20)
-    node = lab.secondary
     memory = bytearray(os.urandom(MEM))
     try:
-        node.start("secondary")
-        fake = protected_fake(lab, memory)
-        early = node.status()["early_acks"]
-        memory[4096:8192] = os.urandom(4096)
-        good, first = fake.build([1])
-        memory[8192:12288] = os.urandom(4096)
-        fake.sm.max_outstanding = 2
-        _bad, second = fake.build([2])
-        broken = bytearray(second)
-        broken[-1] ^= 0xFF                       # the END's checksum no longer matches
-        fake.send(first + bytes(broken))         # one write: the daemon reads both at once
-        fake.pump(lambda: fake.sm.is_acked(good))
-        assert fake.sm.is_acked(good)            # acknowledged early, before the bad one
-        st = wait_for(lambda: (s := node.status())["state"] == "standalone" and s)
-        assert st["early_acks"] == early + 1, st
-        # the refused checkpoint ended the session; the acknowledged one stays recorded
-        assert st["checkpoint_seq"] == good and st["has_checkpoint"], st
-        assert st["consistent"] and st["promotable"], st
+        lab.secondary.start("secondary")
+        fake = FakePrimary(lab, memory, delta_cache_pages=64)
+        fake.full_sync()
+        memory[:4096] = os.urandom(4096)
+        fake.checkpoint([0])
+        yield lab, fake, memory
         fake.close()
     finally:
         lab.close()
 
 
-def test_an_image_torn_after_an_early_ack_is_not_promotable(tmp_path):
-    lab = FtLab(tmp_path, memory_mib=MEM >> 20)
+def test_a_checkpoint_acked_early_is_kept_when_the_rest_of_its_read_is_refused(pair):
+    lab, fake, memory = pair
     node = lab.secondary
-    memory = bytearray(os.urandom(MEM))
-    try:
-        node.start("secondary")
-        fake = protected_fake(lab, memory)
-        memory[4096:8192] = os.urandom(4096)
-        # a vCPU record of a version this node cannot load: the C reader takes it
-        # (and acknowledges early), the daemon fails to apply it
-        seq = fake.sm.checkpoint(memory, [1], [Vcpu(0, 9, VCPU.blob), Device(0, 1, b"{}")],
-                                 now=time.monotonic())
-        fake.send()
-        fake.pump(lambda: fake.sm.is_acked(seq))
-        assert fake.sm.is_acked(seq)             # early, before the apply failed
-        st = wait_for(lambda: (s := node.status())["state"] == "standalone" and s)
-        assert not st["consistent"] and not st["promotable"], st
-        assert st["promote_blocker"].startswith("inconsistent"), st
-        assert "cannot apply checkpoint" in st["last_error"], st
-        fake.close()
-    finally:
-        lab.close()
+    early = node.status()["early_acks"]
+    memory[4096:8192] = os.urandom(4096)
+    good, first = fake.build([1])
+    memory[8192:12288] = os.urandom(4096)
+    fake.sm.max_outstanding = 2
+    _bad, second = fake.build([2])
+    broken = bytearray(second)
+    broken[-1] ^= 0xFF                       # the END's checksum no longer matches
+    fake.send(first + bytes(broken))         # one write: the daemon reads both at once
+    fake.pump(lambda: fake.sm.is_acked(good))
+    assert fake.sm.is_acked(good)            # acknowledged early, before the bad one
+    st = wait_for(lambda: (s := node.status())["state"] == "standalone" and s)
+    assert st["early_acks"] == early + 1, st
+    # the refused checkpoint ended the session; the acknowledged one stays recorded
+    assert st["checkpoint_seq"] == good and st["has_checkpoint"], st
+    assert st["consistent"] and st["promotable"], st
+
+
+def test_an_image_torn_after_an_early_ack_is_not_promotable(pair):
+    lab, fake, memory = pair
+    memory[4096:8192] = os.urandom(4096)
+    # a vCPU record of a version this node cannot load: the C reader takes it
+    # (and acknowledges early), the daemon fails to apply it
+    seq = fake.sm.checkpoint(memory, [1], [Vcpu(0, 9, VCPU.blob), Device(0, 1, b"{}")],
+                             now=time.monotonic())
+    fake.send()
+    fake.pump(lambda: fake.sm.is_acked(seq))
+    assert fake.sm.is_acked(seq)             # early, before the apply failed
+    st = wait_for(lambda: (s := lab.secondary.status())["state"] == "standalone" and s)
+    assert not st["consistent"] and not st["promotable"], st
+    assert st["promote_blocker"].startswith("inconsistent"), st
+    assert "cannot apply checkpoint" in st["last_error"], st

@@ -28,8 +28,9 @@ class Link:
         self.io_timeout = io_timeout
         self.bytes_sent = 0
         self.recv_ns = self.decoded_ns = 0    # KEMARI_STAGES=1: last read's moments
-        self.early_ns: tuple[int, int] | None = None   # and its early send's (send_early)
-        self.early_sent_at = 0.0          # time.monotonic() of the last early send
+        # The last early send (send_early): (ready, sent), time.monotonic_ns();
+        # the caller takes it once per pass.
+        self.early: tuple[int, int] | None = None
         self._send_failed: str | None = None
         channel.settimeout(io_timeout)
 
@@ -42,16 +43,14 @@ class Link:
         checkpoint, but by the next flush(), once the pass has finished it."""
         if self._send_failed is not None:
             return
-        ready = stages.now_ns() if stages.ENABLED else 0
+        ready = time.monotonic_ns()
         try:
             self.channel.send_all(data)
         except TransportError as exc:
             self._send_failed = str(exc)
             return
         self.bytes_sent += len(data)
-        self.early_sent_at = time.monotonic()
-        if ready:
-            self.early_ns = (ready, stages.now_ns())
+        self.early = (ready, time.monotonic_ns())
 
     def flush(self) -> None:
         if self._send_failed is not None:

@@ -279,19 +279,20 @@ class Receiver:
                     if self.link is not None:
                         handled = stages.now_ns() if woke else 0
                         self.link.flush()
-                        acked = self.link.early_sent_at or time.monotonic()
-                        self.link.early_sent_at = 0.0
+                        early, self.link.early = self.link.early, None
+                        acked = early[1] / 1e9 if early else time.monotonic()
                         self.ack_latencies.extend(acked - started for ev in events
                                                   if isinstance(ev, Committed))
                         if woke:
-                            self._trace(woke, decoded, handled, events)
+                            self._trace(woke, decoded, handled, events, early)
                 except SessionLost as exc:
                     self._session_failed(str(exc))
             admitted = self.admission.service(set(readable) | set(writable), time.monotonic())
             if admitted is not None:
                 self._replace_session(*admitted)
 
-    def _trace(self, woke: int, decoded: int, handled: int, events: list) -> None:
+    def _trace(self, woke: int, decoded: int, handled: int, events: list,
+               early: tuple[int, int] | None) -> None:
         """KEMARI_STAGES=1: the moments of each checkpoint this pass committed."""
         link = self.link
         first = self._first_wake or woke
@@ -300,11 +301,10 @@ class Receiver:
         if not committed:
             return
         moments = {"decoded": decoded, "handled": handled, "ack_sent": stages.now_ns()}
-        if link.early_ns is not None:       # the ACK left first; apply and record after it
-            ready, sent = link.early_ns
+        if early is not None:       # the ACK left first; apply and record after it
+            ready, sent = early
             moments = {"decoded": ready, "handled": ready, "ack_sent": sent,
                        "after_ack": handled}
-            link.early_ns = None
         self.stages.pending = {"wake": first, "last_wake": woke, "recv": link.recv_ns,
                                "apply": self.sink.apply_ns, **moments}
         for seq in committed:

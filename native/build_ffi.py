@@ -14,7 +14,7 @@ from cffi import FFI
 
 NATIVE = Path(__file__).resolve().parent
 HEADERS = ["kemari_abi.h", "vmm.h", "codec.h"]
-SOURCES = ["vmm.c", "codec.c"]
+SOURCES = ["vmm.c", "codec.c", "page_index.c"]
 
 
 def cdef_from_header(text: str) -> str:

@@ -355,6 +355,7 @@ int64_t kcodec_checkpoint(struct kcodec_ckpt *c, const uint8_t *mem, uint64_t me
 {
     if (!kcodec_bound())
         return -3;
+    c->xor_pages = c->xor_bytes = c->plain_pages = c->xor_blobs = c->xor_blob_bytes = 0;
     uint32_t n = n_hits + n_misses;
     if (n_cached > n_misses || n < n_hits)
         return -1;

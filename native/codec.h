@@ -51,6 +51,26 @@ int kcodec_same_pages(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfn
                       const uint32_t *slots, uint32_t n, const uint8_t *cache,
                       uint64_t cache_pages, uint8_t *same);
 
+/* Primary: the delta cache's index for the checkpoint writer (page_index.c):
+ * delta.PageCache's plan() and drop_unchanged() in C, the same slots in the
+ * same order (tests/unit compare the two). Slots go out 0, 1, 2..., then the
+ * least recently sent page's is reused. NULL: out of memory or a size of 0. */
+struct kcodec_index;
+struct kcodec_index *kcodec_index_new(uint32_t capacity, uint64_t guest_pages);
+void kcodec_index_free(struct kcodec_index *x);
+uint32_t kcodec_index_len(const struct kcodec_index *x);
+
+/* Plans one checkpoint of the distinct guest pages pfns[0..n), for
+ * kcodec_checkpoint: out_pfns gets the cached pages that changed since they
+ * were sent (hits, now the most recently sent), then the others (misses);
+ * out_slots the hits' slots, then the slots the last misses take (as many as
+ * the cache holds). Each out array holds n. counts: hits, misses, misses
+ * cached, and hits left out because their page equals its slot in `cache`.
+ * Returns 0, or -1 (nothing changed) for a pfn outside mem or named twice. */
+int kcodec_index_plan(struct kcodec_index *x, const uint8_t *mem, uint64_t mem_size,
+                      const uint8_t *cache, const uint64_t *pfns, uint32_t n,
+                      uint64_t *out_pfns, uint32_t *out_slots, uint32_t counts[4]);
+
 /* Secondary: delta[i] ^= page pfns[i] of mem, in place, so the delta becomes
  * the pages' new content. Returns 0, or -1 when a pfn lies outside mem. */
 int kcodec_xor_apply(const uint8_t *mem, uint64_t mem_size, const uint64_t *pfns, uint32_t n,
@@ -82,7 +102,7 @@ struct kcodec_item {
 
 /* The checkpoint's END counts what was queued for it before (heartbeats):
  * records, pages, bytes and the CRC-32 so far. The call adds its own and
- * fills in the statistics. */
+ * sets the statistics (out), so one struct serves every call. */
 struct kcodec_ckpt {
     uint64_t seq, generation;
     uint64_t bytes;

@@ -17,6 +17,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +69,14 @@ struct kvmm {
      * return from KVM_RUN, which saves a checkpoint two ioctls. `regs_synced`
      * says that copy is current: cleared whenever the VMM sets vCPU state. */
     int sync_regs, regs_synced;
+    /* Stopped at a port `out` (not string I/O) not yet completed. Where KVM
+     * emulates it (PVM), RIP is past it already and completing it changes
+     * nothing; where it does not (VMX, SVM), completing moves RIP. Each
+     * completion that could tell is counted, and kvmm_get_state_fast_at_out
+     * skips completing once it was a no-op OUT_NOOP_TRUSTED times and never
+     * moved RIP. */
+    int out_pending;
+    uint32_t out_noop_seen, out_moved_seen;
     /* The guest's TSC is the host's plus this offset, as long as the host's
      * TSC is stable and nobody set the guest's (KVM_VCPU_TSC_OFFSET); saves a
      * checkpoint the KVM_GET_MSRS. Re-read after the VMM restores state. */
@@ -83,6 +92,8 @@ struct kvmm_state_hdr {
 };
 
 #define MSR_IA32_TSC 0x10
+/* Completions of an `out` seen to change nothing before they are skipped. */
+#define OUT_NOOP_TRUSTED 3
 
 static __thread char err_buf[256];
 
@@ -363,6 +374,7 @@ int kvmm_run(struct kvmm *vm, struct kvmm_exit *ex)
     }
     memset(ex, 0, sizeof *ex);
     vm->regs_synced = 0;
+    vm->out_pending = 0;
     if (ioctl(vm->vcpu, KVM_RUN, 0) < 0) {
         if (errno == EINTR || errno == EAGAIN) {
             vm->regs_synced = vm->sync_regs;
@@ -381,6 +393,7 @@ int kvmm_run(struct kvmm *vm, struct kvmm_exit *ex)
         ex->io_port = run->io.port;
         ex->io_size = run->io.size;
         ex->io_count = run->io.count;
+        vm->out_pending = ex->io_dir && run->io.count == 1;
         if (ex->io_dir) {
             uint64_t v = 0;
             memcpy(&v, (uint8_t *)run + run->io.data_offset, run->io.size);
@@ -442,6 +455,9 @@ void kvmm_clear_kick(struct kvmm *vm)
 
 int kvmm_complete_pending(struct kvmm *vm)
 {
+    int at_out = vm->out_pending && vm->regs_synced;
+    uint64_t rip = vm->run->s.regs.regs.rip;
+    vm->out_pending = 0;
     vm->run->immediate_exit = 1;
     vm->regs_synced = 0;
     int r = ioctl(vm->vcpu, KVM_RUN, 0);
@@ -450,6 +466,12 @@ int kvmm_complete_pending(struct kvmm *vm)
     if (r == 0 || e != EINTR)
         return fail(r == 0 ? 0 : e, "KVM_RUN with immediate_exit did not return EINTR");
     vm->regs_synced = vm->sync_regs;
+    if (at_out && vm->regs_synced) {
+        if (vm->run->s.regs.regs.rip == rip)
+            vm->out_noop_seen++;
+        else
+            vm->out_moved_seen++;
+    }
     return 0;
 }
 
@@ -556,6 +578,19 @@ int64_t kvmm_get_state_fast(struct kvmm *vm, uint8_t *buf, uint64_t len)
                                   1, vm->xsave_len, KVMM_STATE_FAST, {0} };
     int r = get_fast_pieces(vm, buf + sizeof *h);
     return r < 0 ? r : (int64_t)need;
+}
+
+int64_t kvmm_get_state_fast_at_out(struct kvmm *vm, uint8_t *buf, uint64_t len)
+{
+    if (!vm->out_pending || !vm->regs_synced || vm->out_noop_seen < OUT_NOOP_TRUSTED
+            || vm->out_moved_seen)
+        return 0;
+    return kvmm_get_state_fast(vm, buf, len);
+}
+
+int kvmm_out_completion_moves_rip(struct kvmm *vm)
+{
+    return vm->out_moved_seen ? 1 : vm->out_noop_seen >= OUT_NOOP_TRUSTED ? 0 : -1;
 }
 
 /* KVM_SET_XSAVE takes a buffer of at least struct kvm_xsave; copy into one

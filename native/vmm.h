@@ -72,6 +72,14 @@ int64_t kvmm_get_state(struct kvmm *vm, uint8_t *buf, uint64_t len);
  * checkpoints. Applied on top of the last full blob it gives the full state,
  * because everything else needs CPL 0 to change. */
 int64_t kvmm_get_state_fast(struct kvmm *vm, uint8_t *buf, uint64_t len);
+/* The same at a port `out` not yet completed, without completing it (a
+ * KVM_RUN, ~10 us on PVM), where completing it has been seen to change
+ * nothing: KVM emulated the `out` and moved RIP past it before the exit (PVM
+ * does; VMX and SVM move RIP only when completing). Returns 0 where that is
+ * not known (then complete the exit first and save); the blob is the same
+ * either way. kvmm_out_completion_moves_rip: 1, 0, or -1 not known yet. */
+int64_t kvmm_get_state_fast_at_out(struct kvmm *vm, uint8_t *buf, uint64_t len);
+int kvmm_out_completion_moves_rip(struct kvmm *vm);
 /* Takes a full or a fast blob. */
 int kvmm_set_state(struct kvmm *vm, const uint8_t *buf, uint64_t len);
 

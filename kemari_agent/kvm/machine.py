@@ -149,10 +149,14 @@ class Machine:
 
     def get_vcpu_state_fast(self) -> bytes:
         """Only what a CPL-3 guest can change (native/vmm.h): for checkpoints,
-        applied on top of a full blob."""
-        self.complete_pending()
-        n = _check(lib.kvmm_get_state_fast(self._vm, self._state_buf, self._state_size),
-                   "saving vCPU state")
+        applied on top of a full blob. At a doorbell's `out` it is saved with
+        RIP past the instruction, without the KVM_RUN that completes it."""
+        n = _check(lib.kvmm_get_state_fast_at_out(self._vm, self._state_buf, self._state_size),
+                   "saving vCPU state") if self.io_pending else 0
+        if not n:
+            self.complete_pending()
+            n = _check(lib.kvmm_get_state_fast(self._vm, self._state_buf, self._state_size),
+                       "saving vCPU state")
         return ffi.buffer(self._state_buf, n)[:]
 
     def set_vcpu_state(self, blob: bytes) -> None:

@@ -171,24 +171,73 @@ def xor(a: Buffer, b: Buffer) -> bytearray:
 RAW = 0
 
 
-def write_checkpoint(memory: Buffer, hits: Sequence[int], slots: Sequence[int],
-                     misses: Sequence[int], cache: bytearray | None,
+class PageIndex:
+    """delta.PageCache for the C checkpoint writer: the same slots, order and
+    content, with plan() and drop_unchanged() done in C (kcodec_index_plan)
+    so that planning costs no Python per page. `arena` holds the pages' content
+    as last sent, as PageCache's does."""
+
+    def __init__(self, capacity: int, guest_pages: int) -> None:
+        if capacity <= 0:
+            raise ValueError("a page cache needs at least one slot")
+        index = lib.kcodec_index_new(capacity, guest_pages)
+        if index == ffi.NULL:
+            raise MemoryError(f"no memory for a page index of {capacity} slots")
+        self._index = ffi.gc(index, lib.kcodec_index_free)
+        self.capacity = capacity
+        self.arena = bytearray(capacity * PAGE_SIZE)
+        self.arena_ptr = ffi.from_buffer(self.arena)     # the arena never changes size
+        self.stats = {"xor_pages": 0, "xor_bytes": 0, "plain_pages": 0, "unchanged_pages": 0}
+        self.pfns = self.slots = ffi.NULL                 # plan()'s output, reused
+        self._room = 0
+        self._counts = ffi.new("uint32_t[4]")
+
+    def __len__(self) -> int:
+        return int(lib.kcodec_index_len(self._index))
+
+    def plan(self, mem, pfns: Sequence[int]) -> tuple[int, int, int]:
+        """Plans a checkpoint of the distinct pages `pfns` of `mem` (a cffi
+        buffer): self.pfns and self.slots as kcodec_checkpoint takes them.
+        Returns (hits, misses, misses cached)."""
+        n = len(pfns)
+        if n > self._room:
+            self._room = max(n, 64)
+            self.pfns = ffi.new("uint64_t[]", self._room)
+            self.slots = ffi.new("uint32_t[]", self._room)
+        counts = self._counts
+        if lib.kcodec_index_plan(self._index, mem, len(mem), self.arena_ptr,
+                                 ffi.new("uint64_t[]", pfns), n, self.pfns, self.slots,
+                                 counts) < 0:
+            raise ValueError("pfn outside guest memory or named twice")
+        self.stats["unchanged_pages"] += counts[3]
+        return counts[0], counts[1], counts[2]
+
+
+def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | None,
                      items: Sequence[tuple[int, int, int, Buffer, Buffer | None]],
                      item_records: int, item_pages: int, *, seq: int, generation: int,
                      queued: tuple[int, int, int, int], lz4_worth: float,
-                     ) -> tuple[bytearray, dict[str, int]]:
+                     blob_stats: dict[str, int] | None = None) -> bytearray:
     """A whole protected checkpoint, as Primary.checkpoint's Python path writes
-    it (native/codec.h, kcodec_checkpoint). `hits` go as PAGES_XOR against
-    their `slots` of `cache`, `misses` whole, the last of them into the
-    remaining slots; `items` are (type, id, version, data, base): a VCPU or
-    DEVICE blob with the base of its delta (or None), or RAW records, of which
-    there are `item_records` holding `item_pages` pages. `queued`: records,
-    pages, bytes and CRC-32 already queued for this checkpoint. Returns the
-    bytes and the statistics."""
-    pfns = list(hits) + list(misses)
-    n_cached = len(slots) - len(hits)
-    if pfns and min(pfns) < 0:
-        raise ValueError("pfn outside guest memory")
+    it (native/codec.h, kcodec_checkpoint). With a `cache`, the pages it holds
+    go as PAGES_XOR against their slots and the rest whole, the last of them
+    into slots (kcodec_index_plan); without one, all whole. `items` are (type,
+    id, version, data, base): a VCPU or DEVICE blob with the base of its delta
+    (or None), or RAW records, of which there are `item_records` holding
+    `item_pages` pages. `queued`: records, pages, bytes and CRC-32 already
+    queued for this checkpoint. The statistics go to the cache's and to
+    `blob_stats`. Returns the bytes."""
+    mem = ffi.from_buffer(memory)
+    if cache is not None:
+        n_hits, n_misses, n_cached = cache.plan(mem, pfns)
+        parr, sarr, cache_ptr, cache_pages = cache.pfns, cache.slots, cache.arena_ptr, \
+            cache.capacity
+    else:
+        if pfns and min(pfns) < 0:
+            raise ValueError("pfn outside guest memory")
+        n_hits, n_misses, n_cached = 0, len(pfns), 0
+        parr = ffi.new("uint64_t[]", pfns) if pfns else ffi.NULL
+        sarr, cache_ptr, cache_pages = ffi.NULL, ffi.NULL, 0
     keep = []
     citems = ffi.new("struct kcodec_item[]", len(items)) if items else ffi.NULL
     blob_bytes = raw_bytes = widest = 0
@@ -205,29 +254,33 @@ def write_checkpoint(memory: Buffer, hits: Sequence[int], slots: Sequence[int],
             raw_bytes += len(data)
         else:
             blob_bytes += len(data)
-    need = max(min(len(hits), MAX_PAGES_PER_RECORD) * PAGE_SIZE, widest)
+    need = max(min(n_hits, MAX_PAGES_PER_RECORD) * PAGE_SIZE, widest)
     scratch_ = _scratch(2 * need + need // 255 + 16, "work")     # the XOR, then its LZ4 block
-    out = _scratch(int(lib.kcodec_checkpoint_bound(len(hits), len(misses), len(items),
+    out = _scratch(int(lib.kcodec_checkpoint_bound(n_hits, n_misses, len(items),
                                                   blob_bytes)) + raw_bytes, "out")
-    c = ffi.new("struct kcodec_ckpt *")
+    c = getattr(_work, "ckpt", None)         # its statistics are reset by each call
+    if c is None:
+        c = _work.ckpt = ffi.new("struct kcodec_ckpt *")
     c.seq, c.generation, c.lz4_worth = seq, generation, lz4_worth
     c.records, c.pages, c.bytes, c.crc = queued
     c.item_records, c.item_pages = item_records, item_pages
-    cache_ptr = ffi.from_buffer(cache) if cache is not None else ffi.NULL
-    mem = ffi.from_buffer(memory)
     written = lib.kcodec_checkpoint(
-        c, mem, len(mem), ffi.new("uint64_t[]", pfns) if pfns else ffi.NULL,
-        ffi.new("uint32_t[]", slots) if slots else ffi.NULL, len(hits), len(misses),
-        n_cached, cache_ptr, len(cache) // 4096 if cache is not None else 0,
+        c, mem, len(mem), parr, sarr, n_hits, n_misses, n_cached, cache_ptr, cache_pages,
         scratch_, len(scratch_), citems, len(items), out, len(out))
     if written == -1:
         raise ValueError("pfn outside guest memory or slot outside the cache")
     if written < 0:
         raise RuntimeError(f"kcodec_checkpoint failed ({written})")
-    stats = {"xor_pages": c.xor_pages, "xor_bytes": c.xor_bytes, "plain_pages": c.plain_pages,
-             "xor_blobs": c.xor_blobs, "xor_blob_bytes": c.xor_blob_bytes}
+    if cache is not None:
+        stats = cache.stats
+        stats["xor_pages"] += c.xor_pages
+        stats["xor_bytes"] += c.xor_bytes
+        stats["plain_pages"] += c.plain_pages
+    if blob_stats is not None:
+        blob_stats["xor_blobs"] += c.xor_blobs
+        blob_stats["xor_bytes"] += c.xor_blob_bytes
     # A copy of what was written, not a view: the buffer serves the next call.
-    return bytearray(ffi.buffer(out, written)), stats
+    return bytearray(ffi.buffer(out, written))
 
 
 _work = threading.local()

@@ -135,7 +135,7 @@ class Primary:
         self.sync_round_acked = -1         # the last round the secondary applied
         self.sync_stats: dict[str, int] = {"lz4_pages": 0}   # pages sent as PAGES_LZ4
         self.delta_cache_pages = delta_cache_pages
-        self.delta_cache: PageCache | None = None     # negotiated at HELLO
+        self.delta_cache: PageCache | native_codec.PageIndex | None = None   # at HELLO
         self.blob_bases: BlobBases | None = None      # ditto
         # Why this session is a full sync (None: it resumes or resyncs).
         self.full_sync_reason: str | None = None
@@ -234,7 +234,9 @@ class Primary:
             if min(pfns) < 0 or max(pfns) >= len(memory) // PAGE_SIZE:
                 raise ValueError("pfn outside guest memory")
         seq = self.last_sent + 1
-        if native_codec.ENABLED and native_codec.CHECKPOINT_WRITER and not detect_zero:
+        if isinstance(delta, native_codec.PageIndex) or (
+                delta is None and native_codec.ENABLED and native_codec.CHECKPOINT_WRITER
+                and not detect_zero):
             data = self._write_checkpoint(memory, pfns, records, delta, seq)
         else:
             data = self._encode_checkpoint(memory, pfns, records, delta, seq, detect_zero)
@@ -299,11 +301,9 @@ class Primary:
         return data
 
     def _write_checkpoint(self, memory: Buffer, pfns: Sequence[int], records: Sequence[Record],
-                          delta: PageCache | None, seq: int) -> bytearray:
+                          delta: native_codec.PageIndex | None, seq: int) -> bytearray:
         """The same bytes as _encode_checkpoint, in one C call (native/codec.h):
-        here only the cache's bookkeeping and the records' bases."""
-        hits, slots, misses, _unchanged = delta.plan(memory, pfns) \
-            if delta is not None and pfns else ([], [], pfns, 0)
+        here only the records' bases."""
         items = []
         item_records = item_pages = 0
         for record in records:
@@ -316,17 +316,12 @@ class Primary:
                 item_records += 1
                 if isinstance(record, Pages):
                     item_pages += record.page_count
-        data, stats = native_codec.write_checkpoint(
-            memory, hits, slots, misses, delta.arena if delta is not None else None, items,
-            item_records, item_pages, seq=seq, generation=self.generation,
-            queued=(self._records, self._pages, self._bytes, self._crc), lz4_worth=LZ4_WORTH)
-        if delta is not None:
-            for key in ("xor_pages", "xor_bytes", "plain_pages"):
-                delta.stats[key] += stats[key]
-        if self.blob_bases is not None:
-            self.blob_bases.stats["xor_blobs"] += stats["xor_blobs"]
-            self.blob_bases.stats["xor_bytes"] += stats["xor_blob_bytes"]
-        return data
+        return native_codec.write_checkpoint(
+            memory, pfns, delta, items, item_records, item_pages, seq=seq,
+            generation=self.generation, queued=(self._records, self._pages, self._bytes,
+                                                self._crc),
+            lz4_worth=LZ4_WORTH,
+            blob_stats=self.blob_bases.stats if self.blob_bases is not None else None)
 
     def is_acked(self, seq: int) -> bool:
         """True once checkpoint `seq` (or a later one, or a resume HELLO or full
@@ -494,7 +489,11 @@ class Primary:
         self.sync_acks = bool(self.capabilities & hello.capabilities & Capability.SYNC_ACKS)
         if self.delta_cache_pages and self.capabilities & hello.capabilities \
                 & Capability.DELTAS:
-            self.delta_cache = PageCache(self.delta_cache_pages)
+            # the C writer keeps the cache's index in C; the same slots either way
+            self.delta_cache = native_codec.PageIndex(
+                self.delta_cache_pages, self.memory_size // PAGE_SIZE) \
+                if native_codec.ENABLED and native_codec.CHECKPOINT_WRITER \
+                else PageCache(self.delta_cache_pages)
             self.blob_bases = BlobBases()
         flags = HelloFlag(0) if resume else HelloFlag.RESYNC if resync else HelloFlag.FULL_SYNC
         if self.unprotected and version >= 2:

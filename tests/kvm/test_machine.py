@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import REPO, TESTGUEST
@@ -12,13 +13,15 @@ from helpers import REPO, TESTGUEST
 from kemari_agent.errors import KvmError
 from kemari_agent.kvm.boot import BootInfo, boot
 from kemari_agent.kvm.machine import EXIT_IO, EXIT_KICKED, PAGE_SIZE, Machine
-from kemari_agent.native import lib
+from kemari_agent.native import ffi, lib
 
 pytestmark = pytest.mark.kvm
 
 PORT_STEP, PORT_RESULT, PORT_EXIT = 0x600, 0x604, 0x50C
 MAILBOX = 0x9000
 ITERS, EVERY = 3_000_000, 10_000
+# KVM on PVM (these machines: ../shared/reference/FACTS.md) emulates port I/O
+ON_PVM = Path("/sys/module/kvm_pvm").exists()
 
 
 def guest_image() -> bytes:
@@ -109,6 +112,35 @@ def test_fast_state_equals_what_kvm_reports_by_ioctl():
         assert m.run().reason == EXIT_KICKED
         m.clear_kick()
         assert m.get_vcpu_state_fast()[SREGS_REGS] == m.get_vcpu_state()[SREGS_REGS]
+
+
+def test_fast_state_at_an_out_is_the_state_once_it_completes():
+    """At a doorbell's `out`, once completing it was seen to change nothing (KVM
+    emulated it and moved RIP already: PVM, as here), the fast blob is saved
+    without that KVM_RUN: the same bytes (but the TSC, read later) as after it.
+    Where completing moves RIP (VMX, SVM), it is never skipped."""
+    with compute_machine() as m:
+        buf = ffi.new("uint8_t[]", m._state_size)
+        saved_at_out = 0
+        for step in range(3, 12):
+            run_until(m, step)
+            n = lib.kvmm_get_state_fast_at_out(m._vm, buf, len(buf))
+            at_out = ffi.buffer(buf, n)[:]
+            m.complete_pending()
+            completed = m.get_vcpu_state_fast()
+            if n:
+                saved_at_out += 1
+                assert at_out[:-8] == completed[:-8]
+            assert lib.kvmm_get_state_fast_at_out(m._vm, buf, len(buf)) == 0   # completed
+        moves_rip = lib.kvmm_out_completion_moves_rip(m._vm)
+        assert moves_rip in (0, 1)
+        assert saved_at_out == (0 if moves_rip else 9 - 3)
+        if ON_PVM:
+            assert moves_rip == 0
+        m.kick(signal_thread=False)
+        assert m.run().reason == EXIT_KICKED
+        m.clear_kick()
+        assert lib.kvmm_get_state_fast_at_out(m._vm, buf, len(buf)) == 0      # no `out`
 
 
 def test_fast_state_after_a_restore_is_the_restored_state():

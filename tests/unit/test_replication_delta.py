@@ -597,3 +597,46 @@ def test_the_c_reader_keeps_no_hold_on_the_image_it_reads() -> None:
     assert [type(e) for e in taken] == [Committed] * 3
     pair.assert_mirrors_primary()
     pair.sink.memory.release()           # BufferError if an export were still held
+
+
+def test_the_c_page_index_plans_as_the_page_cache_does() -> None:
+    """native_codec.PageIndex (kcodec_index_plan) against delta.PageCache.plan
+    over many plans: the same hits, misses, slots and unchanged pages, and the
+    same number of pages held; both caches fill their slots alike."""
+    rng = random.Random(7)
+    mem = bytearray(rng.randbytes(MEM))
+    py, c = PageCache(5), native_codec.PageIndex(5, NPAGES)
+    cmem = native_codec.ffi.from_buffer(mem)
+    for _ in range(200):
+        pfns = rng.sample(range(NPAGES), rng.randint(0, 9))
+        for pfn in pfns:
+            if rng.random() < 0.7:
+                touch(mem, pfn, rng)
+        hits, slots, misses, _unchanged = py.plan(mem, pfns)
+        n_hits, n_misses, n_cached = c.plan(cmem, pfns)
+        got_pfns = native_codec.ffi.unpack(c.pfns, n_hits + n_misses) if pfns else []
+        got_slots = native_codec.ffi.unpack(c.slots, n_hits + n_cached) if pfns else []
+        assert (got_pfns, got_slots) == (hits + misses, slots)
+        assert (n_hits, n_misses, c.stats["unchanged_pages"]) == \
+            (len(hits), len(misses), py.stats["unchanged_pages"])
+        assert len(c) == len(py)
+        cached = misses[len(misses) - (len(slots) - len(hits)):]
+        for pfn, slot in zip(hits + cached, slots, strict=True):   # as the writer fills them
+            for arena in (py.arena, c.arena):
+                arena[slot * PAGE_SIZE:(slot + 1) * PAGE_SIZE] = \
+                    mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]
+
+
+def test_the_c_page_index_refuses_bad_pages_and_changes_nothing() -> None:
+    mem = bytearray(MEM)
+    cmem = native_codec.ffi.from_buffer(mem)
+    index = native_codec.PageIndex(4, NPAGES)
+    assert index.plan(cmem, [1, 2]) == (0, 2, 2)
+    for bad in ([3, NPAGES], [3, 4, 3], [-1]):
+        with pytest.raises((ValueError, OverflowError)):
+            index.plan(cmem, bad)
+        assert len(index) == 2
+    assert index.plan(cmem, [2, 3]) == (0, 1, 1)       # 2 unchanged: left out, 3 a miss
+    assert index.stats["unchanged_pages"] == 1
+    with pytest.raises(ValueError):
+        native_codec.PageIndex(0, NPAGES)

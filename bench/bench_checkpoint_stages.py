@@ -23,7 +23,9 @@ daemons on the machine's CPUs, and the CPU each daemon last ran on is
 recorded per run. A write on a TCP socket wakes its reader on the writer's
 CPU (a sync wake-up), so unpinned the two daemons mostly take turns on one
 CPU. "split CPUs" pins the primary to CPU 0 and the secondary to CPU 1, as
-two hosts would run them, and its floor's ping-pong likewise.
+two hosts would run them, and its floor's ping-pong and protected kv
+likewise; its kv is also compared with the unprotected daemon pinned to
+CPU 0, the primary's share of the machine.
 
 Run: python -m bench.bench_checkpoint_stages [--quick] [--runs N]
 """
@@ -31,7 +33,6 @@ Run: python -m bench.bench_checkpoint_stages [--quick] [--runs N]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import multiprocessing
 import os
 import socket
@@ -40,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import percentile, report
+from bench.common import percentile, pin, report
 
 # (stage, from moment, to moment, which daemon's clock pair)
 STAGES = [
@@ -89,13 +90,6 @@ def exit_round_trip(n: int = 20000) -> dict:
     times = times[100:-1]
     return {"p50": percentile(times, 50) / 1e3, "p99": percentile(times, 99) / 1e3,
             "n": len(times)}
-
-
-def _pin(pid: int, cpu: int) -> None:
-    """Every thread of pid onto one CPU (threads started later inherit it)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), {cpu})
 
 
 def _tls_server(key: str, port_q, nbytes: int, reply: int, n: int,
@@ -186,8 +180,8 @@ def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
         spid = lab.secondary.pid()
         ppid = lab.primary.pid()
         if cpus:
-            _pin(ppid, cpus[0])
-            _pin(spid, cpus[1])
+            pin(ppid, cpus[0])
+            pin(spid, cpus[1])
         time.sleep(0.5)                      # past the full sync's after-effects
         c0 = lab.secondary.status()["checkpoints"]
         p0 = lab.primary.status()
@@ -235,13 +229,23 @@ def sec_rows(status: dict) -> list[dict]:
     return status.get("stages", [])
 
 
-def kv_ratio(seconds: float, replication: str = "") -> dict:
+def kv_ratio(seconds: float, replication: str = "", cpus: tuple[int, int] | None = None
+             ) -> dict:
+    """Unprotected and protected kv with the same clients. `cpus`: the primary's
+    and the secondary's CPU; then the unprotected daemon is also measured on
+    the primary's CPU (`ratio_same_cpu`), besides unpinned (`ratio`)."""
     from bench.bench_replication import protected, unprotected_ops
 
     unprot = unprotected_ops(seconds)
-    prot, lat = protected("tap", seconds, replication=replication)
-    repl, repl_lat = protected("tap", seconds, disk_mode="replicated", replication=replication)
-    return {"unprotected": unprot, "protected": prot, "ratio": prot / unprot,
+    prot, lat = protected("tap", seconds, replication=replication, cpus=cpus)
+    repl, repl_lat = protected("tap", seconds, disk_mode="replicated", replication=replication,
+                               cpus=cpus)
+    same_cpu = {}
+    if cpus is not None:
+        pinned = unprotected_ops(seconds, cpu=cpus[0])
+        same_cpu = {"unprotected_same_cpu": pinned, "ratio_same_cpu": prot / pinned,
+                    "ratio_replicated_same_cpu": repl / pinned}
+    return {**same_cpu, "unprotected": unprot, "protected": prot, "ratio": prot / unprot,
             "reply_p50_us": percentile(lat, 50) * 1e6, "reply_p99_us": percentile(lat, 99) * 1e6,
             "protected_replicated": repl, "ratio_replicated": repl / unprot,
             "replicated_reply_p50_us": percentile(repl_lat, 50) * 1e6,
@@ -309,8 +313,7 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
     key = _keygen()
     load_before = os.getloadavg()
     results: dict[str, dict[int, list[dict]]] = {c: {p: [] for p in sizes} for c in SETTINGS}
-    # kv runs unpinned: a split setting would measure its "native" again
-    kv_settings = [c for c in SETTINGS if c not in SPLIT_CPUS]
+    kv_settings = list(SETTINGS)
     kv: dict[str, list[dict]] = {c: [] for c in kv_settings}
     floors = []
     for _ in range(runs):
@@ -333,7 +336,7 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
         floors.append({"exit": exit_round_trip(), "tls": tls})
         for setting in kv_settings:
             replication = _use(setting)
-            kv[setting].append(kv_ratio(secs, replication))
+            kv[setting].append(kv_ratio(secs, replication, cpus=SPLIT_CPUS.get(setting)))
     _use(None)
     load_after = os.getloadavg()
 
@@ -387,13 +390,22 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
              f"{_median(kv[setting], 'replicated_reply_p50_us'):.0f} / "
              f"{_median(kv[setting], 'replicated_reply_p99_us'):.0f}", "us"),
         ]
+        if setting in SPLIT_CPUS:
+            rows += [
+                (f"[{setting}] kv ops/s unprotected, daemon on the primary's CPU",
+                 _median(kv[setting], "unprotected_same_cpu"), "ops/s"),
+                (f"[{setting}] kv ratio, shared / replicated disk, against that",
+                 f"{_median(kv[setting], 'ratio_same_cpu'):.2f} / "
+                 f"{_median(kv[setting], 'ratio_replicated_same_cpu'):.2f}", ""),
+            ]
     rows += [
         ("replication link", f"loopback shaped to {link_mbit} Mbit/s, MTU 1500"
          if link_mbit else "loopback, MTU 65536", ""),
         ("load average before / after (1 min)",
          f"{load_before[0]:.2f} / {load_after[0]:.2f}", ""),
         ("placement", "unpinned (2 CPUs), but \"split CPUs\": primary on CPU 0, secondary "
-                      "on CPU 1 (checkpoints and the TLS floor; kv unpinned)", ""),
+                      "on CPU 1 (checkpoints, the TLS floor and protected kv; the kv "
+                      "clients unpinned)", ""),
     ]
     name = f"checkpoint_stages_{link_mbit}mbit" if link_mbit else "checkpoint_stages"
     return report(name, rows, {"link_mbit": link_mbit,

@@ -24,7 +24,7 @@ from pathlib import Path
 from ftlab import MEM, FakePrimary, FtLab
 from helpers import KemariProcess, free_udp_port, kv_config
 
-from bench.common import percentile, report
+from bench.common import percentile, pin, report
 from kemari_agent.control import request
 from kemari_agent.kvclient import KvClient
 from kemari_agent.kvload import Clients
@@ -76,7 +76,8 @@ def kv_throughput(addr, seconds: float) -> float:
 
 
 @contextlib.contextmanager
-def unprotected_kv(name: str = "bench-u") -> Iterator[tuple[tuple[str, int], Path]]:
+def unprotected_kv(name: str = "bench-u", pinned_to: int | None = None
+                   ) -> Iterator[tuple[tuple[str, int], Path]]:
     """A kv guest run by `kemari run` behind the user-mode forward: (its address,
     its control socket), stopped on leaving."""
     work = tmpdir()
@@ -87,13 +88,16 @@ def unprotected_kv(name: str = "bench-u") -> Iterator[tuple[tuple[str, int], Pat
     proc = KemariProcess(["run", str(cfg)], work)
     try:
         proc.wait_for_output("serving on")
+        if pinned_to is not None:
+            pin(proc.pid, pinned_to)
         yield ("127.0.0.1", port), work / "run" / f"{name}.sock"
     finally:
         proc.stop()
 
 
-def unprotected_ops(seconds: float) -> float:
-    with unprotected_kv() as (addr, _sock):
+def unprotected_ops(seconds: float, cpu: int | None = None) -> float:
+    """`cpu`: the daemon pinned there (default: placed by the scheduler)."""
+    with unprotected_kv(pinned_to=cpu) as (addr, _sock):
         return kv_throughput(addr, seconds)
 
 
@@ -107,12 +111,16 @@ def reply_latency(addr, n: int = 400) -> list[float]:
     return out
 
 
-def protected(mode: str, seconds: float, disk_mode: str = "shared", replication: str = ""
-              ) -> tuple[float, list[float]]:
-    """`replication`: more [replication] settings for both nodes."""
+def protected(mode: str, seconds: float, disk_mode: str = "shared", replication: str = "",
+              cpus: tuple[int, int] | None = None) -> tuple[float, list[float]]:
+    """`replication`: more [replication] settings for both nodes. `cpus`: the
+    primary's and the secondary's CPU (default: placed by the scheduler)."""
     lab = FtLab(tmpdir(), mode=mode, disk_mode=disk_mode, replication=replication)
     try:
         lab.start_pair()
+        if cpus is not None:
+            pin(lab.primary.pid(), cpus[0])
+            pin(lab.secondary.pid(), cpus[1])
         ops = kv_throughput(lab.addr, seconds) if mode == "tap" else 0.0
         return ops, reply_latency(lab.addr)
     finally:

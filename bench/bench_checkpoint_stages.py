@@ -288,9 +288,11 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     "ACK after apply": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_EARLY_ACK": "0"}, ""),
     # "native" with each daemon pinned to its own CPU (SPLIT_CPUS), as on two hosts
     "split CPUs": ({"KEMARI_NATIVE_CODEC": "1"}, ""),
+    # "split CPUs" with the primary spinning for each ACK before it sleeps
+    "split CPUs + ACK polling": ({"KEMARI_NATIVE_CODEC": "1"}, "ack_poll_us = 500"),
 }
 # Settings that pin the primary's and the secondary's side to these CPUs.
-SPLIT_CPUS: dict[str, tuple[int, int]] = {"split CPUs": (0, 1)}
+SPLIT_CPUS: dict[str, tuple[int, int]] = {"split CPUs": (0, 1), "split CPUs + ACK polling": (0, 1)}
 SETTINGS = dict(ALL_SETTINGS)
 
 

@@ -20,12 +20,15 @@ class SessionLost(Exception):
 
 
 class Link:
-    def __init__(self, channel: Channel, machine, io_timeout: float) -> None:
-        """`io_timeout`: the longest a read of a started TLS record may block."""
+    def __init__(self, channel: Channel, machine, io_timeout: float,
+                 ack_poll_s: float = 0.0) -> None:
+        """`io_timeout`: the longest a read of a started TLS record may block.
+        `ack_poll_s`: how long wait_for spins before it sleeps on the socket."""
         self.channel = channel
         self.sm = machine
         self.closed = False
         self.io_timeout = io_timeout
+        self.ack_poll_s = ack_poll_s
         self.bytes_sent = 0
         self.recv_ns = self.decoded_ns = 0    # KEMARI_STAGES=1: last read's moments
         # The last early send (send_early): (ready, sent), time.monotonic_ns();
@@ -110,10 +113,23 @@ class Link:
             left = end - time.monotonic()
             if left <= 0:
                 raise SessionLost(f"no answer from the peer within {timeout:.1f} s")
+            if self.ack_poll_s:
+                self._spin(min(self.ack_poll_s, left))
             self.channel.settimeout(left)
             events += self.read()
         self.channel.settimeout(self.io_timeout)
         return events
+
+    def _spin(self, budget: float) -> None:
+        """Until the peer's bytes can be read or `budget` seconds have passed,
+        without sleeping: an answer that comes meanwhile finds this thread on
+        its CPU instead of waking an idle one (replication.ack_poll_us). The
+        channel holds no decrypted bytes between reads (recv_some drains
+        them), so the socket says whether anything came."""
+        fds = [self.channel.fileno()]
+        end = time.monotonic() + budget
+        while not select.select(fds, [], [], 0)[0] and time.monotonic() < end:
+            pass
 
     def close(self) -> None:
         self.closed = True

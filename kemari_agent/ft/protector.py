@@ -232,7 +232,8 @@ class Protector:
                      unprotected=self._unprotected,
                      compress=self.config.replication.compression == "lz4",
                      delta_cache_pages=self.config.replication.delta_cache_mib * 256)
-        link = Link(channel, sm, self.timeout_s)
+        link = Link(channel, sm, self.timeout_s,
+                    ack_poll_s=self.config.replication.ack_poll_us / 1e6)
         link.flush()
         link.wait_for(lambda: sm.state is not PrimaryState.HANDSHAKE, self.timeout_s)
         if sm.state is PrimaryState.RESYNCING:

@@ -65,6 +65,12 @@ def test_delta_cache_defaults_to_16_mib():
     assert cfg.replication.delta_cache_mib == 0
 
 
+def test_ack_polling_is_off_unless_asked_for():
+    assert parse_config({"name": "a"}).replication.ack_poll_us == 0
+    cfg = parse_config({"name": "a", "replication": {"ack_poll_us": 400}})
+    assert cfg.replication.ack_poll_us == 400
+
+
 def test_forward_gets_a_default_guest_address():
     cfg = parse_config({"name": "a", "net": {"forward": "127.0.0.1:7000"}})
     assert cfg.net.forward == ("127.0.0.1", 7000) and str(cfg.net.address) == "10.0.2.15/24"
@@ -100,6 +106,7 @@ def test_forward_gets_a_default_guest_address():
     ({"name": "a", "replication": {"epoch_ms": 0}}, "'replication.epoch_ms'"),
     ({"name": "a", "replication": {"sync_max_mib_s": -1}}, "'replication.sync_max_mib_s'"),
     ({"name": "a", "replication": {"delta_cache_mib": 70000}}, "'replication.delta_cache_mib'"),
+    ({"name": "a", "replication": {"ack_poll_us": 20000}}, "'replication.ack_poll_us'"),
     ({"name": "a", "policy": {"on_peer_loss": "panic"}}, "'policy.on_peer_loss'"),
     ({"name": "a", "policy": {"on_peer_loss": "continue", "x": 1}}, "unknown key 'policy.x'"),
     ({"name": "a", "stress": {"pages": -1}}, "'stress.pages'"),

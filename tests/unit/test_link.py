@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -58,3 +59,39 @@ def test_a_failed_early_send_applies_the_checkpoint_and_is_raised_by_the_next_fl
         assert pair.secondary.data_to_send() == b""     # the ACK went to the failed send
         with pytest.raises(SessionLost):
             link.flush()
+
+
+def test_waiting_spins_first_and_still_sleeps_until_the_answer(tmp_path) -> None:
+    """replication.ack_poll_us: wait_for spins on the socket for at most its
+    budget, then reads as before; an answer that comes during the spin, or
+    after it, is taken either way."""
+    pair = protected_pair(delta_cache_pages=0)
+    with tls_pair(tmp_path) as (server, client):
+        link = Link(client, pair.primary, 2.0, ack_poll_s=0.2)
+        spins = []            # (budget, how long the spin took)
+        spin = link._spin
+
+        def timed_spin(budget: float) -> None:
+            t0 = time.monotonic()
+            spin(budget)
+            spins.append((budget, time.monotonic() - t0))
+        link._spin = timed_spin
+        for delay in (0.005, 0.5):       # the ACK in the middle of the spin, then after it
+            seq = pair.primary.checkpoint(pair.mem, pair.dirty(2), now=0.0)
+            link.flush()
+            ack = b""
+            while not ack:
+                pair.secondary.receive_data(server.recv_some(), 0.0)
+                ack = pair.secondary.data_to_send()
+            timer = threading.Timer(delay, server.send_all, (ack,))
+            timer.start()
+            t0 = time.monotonic()
+            link.wait_for(lambda s=seq: pair.primary.is_acked(s), 2.0)
+            waited = time.monotonic() - t0
+            timer.join()
+            assert pair.primary.is_acked(seq)
+            assert delay <= waited + 0.005 and waited < delay + 0.5
+        (budget_1, took_1), (budget_2, took_2) = spins
+        assert budget_1 == budget_2 == 0.2
+        assert took_1 < 0.2             # the ACK came at 5 ms: the spin saw it
+        assert 0.2 <= took_2 < 0.45     # none in its budget: it stopped, the read slept

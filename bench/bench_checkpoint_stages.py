@@ -276,7 +276,8 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     # XOR only), not in one C call on each side
     "per record": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_CHECKPOINT_WRITER": "0",
                     "KEMARI_CHECKPOINT_READER": "0"}, ""),
-    # "native" reading the vCPU's registers and TSC by ioctl, not from kvm_run
+    # "native" reading the vCPU's registers and TSC by ioctl, not from kvm_run (and
+    # completing each doorbell's `out` with a KVM_RUN first)
     "vCPU ioctls": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_VCPU_IOCTLS": "1"}, ""),
     # "native" re-protecting every dirty page at every harvest (no hot pages)
     "no hot pages": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_HOT_PAGES": "0"}, ""),

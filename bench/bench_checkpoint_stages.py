@@ -267,6 +267,9 @@ def _median(runs: list[dict], *path: str) -> float:
 ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     "native": ({"KEMARI_NATIVE_CODEC": "1"}, ""),
     "no delta": ({"KEMARI_NATIVE_CODEC": "1"}, "delta_cache_mib = 0"),
+    # "native" sending cached pages as PAGES_XOR (their XOR, LZ4-compressed)
+    # instead of PAGES_PATCH (the runs that changed)
+    "PAGES_XOR": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_PAGE_PATCHES": "0"}, ""),
     # The Python encoder against the C one ("no delta"): the delta path's XOR
     # has a Python reference too, but far too slow to be a setting anyone runs.
     "Python": ({"KEMARI_NATIVE_CODEC": "0"}, "delta_cache_mib = 0"),

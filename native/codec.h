@@ -108,6 +108,7 @@ struct kcodec_ckpt {
     uint64_t bytes;
     uint32_t records, pages, crc;
     uint32_t item_records, item_pages;   /* in: the records and pages of type-0 items */
+    uint32_t patch;                      /* in: the hits as PAGES_PATCH, not PAGES_XOR */
     double lz4_worth;                    /* codec.LZ4_WORTH */
     uint64_t xor_pages, xor_bytes, plain_pages, xor_blobs, xor_blob_bytes;   /* out */
 };
@@ -116,7 +117,8 @@ struct kcodec_ckpt {
  * (the same bytes; tests/unit compare the two):
  *   pfns[0..n_hits) are in the cache at slots[0..n_hits): PAGES_XOR records
  *   of at most 4096 pages (plain PAGES for a batch LZ4 does not shrink to
- *   lz4_worth); pfns[n_hits..n_hits+n_misses) go whole in PAGES records, and
+ *   lz4_worth), or with c->patch PAGES_PATCH records (codec.page_patch's
+ *   runs: no LZ4, and a slot takes only the bytes that changed); pfns[n_hits..n_hits+n_misses) go whole in PAGES records, and
  *   the last n_cached of them take slots[n_hits..n_hits+n_cached); every slot
  *   takes its page, in that order; then the items; then CHECKPOINT_END.
  * `scratch` holds min(n_hits, 4096) pages and the largest blob. Returns the
@@ -133,10 +135,10 @@ int64_t kcodec_checkpoint(struct kcodec_ckpt *c, const uint8_t *mem, uint64_t me
  *
  * kcodec_receive walks the records at the start of buf, up to and including
  * a CHECKPOINT_END, doing what secondary.Secondary does for them: checks,
- * checksum and counts, PAGES_XOR rebuilt from the committed pages in mem
- * and checked, BLOB_XOR rebuilt from its base and checked, pages and blobs
+ * checksum and counts, PAGES_XOR and (with rx->patches) PAGES_PATCH
+ * rebuilt from the committed pages in mem and checked, BLOB_XOR rebuilt from its base and checked, pages and blobs
  * staged. It takes only what its caller would accept: records of types
- * PAGES (no zero entries), PAGES_XOR, VCPU, DEVICE, BLOB_XOR, HEARTBEAT and
+ * PAGES (no zero entries), PAGES_XOR, PAGES_PATCH if negotiated, VCPU, DEVICE, BLOB_XOR, HEARTBEAT and
  * an END that matches, counting the records its caller took before them
  * (rx's queued_*: disk writes sent ahead, heartbeats). Anything else,
  * anything short, anything wrong: it
@@ -163,6 +165,7 @@ struct kcodec_rx {
     uint64_t expected_seq, generation, npages, staging_limit;     /* in */
     uint64_t queued_bytes;                  /* in: what the caller took of this */
     uint32_t queued_records, queued_crc;    /* checkpoint before buf, if anything */
+    uint32_t patches, reserved;             /* in: the session negotiated PAGES_PATCH */
     uint64_t seq, bytes;                                          /* out */
     uint32_t records, pages, n_pfns, n_blobs;
     const uint64_t *pfns;        /* staged pages, in order, */

@@ -68,6 +68,7 @@ class RecordType(IntEnum):
     SYNC_ACK = 13
     PAGES_XOR = 14
     BLOB_XOR = 15
+    PAGES_PATCH = 16
 
 
 class RecordFlag(IntFlag):
@@ -102,10 +103,12 @@ class Capability(IntFlag):
     SYNC_ACKS = 0x08
     # The secondary decodes PAGES_XOR and BLOB_XOR (deltas against its own copy).
     DELTAS = 0x10
+    # The secondary decodes PAGES_PATCH (a page's changed bytes against its own copy).
+    PATCHES = 0x20
 
 
 DEFAULT_CAPABILITIES = (Capability.ZERO_PAGES | Capability.DISK_WRITES | Capability.LZ4_PAGES
-                        | Capability.SYNC_ACKS | Capability.DELTAS)
+                        | Capability.SYNC_ACKS | Capability.DELTAS | Capability.PATCHES)
 # A compressed batch is sent only if it is at most this fraction of its pages:
 # less saves too few bytes to pay for the receiver's decompression.
 LZ4_WORTH = 0.9
@@ -409,6 +412,142 @@ def xor_pages_parts(pfns: Sequence[int], packed: Buffer, check: int) -> list[Buf
     head = _II.pack(len(pfns), check) + struct.pack(f"<{len(pfns)}Q", *pfns)
     length = len(head) + len(packed)
     return [HEADER.pack(RecordType.PAGES_XOR, 0, length), head, packed,
+            _PADDING[:_pad(length)]]
+
+
+# PAGES_PATCH: a page's patch is its run count, then per run its offset and
+# length, then its bytes.
+_H = struct.Struct("<H")
+_HH = struct.Struct("<HH")
+_WORD = 8
+_BLOCK = 64
+
+
+def page_patch(page: Buffer, base: Buffer) -> bytes:
+    """The patch that turns `base` into `page` (4096 bytes each), as PAGES_PATCH
+    carries it: one run per maximal span of 8-byte words that differ, trimmed
+    to its first and last differing byte, with the page's bytes there. The C
+    writer (native/codec.c) makes the same runs."""
+    page, base = memoryview(page), memoryview(base)
+
+    def differs(word: int) -> bool:
+        return page[word * _WORD:(word + 1) * _WORD] != base[word * _WORD:(word + 1) * _WORD]
+
+    runs: list[bytes] = []
+    words = PAGE_SIZE // _WORD
+    word = 0
+    while word < words:
+        at = word * _WORD
+        if at % _BLOCK == 0 and page[at:at + _BLOCK] == base[at:at + _BLOCK]:
+            word += _BLOCK // _WORD     # a whole equal block: the common case
+        elif not differs(word):
+            word += 1
+        else:
+            end_word = word + 1
+            while end_word < words and differs(end_word):
+                end_word += 1
+            start, end = at, end_word * _WORD
+            while page[start] == base[start]:
+                start += 1
+            while page[end - 1] == base[end - 1]:
+                end -= 1
+            runs.append(_HH.pack(start, end - start) + bytes(page[start:end]))
+            word = end_word
+    return _H.pack(len(runs)) + b"".join(runs)
+
+
+def apply_patch(patch: Buffer, page: memoryview) -> None:
+    """Write one page's runs (PatchPages.patches) into `page`."""
+    for offset, data in _runs(memoryview(patch), 0, len(patch), "PAGES_PATCH")[0]:
+        page[offset:offset + len(data)] = data
+
+
+def _runs(body: memoryview, pos: int, end: int, what: str
+          ) -> tuple[list[tuple[int, memoryview]], int]:
+    """One page's runs at body[pos:end]: ([(offset, bytes)], where they end).
+    Runs are ascending, do not overlap, hold at least a byte and stay in the page."""
+    _require(end - pos >= 2, f"{what} shorter than its run counts")
+    (count,) = _H.unpack_from(body, pos)
+    pos += 2
+    runs = []
+    previous_end = 0
+    for _ in range(count):
+        _require(end - pos >= 4, f"{what} run cut short")
+        offset, length = _HH.unpack_from(body, pos)
+        pos += 4
+        if length == 0 or offset < previous_end or offset + length > PAGE_SIZE:
+            raise MalformedRecord(f"{what} run of {length} bytes at offset {offset} "
+                                  f"(runs ascend, hold a byte or more, end in the page)")
+        _require(end - pos >= length, f"{what} run cut short")
+        runs.append((offset, body[pos:pos + length]))
+        pos += length
+        previous_end = offset + length
+    return runs, pos
+
+
+@dataclass(frozen=True, eq=False)
+class PatchPages:
+    """PAGES_PATCH: pages sent as the bytes that changed against the content
+    the secondary holds (its last committed checkpoint), one patch per page
+    (page_patch). `check` is the CRC-32 of the pages' new content, as for
+    PAGES_XOR: the secondary rebuilds them from its own copy and refuses them
+    if the result differs. Unlike PAGES_XOR no compressor runs on either
+    side: a guest that changes a few bytes of a page costs a scan of it."""
+
+    TYPE: ClassVar[RecordType] = RecordType.PAGES_PATCH
+    pfns: Sequence[int]
+    patches: Sequence[Buffer]
+    check: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pfns", tuple(self.pfns))
+        object.__setattr__(self, "patches", tuple(self.patches))
+        if not 0 < len(self.pfns) <= MAX_PAGES_PER_RECORD:
+            raise ValueError(f"PAGES_PATCH holds 1 to {MAX_PAGES_PER_RECORD} pages")
+        if len(self.patches) != len(self.pfns):
+            raise ValueError("PAGES_PATCH needs one patch per pfn")
+        if min(self.pfns) < 0 or max(self.pfns) > PFN_MASK:
+            raise ValueError("pfn out of range")
+        _u32(self.check, "check")
+
+    @property
+    def page_count(self) -> int:
+        return len(self.pfns)
+
+    def body_parts(self) -> list[Buffer]:
+        return patch_pages_parts(self.pfns, self.patches, self.check)[1:-1]
+
+    @classmethod
+    def from_body(cls, body: memoryview) -> PatchPages:
+        _require(len(body) >= 8, "PAGES_PATCH too short")
+        count, check = _II.unpack_from(body)
+        if not 0 < count <= MAX_PAGES_PER_RECORD:
+            raise MalformedRecord(f"PAGES_PATCH with {count} pages (1 to 4096)")
+        pos = 8 + 8 * count
+        _require(len(body) >= pos, "PAGES_PATCH shorter than its page list")
+        pfns = struct.unpack_from(f"<{count}Q", body, 8)
+        _require(max(pfns) <= PFN_MASK, "PAGES_PATCH entry uses flag bits")
+        patches = []
+        for _ in range(count):
+            start = pos
+            pos = _runs(body, pos, len(body), "PAGES_PATCH")[1]
+            patches.append(body[start:pos])
+        _require(pos == len(body), "PAGES_PATCH holds bytes after its last patch")
+        return cls(pfns, patches, check)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PatchPages):
+            return NotImplemented
+        return (self.pfns, self.check, [bytes(p) for p in self.patches]) == (
+            other.pfns, other.check, [bytes(p) for p in other.patches])
+
+
+def patch_pages_parts(pfns: Sequence[int], patches: Sequence[Buffer],
+                      check: int) -> list[Buffer]:
+    """A PAGES_PATCH record around the pages' patches (page_patch)."""
+    head = _II.pack(len(pfns), check) + struct.pack(f"<{len(pfns)}Q", *pfns)
+    length = len(head) + sum(len(p) for p in patches)
+    return [HEADER.pack(RecordType.PAGES_PATCH, 0, length), head, *patches,
             _PADDING[:_pad(length)]]
 
 
@@ -760,14 +899,14 @@ class Unknown:
 
 
 Record = (
-    Hello | Pages | XorPages | Vcpu | Device | XorBlob | DiskWrite | CheckpointEnd | Ack
-    | Heartbeat | SyncProgress | SyncAck | Error | Goodbye | Unknown
+    Hello | Pages | XorPages | PatchPages | Vcpu | Device | XorBlob | DiskWrite | CheckpointEnd
+    | Ack | Heartbeat | SyncProgress | SyncAck | Error | Goodbye | Unknown
 )
 
 _CLASSES: dict[int, type] = {
     cls.TYPE: cls
-    for cls in (Hello, Pages, CompressedPages, XorPages, Vcpu, Device, XorBlob, DiskWrite,
-                CheckpointEnd, Ack, Heartbeat, SyncProgress, SyncAck, Error, Goodbye)
+    for cls in (Hello, Pages, CompressedPages, XorPages, PatchPages, Vcpu, Device, XorBlob,
+                DiskWrite, CheckpointEnd, Ack, Heartbeat, SyncProgress, SyncAck, Error, Goodbye)
 }
 
 

@@ -217,11 +217,13 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
                      items: Sequence[tuple[int, int, int, Buffer, Buffer | None]],
                      item_records: int, item_pages: int, *, seq: int, generation: int,
                      queued: tuple[int, int, int, int], lz4_worth: float,
+                     patch: bool = False,
                      blob_stats: dict[str, int] | None = None) -> bytearray:
     """A whole protected checkpoint, as Primary.checkpoint's Python path writes
     it (native/codec.h, kcodec_checkpoint). With a `cache`, the pages it holds
-    go as PAGES_XOR against their slots and the rest whole, the last of them
-    into slots (kcodec_index_plan); without one, all whole. `items` are (type,
+    go as PAGES_XOR (PAGES_PATCH with `patch`) against their slots and the
+    rest whole, the last of them into slots (kcodec_index_plan); without one,
+    all whole. `items` are (type,
     id, version, data, base): a VCPU or DEVICE blob with the base of its delta
     (or None), or RAW records, of which there are `item_records` holding
     `item_pages` pages. `queued`: records, pages, bytes and CRC-32 already
@@ -261,7 +263,7 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
     c = getattr(_work, "ckpt", None)         # its statistics are reset by each call
     if c is None:
         c = _work.ckpt = ffi.new("struct kcodec_ckpt *")
-    c.seq, c.generation, c.lz4_worth = seq, generation, lz4_worth
+    c.seq, c.generation, c.lz4_worth, c.patch = seq, generation, lz4_worth, patch
     c.records, c.pages, c.bytes, c.crc = queued
     c.item_records, c.item_pages = item_records, item_pages
     written = lib.kcodec_checkpoint(
@@ -335,19 +337,21 @@ class ReceivedCheckpoint:
 
 def receive(data: Buffer, committed: Buffer, bases: dict[tuple[int, int, int], bytes], *,
             expected_seq: int, generation: int, staging_limit: int,
-            queued: tuple[int, int, int] = (0, 0, 0)) -> ReceivedCheckpoint | None:
+            queued: tuple[int, int, int] = (0, 0, 0),
+            patches: bool = False) -> ReceivedCheckpoint | None:
     """One whole protected checkpoint at the start of `data`, checked and staged
     in C (native/codec.h, kcodec_receive), or None: then nothing happened, and
     the caller decodes `data` itself. `committed`: the image's memory (PAGES_XOR
     bases); `bases`: the last blob of each (type, id, version); `queued`: the
     records, bytes and CRC-32 of what the caller already took of this checkpoint
-    (it staged none of it)."""
+    (it staged none of it); `patches`: the session negotiated PAGES_PATCH."""
     rx = getattr(_work, "rx", None)        # read out before the next call
     if rx is None:
         rx = _work.rx = ffi.new("struct kcodec_rx *")
     rx.expected_seq, rx.generation = expected_seq, generation
     rx.queued_records, rx.queued_bytes, rx.queued_crc = queued
     rx.npages, rx.staging_limit = len(committed) // 4096, staging_limit
+    rx.patches = patches
     keep = []
     cbases = ffi.new("struct kcodec_base[]", len(bases)) if bases else ffi.NULL
     for i, ((type_, ident, version), blob) in enumerate(bases.items()):

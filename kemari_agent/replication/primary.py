@@ -46,7 +46,7 @@ from .codec import (
     encode_parts,
     pages_parts,
 )
-from .delta import BlobBases, PageCache
+from .delta import PATCHES_ENABLED, BlobBases, PageCache
 from .errors import (
     GenerationError,
     HandshakeError,
@@ -116,8 +116,8 @@ class Primary:
         `compress`: send a full sync's rounds as PAGES_LZ4 where it pays, if the
         secondary decodes it (its HELLO has Capability.LZ4_PAGES).
         `delta_cache_pages`: remember the content of this many recently sent
-        pages and send them as deltas (PAGES_XOR, delta.py) if the secondary
-        decodes that (Capability.DELTAS); 0: never."""
+        pages and send them as deltas (PAGES_PATCH, else PAGES_XOR; delta.py) if
+        the secondary decodes that (Capability.PATCHES, Capability.DELTAS); 0: never."""
         self.name = name
         self.memory_size = memory_size
         self.generation = generation
@@ -137,6 +137,7 @@ class Primary:
         self.delta_cache_pages = delta_cache_pages
         self.delta_cache: PageCache | native_codec.PageIndex | None = None   # at HELLO
         self.blob_bases: BlobBases | None = None      # ditto
+        self.page_patches = False                     # ditto: PAGES_PATCH, not PAGES_XOR
         # Why this session is a full sync (None: it resumes or resyncs).
         self.full_sync_reason: str | None = None
         self.resync_base: int | None = None    # the peer's checkpoint a resync starts from
@@ -261,7 +262,8 @@ class Primary:
         # Pages the secondary holds from an earlier checkpoint of this session go
         # as deltas against that content; `pfns` keeps the others.
         if delta is not None and pfns:
-            parts, nrecords, pfns, unchanged = delta.encode(memory, pfns)
+            parts, nrecords, pfns, unchanged = delta.encode(memory, pfns,
+                                                            patch=self.page_patches)
             npages -= unchanged
         # The C encoder writes the pages straight into the send buffer (same bytes);
         # below a few pages its call overhead costs more than it saves.
@@ -320,7 +322,7 @@ class Primary:
             memory, pfns, delta, items, item_records, item_pages, seq=seq,
             generation=self.generation, queued=(self._records, self._pages, self._bytes,
                                                 self._crc),
-            lz4_worth=LZ4_WORTH,
+            lz4_worth=LZ4_WORTH, patch=self.page_patches,
             blob_stats=self.blob_bases.stats if self.blob_bases is not None else None)
 
     def is_acked(self, seq: int) -> bool:
@@ -495,6 +497,8 @@ class Primary:
                 if native_codec.ENABLED and native_codec.CHECKPOINT_WRITER \
                 else PageCache(self.delta_cache_pages)
             self.blob_bases = BlobBases()
+            self.page_patches = PATCHES_ENABLED and bool(
+                self.capabilities & hello.capabilities & Capability.PATCHES)
         flags = HelloFlag(0) if resume else HelloFlag.RESYNC if resync else HelloFlag.FULL_SYNC
         if self.unprotected and version >= 2:
             flags |= HelloFlag.UNPROTECTED

@@ -42,6 +42,7 @@ from .codec import (
     Hello,
     HelloFlag,
     Pages,
+    PatchPages,
     Record,
     RecordType,
     Role,
@@ -51,6 +52,7 @@ from .codec import (
     Vcpu,
     XorBlob,
     XorPages,
+    apply_patch,
     crc32,
     encode,
     encode_ack,
@@ -306,8 +308,12 @@ class Secondary:
         if self._bytes > self._staging_limit and self.state is not SecondaryState.SYNCING:
             raise ProtocolError(f"checkpoint {self._expected_seq} exceeds {self._staging_limit} "
                                 "bytes without an END")
-        if isinstance(record, XorPages):
-            self._rebuild(record)
+        if isinstance(record, PatchPages | XorPages):
+            if isinstance(record, PatchPages):
+                record = self._patched_as_xor(record)
+                self._rebuild(record, "PAGES_PATCH")
+            else:
+                self._rebuild(record, "PAGES_XOR")
             self._pages += record.page_count
             self._staged.append(record)      # only in PROTECTED state: always staged
         elif isinstance(record, Pages):
@@ -383,6 +389,8 @@ class Secondary:
         self.peer = hello
         self._peer_sends_lz4 = bool(hello.capabilities & Capability.LZ4_PAGES)
         self._peer_sends_deltas = bool(hello.capabilities & Capability.DELTAS)
+        self._peer_sends_patches = self._peer_sends_deltas and bool(
+            hello.capabilities & Capability.PATCHES)
         self._peer_wants_sync_acks = bool(hello.capabilities & Capability.SYNC_ACKS)
         self._session_generation = hello.generation
         self._expected_seq = hello.checkpoint_seq + 1
@@ -433,7 +441,8 @@ class Secondary:
             got = native_codec.receive(data, memory, self._blobs, expected_seq=self._expected_seq,
                                        generation=self._session_generation,
                                        staging_limit=self._staging_limit,
-                                       queued=(self._records, self._bytes, self._crc))
+                                       queued=(self._records, self._bytes, self._crc),
+                                       patches=self._peer_sends_patches)
             if got is None:
                 break
             acked = self._ack_early(got.seq, now)
@@ -513,12 +522,13 @@ class Secondary:
         if self.state is not SecondaryState.SYNCING:
             raise UnexpectedRecord("PAGES_LZ4 outside a full sync")
 
-    def _rebuild(self, record: XorPages) -> None:
+    def _rebuild(self, record: XorPages, what: str) -> None:
         """Turn a PAGES_XOR's delta into its pages' new content (in place), from
-        this node's copy of them, and check the result."""
-        self._check_delta_allowed("PAGES_XOR")
+        this node's copy of them, and check the result. `what`: the record
+        type that came (PAGES_PATCH arrives as the PAGES_XOR it stands for)."""
+        self._check_delta_allowed(what)
         if max(record.pfns) >= self._npages:
-            raise ProtocolError(f"PAGES_XOR names pfn {max(record.pfns)}, guest memory has "
+            raise ProtocolError(f"{what} names pfn {max(record.pfns)}, guest memory has "
                                 f"{self._npages} pages")
         # Counted like received bytes: a small block expands to 4096 bytes a page.
         self._expanded += len(record.delta)
@@ -530,9 +540,30 @@ class Secondary:
         self.sink.rebuild_pages(record.pfns, delta)   # this node's committed pages
         if crc32(delta) != record.check:
             raise DeltaMismatch(
-                f"checkpoint {self._expected_seq}: pages rebuilt from PAGES_XOR have "
+                f"checkpoint {self._expected_seq}: pages rebuilt from {what} have "
                 f"CRC-32 {crc32(delta):#010x}, the primary's are {record.check:#010x}: "
                 "its copy of them and this node's differ")
+
+    def _patched_as_xor(self, record: PatchPages) -> XorPages:
+        """A PAGES_PATCH as the PAGES_XOR of the same pages (then rebuilt and
+        checked as one): the XOR of this node's copy of each page with that
+        copy patched."""
+        self._check_delta_allowed("PAGES_PATCH")
+        if not self._peer_sends_patches:
+            raise UnexpectedRecord("PAGES_PATCH in a session that did not negotiate it")
+        if max(record.pfns) >= self._npages:
+            raise ProtocolError(f"PAGES_PATCH names pfn {max(record.pfns)}, guest memory has "
+                                f"{self._npages} pages")
+        if self._bytes + self._expanded + PAGE_SIZE * record.page_count > self._staging_limit:
+            raise ProtocolError(f"checkpoint {self._expected_seq} exceeds "
+                                f"{self._staging_limit} bytes without an END")
+        copy = bytearray(PAGE_SIZE * record.page_count)
+        self.sink.rebuild_pages(record.pfns, copy)     # zeros ^ committed = committed
+        patched = bytearray(copy)
+        view = memoryview(patched)
+        for i, patch in enumerate(record.patches):
+            apply_patch(patch, view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+        return XorPages(record.pfns, bytearray(xor_buffers(patched, copy)), record.check)
 
     def _rebuild_blob(self, record: XorBlob) -> Vcpu | Device:
         """The VCPU or DEVICE record a BLOB_XOR carries, from the last such blob

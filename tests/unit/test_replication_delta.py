@@ -1,6 +1,11 @@
 """Pages sent as deltas against the secondary's own copy (PAGES_XOR, delta.py):
 the image still mirrors the primary through many checkpoints and evictions,
-the stream shrinks, and a delta against the wrong base never reaches the image."""
+the stream shrinks, and a delta against the wrong base never reaches the image.
+
+A primary sends PAGES_PATCH instead where the secondary takes it: here it
+sends PAGES_XOR (the `xor_deltas` fixture) but where a test says otherwise;
+the C writer's and reader's comparisons with the Python paths and the fuzz
+test run both. test_replication_patch.py covers PAGES_PATCH itself."""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from test_replication_session import (
     protected_pair,
 )
 
-from kemari_agent.replication import native_codec
+from kemari_agent.replication import native_codec, primary
 from kemari_agent.replication.codec import (
     DEFAULT_CAPABILITIES,
     HEADER,
@@ -54,6 +59,15 @@ from kemari_agent.replication.image import ImageSink
 from kemari_agent.replication.secondary import Secondary
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def xor_deltas(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(primary, "PATCHES_ENABLED", False)
+
+
+def delta_type(patch: bool) -> RecordType:
+    return RecordType.PAGES_PATCH if patch else RecordType.PAGES_XOR
 
 
 def touch(mem: bytearray, pfn: int, rng: random.Random) -> None:
@@ -297,17 +311,21 @@ def test_python_path_gives_the_same_stream(monkeypatch: pytest.MonkeyPatch) -> N
     assert streams[0] == streams[1]
 
 
-@given(seed=st.integers(0, 2**32 - 1), cache=st.sampled_from([0, 1, 3, 16]))
-@settings(max_examples=40, deadline=None,
+@given(seed=st.integers(0, 2**32 - 1), cache=st.sampled_from([0, 1, 3, 16]),
+       patch=st.booleans())
+@settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_c_checkpoint_writer_gives_the_python_paths_bytes(monkeypatch: pytest.MonkeyPatch,
-                                                         seed: int, cache: int) -> None:
+                                                         seed: int, cache: int,
+                                                         patch: bool) -> None:
     """kcodec_checkpoint (one C call per checkpoint) against Primary's Python
     path over random sessions: cache hits, misses and evictions, pages LZ4
-    cannot shrink, vCPU and device blobs (deltas, resized, other versions),
-    disk writes and prebuilt pages, heartbeats counted into the next END."""
+    cannot shrink (or patched: pages changed in a few bytes or rewritten),
+    vCPU and device blobs (deltas, resized, other versions), disk writes and
+    prebuilt pages, heartbeats counted into the next END."""
     assert native_codec._BOUND            # the modules export LZ4 and zng_crc32
     monkeypatch.setattr(native_codec, "CHECKPOINT_WRITER", True)
+    monkeypatch.setattr(primary, "PATCHES_ENABLED", patch)
     streams = []
     for native in (True, False):
         monkeypatch.setattr(native_codec, "ENABLED", native)
@@ -339,18 +357,22 @@ def test_c_checkpoint_writer_gives_the_python_paths_bytes(monkeypatch: pytest.Mo
             pair.assert_mirrors_primary()
         streams.append(b"".join(pair.wire[1:]))
     assert streams[0] == streams[1]
+    if cache:
+        assert delta_type(not patch) not in record_types(streams[0])
 
 
 _C_RECEIVE = native_codec.receive
 
 
-def _session_outcome(seed: int, damage: str, reader: bool,
-                     monkeypatch: pytest.MonkeyPatch, ahead: bool = False) -> tuple[tuple, int]:
+def _session_outcome(seed: int, damage: str, reader: bool, monkeypatch: pytest.MonkeyPatch,
+                     ahead: bool = False, patch: bool = False) -> tuple[tuple, int]:
     """A protected session's secondary after 3 good checkpoints and a 4th one
     damaged by `damage`: (what it did, checkpoints the C reader took).
     `ahead`: before each checkpoint, disk writes sent ahead and a heartbeat, or
-    either, or none, in a read of their own, to a secondary that writes ahead."""
+    either, or none, in a read of their own, to a secondary that writes ahead.
+    `patch`: pages as PAGES_PATCH, not PAGES_XOR."""
     monkeypatch.setattr(native_codec, "CHECKPOINT_READER", reader)
+    monkeypatch.setattr(primary, "PATCHES_ENABLED", patch)
     taken = []
 
     def counting(*args, **kw):
@@ -412,17 +434,19 @@ def _session_outcome(seed: int, damage: str, reader: bool,
 
 
 @given(seed=st.integers(0, 2**32 - 1),
-       damage=st.sampled_from(["none", "flip", "flip", "cut", "replay", "two at once"]))
-@settings(max_examples=150, deadline=None,
+       damage=st.sampled_from(["none", "flip", "flip", "cut", "replay", "two at once"]),
+       patch=st.booleans())
+@settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_c_checkpoint_reader_reaches_the_python_paths_verdict(
-        monkeypatch: pytest.MonkeyPatch, seed: int, damage: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, seed: int, damage: str, patch: bool) -> None:
     """kcodec_receive (a whole checkpoint in one C call) against the record-by-
-    record path, on good, flipped, cut, replayed and back-to-back checkpoints:
-    the same events, errors, ACKs and image. It takes the good ones itself."""
+    record path, on good, flipped, cut, replayed and back-to-back checkpoints
+    (of PAGES_XOR or PAGES_PATCH): the same events, errors, ACKs and image. It
+    takes the good ones itself."""
     assert native_codec._BOUND            # the modules export LZ4 and zng_crc32
-    with_c, taken = _session_outcome(seed, damage, True, monkeypatch)
-    without_c, _ = _session_outcome(seed, damage, False, monkeypatch)
+    with_c, taken = _session_outcome(seed, damage, True, monkeypatch, patch=patch)
+    without_c, _ = _session_outcome(seed, damage, False, monkeypatch, patch=patch)
     assert with_c == without_c
     assert taken == 4 if damage in ("none", "two at once") else taken >= 3
 
@@ -443,11 +467,13 @@ def test_c_checkpoint_reader_counts_the_records_that_came_before(
 
 
 @pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("patch", [True, False])
 def test_pages_the_secondary_holds_unchanged_are_not_sent(monkeypatch: pytest.MonkeyPatch,
-                                                          native: bool) -> None:
+                                                          native: bool, patch: bool) -> None:
     """Hot pages are reported at every harvest, written or not: a cached page
     that did not change since it was sent is left out, the others still go."""
     monkeypatch.setattr(native_codec, "ENABLED", native)
+    monkeypatch.setattr(primary, "PATCHES_ENABLED", patch)
     rng = random.Random(5)
     pair = Pair(delta_cache_pages=16)
     pair.mem[:] = rng.randbytes(MEM)
@@ -457,7 +483,7 @@ def test_pages_the_secondary_holds_unchanged_are_not_sent(monkeypatch: pytest.Mo
     events, _ = checkpoint(pair, [3, 4, 5, 6, 9])   # 9: never sent, goes whole
     pair.assert_mirrors_primary()
     assert [(e.records, e.pages) for e in events if isinstance(e, Committed)] == [(2, 2)]
-    assert record_types(pair.wire[-1]) == [RecordType.PAGES_XOR, RecordType.PAGES,
+    assert record_types(pair.wire[-1]) == [delta_type(patch), RecordType.PAGES,
                                            RecordType.CHECKPOINT_END]
     assert pair.primary.delta_cache.stats["unchanged_pages"] == 3
     events, _ = checkpoint(pair, [3, 5])            # nothing changed: an END alone
@@ -527,11 +553,16 @@ def test_xor_blob_forgeries() -> None:
             _decode_mid_stream(HEADER.pack(RecordType.BLOB_XOR, 0, len(body)) + body)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.data())
-def test_fuzz_corrupted_delta_checkpoints_never_apply(data: st.DataObject) -> None:
-    """Bit flips and cuts in a checkpoint made of PAGES_XOR and BLOB_XOR: refused
-    whole (checksum, LZ4, the rebuilt pages' CRC), never applied in part."""
+def test_fuzz_corrupted_delta_checkpoints_never_apply(monkeypatch: pytest.MonkeyPatch,
+                                                      data: st.DataObject) -> None:
+    """Bit flips and cuts in a checkpoint made of PAGES_XOR (or PAGES_PATCH) and
+    BLOB_XOR: refused whole (checksum, LZ4, the patch's runs, the rebuilt
+    pages' CRC), never applied in part."""
+    patch = data.draw(st.booleans())
+    monkeypatch.setattr(primary, "PATCHES_ENABLED", patch)
     rng = random.Random(data.draw(st.integers(0, 1 << 30)))
     pair = Pair(delta_cache_pages=16)
     pair.mem[:] = rng.randbytes(MEM)          # the same bytes each time hypothesis replays
@@ -547,7 +578,7 @@ def test_fuzz_corrupted_delta_checkpoints_never_apply(data: st.DataObject) -> No
     blob[rng.randrange(300)] ^= 0x5A
     seq = pair.primary.checkpoint(pair.mem, pfns, [Vcpu(0, 1, bytes(blob))], now=1.0)
     wire = pair.primary.data_to_send()
-    assert {RecordType.PAGES_XOR, RecordType.BLOB_XOR} <= set(record_types(bytes(wire)))
+    assert {delta_type(patch), RecordType.BLOB_XOR} <= set(record_types(bytes(wire)))
     feed_damaged(pair, data, wire)
     assert_not_applied(pair, good, seq)
 

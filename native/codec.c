@@ -433,6 +433,31 @@ static uint8_t *blob_record(struct kcodec_ckpt *c, const struct kcodec_item *it,
     return put_padding(b + length, length);
 }
 
+int64_t kcodec_checkpoint_room(uint32_t n_xor_hits, uint32_t n_hits, uint32_t n_misses,
+                               const struct kcodec_item *items, uint32_t n_items,
+                               uint64_t scratch_size, uint64_t out_size)
+{
+    uint64_t need = 0, raw = 0, blobs = 0, batch = n_xor_hits < KCODEC_MAX_PAGES_PER_RECORD
+        ? (uint64_t)n_xor_hits * PAGE : (uint64_t)KCODEC_MAX_PAGES_PER_RECORD * PAGE;
+    for (uint32_t i = 0; i < n_items; i++) {
+        if (items[i].type == 0)
+            raw += items[i].len;
+        else if (items[i].len > UINT32_MAX - 16)
+            return -2;
+        else
+            blobs += items[i].len;
+        if (items[i].base != NULL && items[i].len > need)
+            need = items[i].len;
+    }
+    if (batch > need)
+        need = batch;
+    if (scratch_size < need + LZ4_BOUND(need))
+        return -4;
+    if (out_size < kcodec_checkpoint_bound(n_hits, n_misses, n_items, blobs) + raw)
+        return -2;
+    return 0;
+}
+
 int64_t kcodec_checkpoint(struct kcodec_ckpt *c, const uint8_t *mem, uint64_t mem_size,
                           const uint64_t *pfns, const uint32_t *slots, uint32_t n_hits,
                           uint32_t n_misses, uint32_t n_cached, uint8_t *cache,
@@ -452,24 +477,10 @@ int64_t kcodec_checkpoint(struct kcodec_ckpt *c, const uint8_t *mem, uint64_t me
     for (uint32_t i = 0; i < n_hits + n_cached; i++)
         if (slots[i] >= cache_pages)
             return -1;
-    uint64_t need = 0, raw = 0, blobs = 0, batch = n_hits < KCODEC_MAX_PAGES_PER_RECORD
-        ? (uint64_t)n_hits * PAGE : (uint64_t)KCODEC_MAX_PAGES_PER_RECORD * PAGE;
-    for (uint32_t i = 0; i < n_items; i++) {
-        if (items[i].type == 0)
-            raw += items[i].len;
-        else if (items[i].len > UINT32_MAX - 16)
-            return -2;
-        else
-            blobs += items[i].len;
-        if (items[i].base != NULL && items[i].len > need)
-            need = items[i].len;
-    }
-    if (batch > need)
-        need = batch;
-    if (scratch_size < need + LZ4_BOUND(need))
-        return -4;
-    if (out_size < kcodec_checkpoint_bound(n_hits, n_misses, n_items, blobs) + raw)
-        return -2;
+    int64_t room = kcodec_checkpoint_room(c->patch ? 0 : n_hits, n_hits, n_misses, items,
+                                          n_items, scratch_size, out_size);
+    if (room < 0)
+        return room;
 
     uint8_t *p = out;
     uint32_t records = 0;

@@ -111,6 +111,7 @@ struct kcodec_ckpt {
     uint32_t patch;                      /* in: the hits as PAGES_PATCH, not PAGES_XOR */
     double lz4_worth;                    /* codec.LZ4_WORTH */
     uint64_t xor_pages, xor_bytes, plain_pages, xor_blobs, xor_blob_bytes;   /* out */
+    uint64_t unchanged_pages;            /* out: kcodec_index_checkpoint's plan left out */
 };
 
 /* One checkpoint, as primary.Primary.checkpoint writes it with a delta cache
@@ -179,5 +180,27 @@ int64_t kcodec_receive(struct kcodec_rx *rx, const uint8_t *buf, uint64_t len,
 /* Bytes kcodec_checkpoint may need at most, besides the type-0 items' own. */
 uint64_t kcodec_checkpoint_bound(uint32_t n_hits, uint32_t n_misses, uint32_t n_items,
                                  uint64_t blob_bytes);
+
+/* 0 when scratch and out hold what kcodec_checkpoint needs for up to
+ * n_xor_hits PAGES_XOR pages and the items, and n_hits + n_misses pages in
+ * all; -2 when out is too small, -4 scratch. */
+int64_t kcodec_checkpoint_room(uint32_t n_xor_hits, uint32_t n_hits, uint32_t n_misses,
+                               const struct kcodec_item *items, uint32_t n_items,
+                               uint64_t scratch_size, uint64_t out_size);
+
+/* The primary's protected checkpoint of the distinct guest pages pfns[0..n)
+ * in one call: kcodec_index_plan into plan_pfns and plan_slots (n each),
+ * then kcodec_checkpoint of that plan, its pages' content in `cache` (the
+ * index's arena). Sizes are checked for any plan of n pages first
+ * (kcodec_checkpoint_room with n for each count), so nothing changes unless
+ * the checkpoint is written; c->unchanged_pages gets the plan's unchanged
+ * hits. Returns kcodec_checkpoint's result, or -1 for a pfn outside mem or
+ * named twice. */
+int64_t kcodec_index_checkpoint(struct kcodec_index *x, struct kcodec_ckpt *c,
+                                const uint8_t *mem, uint64_t mem_size, uint8_t *cache,
+                                const uint64_t *pfns, uint32_t n, uint64_t *plan_pfns,
+                                uint32_t *plan_slots, uint8_t *scratch, uint64_t scratch_size,
+                                const struct kcodec_item *items, uint32_t n_items,
+                                uint8_t *out, uint64_t out_size);
 
 #endif

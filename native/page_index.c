@@ -168,3 +168,27 @@ int kcodec_index_plan(struct kcodec_index *x, const uint8_t *mem, uint64_t mem_s
     counts[3] = n_hits - kept;
     return 0;
 }
+
+int64_t kcodec_index_checkpoint(struct kcodec_index *x, struct kcodec_ckpt *c,
+                                const uint8_t *mem, uint64_t mem_size, uint8_t *cache,
+                                const uint64_t *pfns, uint32_t n, uint64_t *plan_pfns,
+                                uint32_t *plan_slots, uint8_t *scratch, uint64_t scratch_size,
+                                const struct kcodec_item *items, uint32_t n_items,
+                                uint8_t *out, uint64_t out_size)
+{
+    if (!kcodec_bound())
+        return -3;
+    /* room for any plan, checked before the plan changes the index */
+    int64_t room = kcodec_checkpoint_room(c->patch ? 0 : n, n, n, items, n_items, scratch_size,
+                                          out_size);
+    if (room < 0)
+        return room;
+    uint32_t counts[4];
+    if (kcodec_index_plan(x, mem, mem_size, cache, pfns, n, plan_pfns, plan_slots, counts))
+        return -1;
+    int64_t written = kcodec_checkpoint(c, mem, mem_size, plan_pfns, plan_slots, counts[0],
+                                        counts[1], counts[2], cache, x->capacity, scratch,
+                                        scratch_size, items, n_items, out, out_size);
+    c->unchanged_pages = counts[3];
+    return written;
+}

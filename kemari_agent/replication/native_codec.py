@@ -189,8 +189,14 @@ class PageIndex:
         self.arena_ptr = ffi.from_buffer(self.arena)     # the arena never changes size
         self.stats = {"xor_pages": 0, "xor_bytes": 0, "plain_pages": 0, "unchanged_pages": 0}
         self.pfns = self.slots = ffi.NULL                 # plan()'s output, reused
+        self._in = ffi.NULL                               # its input, ditto
         self._room = 0
         self._counts = ffi.new("uint32_t[4]")
+        # write()'s, kept between checkpoints
+        self._ckpt = ffi.new("struct kcodec_ckpt *")
+        self._items = ffi.NULL
+        self._items_room = 0
+        self._work = self._out = None
 
     def __len__(self) -> int:
         return int(lib.kcodec_index_len(self._index))
@@ -199,18 +205,105 @@ class PageIndex:
         """Plans a checkpoint of the distinct pages `pfns` of `mem` (a cffi
         buffer): self.pfns and self.slots as kcodec_checkpoint takes them.
         Returns (hits, misses, misses cached)."""
-        n = len(pfns)
-        if n > self._room:
-            self._room = max(n, 64)
-            self.pfns = ffi.new("uint64_t[]", self._room)
-            self.slots = ffi.new("uint32_t[]", self._room)
+        n = self._take(pfns)
         counts = self._counts
-        if lib.kcodec_index_plan(self._index, mem, len(mem), self.arena_ptr,
-                                 ffi.new("uint64_t[]", pfns), n, self.pfns, self.slots,
-                                 counts) < 0:
+        if lib.kcodec_index_plan(self._index, mem, len(mem), self.arena_ptr, self._in, n,
+                                 self.pfns, self.slots, counts) < 0:
             raise ValueError("pfn outside guest memory or named twice")
         self.stats["unchanged_pages"] += counts[3]
         return counts[0], counts[1], counts[2]
+
+    def _take(self, pfns: Sequence[int]) -> int:
+        """`pfns` into the index's input array (and room for their plan)."""
+        n = len(pfns)
+        if n > self._room:
+            self._room = max(n, 64)
+            self._in = ffi.new("uint64_t[]", self._room)
+            self.pfns = ffi.new("uint64_t[]", self._room)
+            self.slots = ffi.new("uint32_t[]", self._room)
+        self._in[0:n] = pfns
+        return n
+
+    def write(self, memory: Buffer, pfns: Sequence[int],
+              items: Sequence[tuple[int, int, int, Buffer, Buffer | None]],
+              item_records: int, item_pages: int, *, seq: int, generation: int,
+              queued: tuple[int, int, int, int], lz4_worth: float, patch: bool,
+              blob_stats: dict[str, int] | None = None) -> bytearray:
+        """write_checkpoint(memory, pfns, self, ...) with the plan and the
+        checkpoint in one C call (kcodec_index_checkpoint), and what the call
+        needs kept here from one checkpoint to the next: the same bytes."""
+        n = self._take(pfns)
+        mem = ffi.from_buffer(memory)
+        c = self._ckpt
+        citems, keep, blob_bytes, raw_bytes, widest = self._items_for(items)
+        need = max(0 if patch else min(n, MAX_PAGES_PER_RECORD) * PAGE_SIZE, widest)
+        scratch_ = self._buffer(2 * need + need // 255 + 16, "_work")
+        out = self._buffer(int(lib.kcodec_checkpoint_bound(n, n, len(items), blob_bytes))
+                           + raw_bytes, "_out")
+        c.seq, c.generation, c.lz4_worth, c.patch = seq, generation, lz4_worth, patch
+        c.records, c.pages, c.bytes, c.crc = queued
+        c.item_records, c.item_pages = item_records, item_pages
+        written = lib.kcodec_index_checkpoint(
+            self._index, c, mem, len(mem), self.arena_ptr, self._in, n, self.pfns, self.slots,
+            scratch_, len(scratch_), citems, len(items), out, len(out))
+        del keep                             # the buffers C read, alive until here
+        if written == -1:
+            raise ValueError("pfn outside guest memory or named twice")
+        if written < 0:
+            raise RuntimeError(f"kcodec_index_checkpoint failed ({written})")
+        _add_stats(c, self.stats, blob_stats)
+        self.stats["unchanged_pages"] += c.unchanged_pages
+        return bytearray(ffi.buffer(out, written))
+
+    def _items_for(self, items):
+        """items as kcodec_checkpoint's array (kept, grown as needed), the cffi
+        buffers that must live through the call, and the items' sizes."""
+        if len(items) > self._items_room:
+            self._items_room = max(len(items), 8)
+            self._items = ffi.new("struct kcodec_item[]", self._items_room)
+        return _fill_items(self._items, items)
+
+    def _buffer(self, size: int, name: str):
+        buffer = getattr(self, name)
+        if buffer is None or len(buffer) < size:
+            buffer = _unzeroed("uint8_t[]", size)
+            if size <= KEEP_SCRATCH:
+                setattr(self, name, buffer)
+        return buffer
+
+
+def _fill_items(citems, items):
+    """Fill `citems` from items (type, id, version, data, base); returns
+    (citems, cffi buffers to keep alive, blob bytes, raw bytes, widest based blob)."""
+    keep = []
+    blob_bytes = raw_bytes = widest = 0
+    for i, (type_, ident, version, data, base) in enumerate(items):
+        item = citems[i]
+        item.data = data_ptr = ffi.from_buffer(data)
+        keep.append(data_ptr)
+        item.len, item.type, item.ident, item.version = len(data), type_, ident, version
+        if base is not None:
+            item.base = base_ptr = ffi.from_buffer(base)
+            keep.append(base_ptr)
+            widest = max(widest, len(data))
+        else:
+            item.base = ffi.NULL
+        if type_ == RAW:
+            raw_bytes += len(data)
+        else:
+            blob_bytes += len(data)
+    return citems if items else ffi.NULL, keep, blob_bytes, raw_bytes, widest
+
+
+def _add_stats(c, page_stats: dict[str, int] | None, blob_stats: dict[str, int] | None) -> None:
+    """A kcodec_checkpoint call's statistics, added to the cache's and the blobs'."""
+    if page_stats is not None:
+        page_stats["xor_pages"] += c.xor_pages
+        page_stats["xor_bytes"] += c.xor_bytes
+        page_stats["plain_pages"] += c.plain_pages
+    if blob_stats is not None:
+        blob_stats["xor_blobs"] += c.xor_blobs
+        blob_stats["xor_bytes"] += c.xor_blob_bytes
 
 
 def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | None,
@@ -222,44 +315,25 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
     """A whole protected checkpoint, as Primary.checkpoint's Python path writes
     it (native/codec.h, kcodec_checkpoint). With a `cache`, the pages it holds
     go as PAGES_XOR (PAGES_PATCH with `patch`) against their slots and the
-    rest whole, the last of them into slots (kcodec_index_plan); without one,
-    all whole. `items` are (type,
-    id, version, data, base): a VCPU or DEVICE blob with the base of its delta
-    (or None), or RAW records, of which there are `item_records` holding
-    `item_pages` pages. `queued`: records, pages, bytes and CRC-32 already
-    queued for this checkpoint. The statistics go to the cache's and to
-    `blob_stats`. Returns the bytes."""
-    mem = ffi.from_buffer(memory)
+    rest whole, the last of them into slots (PageIndex.write); without one,
+    all whole. `items` are (type, id, version, data, base): a VCPU or DEVICE
+    blob with the base of its delta (or None), or RAW records, of which there
+    are `item_records` holding `item_pages` pages. `queued`: records, pages,
+    bytes and CRC-32 already queued for this checkpoint. The statistics go to
+    the cache's and to `blob_stats`. Returns the bytes."""
     if cache is not None:
-        n_hits, n_misses, n_cached = cache.plan(mem, pfns)
-        parr, sarr, cache_ptr, cache_pages = cache.pfns, cache.slots, cache.arena_ptr, \
-            cache.capacity
-    else:
-        if pfns and min(pfns) < 0:
-            raise ValueError("pfn outside guest memory")
-        n_hits, n_misses, n_cached = 0, len(pfns), 0
-        parr = ffi.new("uint64_t[]", pfns) if pfns else ffi.NULL
-        sarr, cache_ptr, cache_pages = ffi.NULL, ffi.NULL, 0
-    keep = []
-    citems = ffi.new("struct kcodec_item[]", len(items)) if items else ffi.NULL
-    blob_bytes = raw_bytes = widest = 0
-    for i, (type_, ident, version, data, base) in enumerate(items):
-        item = citems[i]
-        item.data = data_ptr = ffi.from_buffer(data)
-        keep.append(data_ptr)
-        item.len, item.type, item.ident, item.version = len(data), type_, ident, version
-        if base is not None:
-            item.base = base_ptr = ffi.from_buffer(base)
-            keep.append(base_ptr)
-            widest = max(widest, len(data))
-        if type_ == RAW:
-            raw_bytes += len(data)
-        else:
-            blob_bytes += len(data)
-    need = max(min(n_hits, MAX_PAGES_PER_RECORD) * PAGE_SIZE, widest)
-    scratch_ = _scratch(2 * need + need // 255 + 16, "work")     # the XOR, then its LZ4 block
-    out = _scratch(int(lib.kcodec_checkpoint_bound(n_hits, n_misses, len(items),
-                                                  blob_bytes)) + raw_bytes, "out")
+        return cache.write(memory, pfns, items, item_records, item_pages, seq=seq,
+                           generation=generation, queued=queued, lz4_worth=lz4_worth,
+                           patch=patch, blob_stats=blob_stats)
+    mem = ffi.from_buffer(memory)
+    if pfns and min(pfns) < 0:
+        raise ValueError("pfn outside guest memory")
+    parr = ffi.new("uint64_t[]", pfns) if pfns else ffi.NULL
+    citems, keep, blob_bytes, raw_bytes, widest = _fill_items(
+        ffi.new("struct kcodec_item[]", len(items)) if items else ffi.NULL, items)
+    scratch_ = _scratch(2 * widest + widest // 255 + 16, "work")     # a blob's XOR, its LZ4
+    out = _scratch(int(lib.kcodec_checkpoint_bound(0, len(pfns), len(items), blob_bytes))
+                   + raw_bytes, "out")
     c = getattr(_work, "ckpt", None)         # its statistics are reset by each call
     if c is None:
         c = _work.ckpt = ffi.new("struct kcodec_ckpt *")
@@ -267,20 +341,14 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
     c.records, c.pages, c.bytes, c.crc = queued
     c.item_records, c.item_pages = item_records, item_pages
     written = lib.kcodec_checkpoint(
-        c, mem, len(mem), parr, sarr, n_hits, n_misses, n_cached, cache_ptr, cache_pages,
+        c, mem, len(mem), parr, ffi.NULL, 0, len(pfns), 0, ffi.NULL, 0,
         scratch_, len(scratch_), citems, len(items), out, len(out))
+    del keep                                 # the buffers C read, alive until here
     if written == -1:
         raise ValueError("pfn outside guest memory or slot outside the cache")
     if written < 0:
         raise RuntimeError(f"kcodec_checkpoint failed ({written})")
-    if cache is not None:
-        stats = cache.stats
-        stats["xor_pages"] += c.xor_pages
-        stats["xor_bytes"] += c.xor_bytes
-        stats["plain_pages"] += c.plain_pages
-    if blob_stats is not None:
-        blob_stats["xor_blobs"] += c.xor_blobs
-        blob_stats["xor_bytes"] += c.xor_blob_bytes
+    _add_stats(c, None, blob_stats)
     # A copy of what was written, not a view: the buffer serves the next call.
     return bytearray(ffi.buffer(out, written))
 

@@ -671,3 +671,31 @@ def test_the_c_page_index_refuses_bad_pages_and_changes_nothing() -> None:
     assert index.stats["unchanged_pages"] == 1
     with pytest.raises(ValueError):
         native_codec.PageIndex(0, NPAGES)
+
+
+def test_the_c_index_checkpoint_checks_room_before_it_plans() -> None:
+    """kcodec_index_checkpoint: buffers too small for some plan of the pages,
+    or a bad page, refuse the call before the index changes; then the same
+    pages go through PageIndex.write as the plan and the writer would."""
+    ffi, lib = native_codec.ffi, native_codec.lib
+    mem = bytearray(random.Random(6).randbytes(MEM))
+    index = native_codec.PageIndex(4, NPAGES)
+    c = ffi.new("struct kcodec_ckpt *")
+    pfns = ffi.new("uint64_t[]", [1, 2])
+    plan_pfns, plan_slots = ffi.new("uint64_t[]", 2), ffi.new("uint32_t[]", 2)
+    need = lib.kcodec_checkpoint_bound(2, 2, 0, 0)
+    for out_size, scratch_size, error in ((need - 1, 3 * 2 * PAGE_SIZE, -2),
+                                          (need, 2 * PAGE_SIZE, -4)):
+        out, scratch = ffi.new("uint8_t[]", out_size), ffi.new("uint8_t[]", scratch_size)
+        got = lib.kcodec_index_checkpoint(index._index, c, ffi.from_buffer(mem), MEM,
+                                          index.arena_ptr, pfns, 2, plan_pfns, plan_slots,
+                                          scratch, scratch_size, ffi.NULL, 0, out, out_size)
+        assert got == error and len(index) == 0
+    with pytest.raises(ValueError, match="outside guest memory"):
+        index.write(mem, [1, NPAGES], [], 0, 0, seq=1, generation=1, queued=(0, 0, 0, 0),
+                    lz4_worth=0.9, patch=False)
+    assert len(index) == 0
+    data = index.write(mem, [1, 2], [], 0, 0, seq=1, generation=1, queued=(0, 0, 0, 0),
+                       lz4_worth=0.9, patch=False)
+    assert len(index) == 2 and record_types(data) == [RecordType.PAGES,
+                                                      RecordType.CHECKPOINT_END]

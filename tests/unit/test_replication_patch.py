@@ -215,7 +215,7 @@ def test_a_patch_against_another_base_is_refused_and_discarded(
     assert pair.snapshot() == before                  # page 6 was staged, not applied
 
 
-def test_patches_refused_where_not_negotiated() -> None:
+def test_patches_refused_where_not_negotiated(monkeypatch: pytest.MonkeyPatch) -> None:
     # A secondary that takes PAGES_XOR but not PAGES_PATCH gets PAGES_XOR.
     sink = ImageSink(MEM)
     caps = int(DEFAULT_CAPABILITIES & ~Capability.PATCHES)
@@ -237,9 +237,15 @@ def test_patches_refused_where_not_negotiated() -> None:
                                                                      4 * PAGE_SIZE])))
     with pytest.raises(UnexpectedRecord, match="did not negotiate"):
         pair.secondary.receive_data(patch, 0.0)
+    # During a full sync there is no committed base.
+    syncing = Pair()
+    syncing.to_primary()
+    syncing.to_secondary()
+    with pytest.raises(UnexpectedRecord, match="syncing"):
+        syncing.secondary.receive_data(patch, 0.0)
     # A primary that does not send them (KEMARI_PAGE_PATCHES=0) sends PAGES_XOR.
     other = Pair(delta_cache_pages=16)
-    primary.PATCHES_ENABLED = False
+    monkeypatch.setattr(primary, "PATCHES_ENABLED", False)
     other.full_sync()
     assert not other.primary.page_patches
 

@@ -354,6 +354,15 @@ class CompressedPages(Pages):
         return cls(data_pfns, data, zero_pfns)
 
 
+def _check_delta_pages(record: XorPages | PatchPages, what: str) -> None:
+    """A delta record's page list and check, as it is built."""
+    if not 0 < len(record.pfns) <= MAX_PAGES_PER_RECORD:
+        raise ValueError(f"{what} holds 1 to {MAX_PAGES_PER_RECORD} pages")
+    if min(record.pfns) < 0 or max(record.pfns) > PFN_MASK:
+        raise ValueError("pfn out of range")
+    _u32(record.check, "check")
+
+
 @dataclass(frozen=True, eq=False)
 class XorPages:
     """PAGES_XOR: pages sent as the XOR of their new content with the content
@@ -374,11 +383,7 @@ class XorPages:
         object.__setattr__(self, "pfns", tuple(self.pfns))
         if len(self.delta) != PAGE_SIZE * len(self.pfns):
             raise ValueError("PAGES_XOR delta must hold exactly 4096 bytes per pfn")
-        if not 0 < len(self.pfns) <= MAX_PAGES_PER_RECORD:
-            raise ValueError(f"PAGES_XOR holds 1 to {MAX_PAGES_PER_RECORD} pages")
-        if min(self.pfns) < 0 or max(self.pfns) > PFN_MASK:
-            raise ValueError("pfn out of range")
-        _u32(self.check, "check")
+        _check_delta_pages(self, "PAGES_XOR")
 
     @property
     def page_count(self) -> int:
@@ -502,13 +507,9 @@ class PatchPages:
     def __post_init__(self) -> None:
         object.__setattr__(self, "pfns", tuple(self.pfns))
         object.__setattr__(self, "patches", tuple(self.patches))
-        if not 0 < len(self.pfns) <= MAX_PAGES_PER_RECORD:
-            raise ValueError(f"PAGES_PATCH holds 1 to {MAX_PAGES_PER_RECORD} pages")
         if len(self.patches) != len(self.pfns):
             raise ValueError("PAGES_PATCH needs one patch per pfn")
-        if min(self.pfns) < 0 or max(self.pfns) > PFN_MASK:
-            raise ValueError("pfn out of range")
-        _u32(self.check, "check")
+        _check_delta_pages(self, "PAGES_PATCH")
 
     @property
     def page_count(self) -> int:

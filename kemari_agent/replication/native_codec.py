@@ -237,9 +237,9 @@ class PageIndex:
         c = self._ckpt
         citems, keep, blob_bytes, raw_bytes, widest = self._items_for(items)
         need = max(0 if patch else min(n, MAX_PAGES_PER_RECORD) * PAGE_SIZE, widest)
-        scratch_ = self._buffer(2 * need + need // 255 + 16, "_work")
-        out = self._buffer(int(lib.kcodec_checkpoint_bound(n, n, len(items), blob_bytes))
-                           + raw_bytes, "_out")
+        scratch_ = _scratch(2 * need + need // 255 + 16, "_work", self)
+        out = _scratch(int(lib.kcodec_checkpoint_bound(n, n, len(items), blob_bytes))
+                       + raw_bytes, "_out", self)
         c.seq, c.generation, c.lz4_worth, c.patch = seq, generation, lz4_worth, patch
         c.records, c.pages, c.bytes, c.crc = queued
         c.item_records, c.item_pages = item_records, item_pages
@@ -262,14 +262,6 @@ class PageIndex:
             self._items_room = max(len(items), 8)
             self._items = ffi.new("struct kcodec_item[]", self._items_room)
         return _fill_items(self._items, items)
-
-    def _buffer(self, size: int, name: str):
-        buffer = getattr(self, name)
-        if buffer is None or len(buffer) < size:
-            buffer = _unzeroed("uint8_t[]", size)
-            if size <= KEEP_SCRATCH:
-                setattr(self, name, buffer)
-        return buffer
 
 
 def _fill_items(citems, items):
@@ -360,14 +352,16 @@ _work = threading.local()
 KEEP_SCRATCH = 4 << 20
 
 
-def _scratch(size: int, name: str):
-    """kcodec_checkpoint's buffer `name`, kept between calls (per thread) and
-    grown as needed: a fresh one per checkpoint would be faulted in each time."""
-    buffer = getattr(_work, name, None)
+def _scratch(size: int, name: str, holder=None):
+    """kcodec_checkpoint's buffer `name`, kept between calls on `holder` (by
+    default per thread) and grown as needed: a fresh one per checkpoint would
+    be faulted in each time."""
+    holder = _work if holder is None else holder
+    buffer = getattr(holder, name, None)
     if buffer is None or len(buffer) < size:
         buffer = _unzeroed("uint8_t[]", size)
         if size <= KEEP_SCRATCH:
-            setattr(_work, name, buffer)
+            setattr(holder, name, buffer)
     return buffer
 
 

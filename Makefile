@@ -5,7 +5,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # Debian's python3, not a pyenv one first on PATH: Pacemaker runs agents with it.
 SYSPY := /usr/bin/python3
-DEBS  := build-essential python3-venv python3-dev libffi-dev iproute2 iputils-ping \
+DEBS  := build-essential python3-venv python3-dev libffi-dev libssl-dev iproute2 iputils-ping \
          bridge-utils procps util-linux
 # the cluster tier and `make install`'s users: Pacemaker, Corosync, ocf.py + ocf-tester,
 # both shells (crm, pcs), xmllint for meta-data checks

@@ -273,6 +273,9 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     # The Python encoder against the C one ("no delta"): the delta path's XOR
     # has a Python reference too, but far too slow to be a setting anyone runs.
     "Python": ({"KEMARI_NATIVE_CODEC": "0"}, "delta_cache_mib = 0"),
+    # "native" sealing and opening frames with cryptography's AESGCM in Python
+    # instead of the C cipher (native/frames.c)
+    "Python frames": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_NATIVE_FRAMES": "0"}, ""),
     # "native" with the primary's bytes in TLS records instead of frames
     "TLS records": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FRAMES": "0"}, ""),
     # "native" writing and reading a checkpoint record by record (C for pages and

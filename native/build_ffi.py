@@ -13,8 +13,8 @@ from pathlib import Path
 from cffi import FFI
 
 NATIVE = Path(__file__).resolve().parent
-HEADERS = ["kemari_abi.h", "vmm.h", "codec.h"]
-SOURCES = ["vmm.c", "codec.c", "page_index.c"]
+HEADERS = ["kemari_abi.h", "vmm.h", "codec.h", "frames.h"]
+SOURCES = ["vmm.c", "codec.c", "page_index.c", "frames.c"]
 
 
 def cdef_from_header(text: str) -> str:
@@ -45,7 +45,7 @@ def builder(native_dir: str) -> FFI:
         sources=[f"{native_dir}/{s}" for s in SOURCES],
         include_dirs=[native_dir],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
-        libraries=["pthread"],
+        libraries=["pthread", "crypto"],     # crypto: OpenSSL, for frames.c
     )
     return ffi
 

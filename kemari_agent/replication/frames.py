@@ -18,6 +18,10 @@ the length is the additional data, so it cannot be changed either. Every
 secret with HKDF, far below AES-GCM's usage limits. Only what opened whole
 and authentic is returned; anything else raises `AuthenticationError`.
 
+The cipher runs in C (native_frames) when the native module is built, and
+in Python through cryptography's AESGCM otherwise or with
+KEMARI_NATIVE_FRAMES=0: the same frames either way.
+
 Sans-I/O: the transport moves the bytes. See docs/crypto.md.
 """
 
@@ -31,6 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from . import native_frames
 from .codec import Buffer
 from .errors import AuthenticationError
 
@@ -51,12 +56,23 @@ READ_SIZE = 256 << 10
 REKEY_BYTES = 1 << 34
 
 
+def _check_secret(secret: bytes) -> None:
+    if len(secret) != SECRET_SIZE:
+        raise ValueError(f"a frame secret is {SECRET_SIZE} bytes, not {len(secret)}")
+
+
+def _epoch_key(secret: bytes, epoch: int) -> bytes:
+    """The key of the `epoch`th REKEY_BYTES of a direction."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"kemari frames/1 key " + epoch.to_bytes(8, "big")).derive(secret)
+
+
 class _Keys:
-    """The key and nonce sequence one direction of a connection goes through."""
+    """The key and nonce sequence one direction of a connection goes through
+    (the Python cipher)."""
 
     def __init__(self, secret: bytes, rekey_bytes: int) -> None:
-        if len(secret) != SECRET_SIZE:
-            raise ValueError(f"a frame secret is {SECRET_SIZE} bytes, not {len(secret)}")
+        _check_secret(secret)
         self._secret = secret
         self._rekey_bytes = rekey_bytes
         self._epoch = -1
@@ -64,10 +80,7 @@ class _Keys:
 
     def _next_epoch(self) -> None:
         self._epoch += 1
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                   info=b"kemari frames/1 key " + self._epoch.to_bytes(8, "big")
-                   ).derive(self._secret)
-        self.aead = AESGCM(key)
+        self.aead = AESGCM(_epoch_key(self._secret, self._epoch))
         self._counter = 0
         self._sealed = 0
 
@@ -81,12 +94,41 @@ class _Keys:
         return nonce
 
 
-class Sealer:
-    """Turns bytes into frames, in order."""
+class _NativeKeys:
+    """The same keys in the C cipher, which counts the frames (the nonces) and
+    the bytes under each key itself and says when the next one is due."""
 
-    def __init__(self, secret: bytes, *, rekey_bytes: int = REKEY_BYTES) -> None:
-        self._keys = _Keys(secret, rekey_bytes)
-        self._out = memoryview(bytearray(OVERHEAD))   # grows to the largest frame sealed
+    def __init__(self, secret: bytes, rekey_bytes: int, *, encrypt: bool) -> None:
+        _check_secret(secret)
+        self._secret = secret
+        self._rekey_bytes = rekey_bytes
+        self._epoch = -1
+        self.cipher = native_frames.FrameCipher(encrypt)
+        self.next_epoch()
+
+    def next_epoch(self) -> None:
+        self._epoch += 1
+        self.cipher.set_key(_epoch_key(self._secret, self._epoch), self._rekey_bytes)
+
+
+def _use_native(native: bool | None) -> bool:
+    return native_frames.ENABLED if native is None else native
+
+
+class Sealer:
+    """Turns bytes into frames, in order. `native`: the C cipher (default: when
+    built and not switched off)."""
+
+    def __init__(self, secret: bytes, *, rekey_bytes: int = REKEY_BYTES,
+                 native: bool | None = None) -> None:
+        self._native = _NativeKeys(secret, rekey_bytes, encrypt=True) \
+            if _use_native(native) else None
+        self._keys = None if self._native else _Keys(secret, rekey_bytes)
+        self._grow(OVERHEAD)                # grows to the largest frame sealed
+
+    def _grow(self, size: int) -> None:
+        self._out = memoryview(bytearray(size))
+        self._out_c = native_frames.pointer(self._out) if self._native else None
 
     def seal(self, data: Buffer) -> Iterator[memoryview]:
         """The frames of `data`, each to be sent before the next is asked for
@@ -100,7 +142,15 @@ class Sealer:
         the next call."""
         n = len(part)
         if len(self._out) < n + OVERHEAD:
-            self._out = memoryview(bytearray(n + OVERHEAD))
+            self._grow(n + OVERHEAD)
+        if self._native is not None:
+            size = self._native.cipher.seal(part, self._out_c)
+            while size == native_frames.REKEY:
+                self._native.next_epoch()
+                size = self._native.cipher.seal(part, self._out_c)
+            if size < 0:
+                raise RuntimeError(f"sealing a frame failed ({size})")
+            return self._out[:size]
         out = self._out
         HEADER.pack_into(out, 0, n)
         nonce = self._keys.next_nonce(n)        # first: it may move to the next key
@@ -115,9 +165,13 @@ class Opener:
     `space()` is where the next read goes, `filled(n)` says how much it put
     there, `take()` opens every whole frame so far."""
 
-    def __init__(self, secret: bytes, *, rekey_bytes: int = REKEY_BYTES) -> None:
-        self._keys = _Keys(secret, rekey_bytes)
+    def __init__(self, secret: bytes, *, rekey_bytes: int = REKEY_BYTES,
+                 native: bool | None = None) -> None:
+        self._native = _NativeKeys(secret, rekey_bytes, encrypt=False) \
+            if _use_native(native) else None
+        self._keys = None if self._native else _Keys(secret, rekey_bytes)
         self._buf = bytearray(READ_SIZE)
+        self._buf_c = None        # the C cipher's pointer into _buf, made when needed
         self._start = 0           # first byte not yet opened
         self._end = 0             # first byte not yet filled
 
@@ -134,6 +188,7 @@ class Opener:
             self._buf[:left] = self._buf[self._start:self._end]
             self._start, self._end = 0, left
             if len(self._buf) - left < want:
+                self._buf_c = None          # a bytearray in use cannot grow
                 self._buf.extend(bytes(max(want + left, len(self._buf))))
         return memoryview(self._buf)[self._end:]
 
@@ -149,13 +204,14 @@ class Opener:
 
     def take(self) -> list[bytes]:
         """The plaintexts of the frames that arrived whole, in order."""
+        if self._native is not None:
+            return self._take_native()
         out = []
         buf = memoryview(self._buf)
         while self._end - self._start >= HEADER.size:
             (n,) = HEADER.unpack_from(buf, self._start)
             if not 0 < n <= MAX_FRAME:      # an empty one would be read without end
-                raise AuthenticationError(f"a frame says it holds {n} bytes; "
-                                          f"frames hold 1 to {MAX_FRAME}")
+                raise _bad_length(n)
             end = self._start + n + OVERHEAD
             if end > self._end:
                 break
@@ -164,11 +220,43 @@ class Opener:
                 plain = self._keys.aead.decrypt(nonce, buf[self._start + HEADER.size:end],
                                                 buf[self._start:self._start + HEADER.size])
             except InvalidTag as exc:
-                raise AuthenticationError("a frame failed authentication: the stream "
-                                          "was changed, cut or replayed on its way") from exc
+                raise _failed() from exc
             self._start = end
             out.append(plain)
         return out
 
+    def _take_native(self) -> list[bytes]:
+        """take() with the C cipher: each frame opens in place, its plaintext
+        is copied out once."""
+        assert self._native is not None
+        out = []
+        while self._end - self._start >= HEADER.size:
+            if self._buf_c is None:
+                self._buf_c = native_frames.pointer(self._buf)
+            n = self._native.cipher.open(self._buf_c + self._start, self._end - self._start)
+            if n == 0:
+                break
+            if n == native_frames.REKEY:
+                self._native.next_epoch()
+                continue
+            if n == native_frames.BAD_LENGTH:
+                raise _bad_length(HEADER.unpack_from(self._buf, self._start)[0])
+            if n < 0:
+                raise _failed()
+            start = self._start + HEADER.size
+            with memoryview(self._buf) as view:
+                out.append(bytes(view[start:start + n]))
+            self._start = start + n + TAG_SIZE
+        return out
+
     def holds_part_of_a_frame(self) -> bool:
         return self._end > self._start
+
+
+def _bad_length(n: int) -> AuthenticationError:
+    return AuthenticationError(f"a frame says it holds {n} bytes; frames hold 1 to {MAX_FRAME}")
+
+
+def _failed() -> AuthenticationError:
+    return AuthenticationError("a frame failed authentication: the stream was changed, "
+                               "cut or replayed on its way")

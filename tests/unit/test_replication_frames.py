@@ -1,7 +1,8 @@
 """Frames (the primary's half of a connection after the TLS handshake): what
 goes in comes out whole and in order, however the bytes arrive, and any
 change, cut, replay or reordering on the way is refused before a byte of it
-is returned."""
+is returned. Every test runs with the C cipher (native/frames.c) and with the
+Python one (cryptography's AESGCM), and the two make the same frames."""
 
 from __future__ import annotations
 
@@ -11,12 +12,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kemari_agent.replication import frames
+from kemari_agent.replication import frames, native_frames
 from kemari_agent.replication.errors import AuthenticationError
 
 pytestmark = pytest.mark.unit
 
 SECRET = bytes(range(32))
+
+
+@pytest.fixture(autouse=True, params=["C", "Python"])
+def cipher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Sealers and openers made in the test use this cipher."""
+    if request.param == "C":
+        assert native_frames.lib is not None, "the native module is not built"
+    monkeypatch.setattr(native_frames, "ENABLED", request.param == "C")
+    return request.param
 
 
 def sealed(sealer: frames.Sealer, data: bytes) -> list[bytes]:
@@ -127,3 +137,37 @@ def test_the_receive_buffer_stays_bounded_by_the_largest_frames() -> None:
 def test_a_secret_of_the_wrong_size_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="32 bytes"):
         frames.Sealer(b"short")
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(0, 70_000), min_size=1, max_size=6),
+       rekey=st.sampled_from([1, 1000, 65_536, frames.REKEY_BYTES]))
+def test_the_c_and_the_python_cipher_make_and_open_the_same_frames(
+        sizes: list[int], rekey: int) -> None:
+    """Byte for byte, through key changes; each opens the other's frames."""
+    c_sealer = frames.Sealer(SECRET, rekey_bytes=rekey, native=True)
+    py_sealer = frames.Sealer(SECRET, rekey_bytes=rekey, native=False)
+    messages = [os.urandom(n) for n in sizes]
+    c_wire = b"".join(b"".join(sealed(c_sealer, m)) for m in messages)
+    py_wire = b"".join(b"".join(sealed(py_sealer, m)) for m in messages)
+    assert c_wire == py_wire
+    for native in (True, False):
+        opener = frames.Opener(SECRET, rekey_bytes=rekey, native=native)
+        assert deliver(opener, c_wire) == b"".join(messages)
+
+
+def test_a_frame_that_fails_leaves_no_plaintext_and_the_opener_opens_nothing_more() -> None:
+    sealer = frames.Sealer(SECRET)
+    first, second = sealed(sealer, b"secret page " * 50)[0], sealed(sealer, b"next")[0]
+    bad = bytearray(first)
+    bad[-1] ^= 0x80                     # the tag: the ciphertext itself is intact
+    opener = frames.Opener(SECRET)
+    room = opener.space()
+    room[:len(bad)] = bad
+    del room
+    opener.filled(len(bad))
+    with pytest.raises(AuthenticationError, match="failed authentication"):
+        opener.take()
+    assert b"secret page" not in bytes(opener._buf)
+    with pytest.raises(AuthenticationError):
+        deliver(opener, second)

@@ -14,6 +14,9 @@ from ..replication.errors import PeerError, StreamError, TransportError
 from ..replication.events import Event
 from ..replication.transport import Channel, TransportTimeout
 
+# How far past its deadline wait_for lets a read run rather than set a shorter timeout.
+WAIT_SLACK_S = 0.01
+
 
 class SessionLost(Exception):
     """The peer is gone or broke the protocol; the reason says which."""
@@ -106,18 +109,26 @@ class Link:
         return events + self.poll()
 
     def wait_for(self, done: Callable[[], bool], timeout: float) -> list[Event]:
-        """Read until done() or the timeout; raises SessionLost on timeout."""
+        """Read until done() or the timeout; raises SessionLost on timeout.
+        A read keeps the channel's own timeout while that ends it at most
+        WAIT_SLACK_S past the deadline: two syscalls fewer per checkpoint."""
         events: list[Event] = []
         end = time.monotonic() + timeout
-        while not done():
-            left = end - time.monotonic()
-            if left <= 0:
-                raise SessionLost(f"no answer from the peer within {timeout:.1f} s")
-            if self.ack_poll_s:
-                self._spin(min(self.ack_poll_s, left))
-            self.channel.settimeout(left)
-            events += self.read()
-        self.channel.settimeout(self.io_timeout)
+        shortened = False
+        try:
+            while not done():
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise SessionLost(f"no answer from the peer within {timeout:.1f} s")
+                if self.ack_poll_s:
+                    self._spin(min(self.ack_poll_s, left))
+                if left < self.io_timeout - WAIT_SLACK_S:
+                    self.channel.settimeout(left)
+                    shortened = True
+                events += self.read()
+        finally:
+            if shortened:
+                self.channel.settimeout(self.io_timeout)
         return events
 
     def _spin(self, budget: float) -> None:

@@ -185,6 +185,10 @@ class Channel:
         shortened = False
         try:
             while not (plain := opener.take()):
+                if deadline is not None and opener.holds_part_of_a_frame():
+                    # the rest of a frame begun: what is left of the time
+                    self._sock.settimeout(max(deadline - time.monotonic(), 1e-6))
+                    shortened = True
                 try:
                     n = self._read_into(opener.space())
                 except TimeoutError:
@@ -194,9 +198,6 @@ class Channel:
                 if not n:
                     return b""      # the peer closed; a frame it did not finish dies with it
                 opener.filled(n)
-                if deadline is not None:    # the rest of the frame: what is left of the time
-                    self._sock.settimeout(max(deadline - time.monotonic(), 1e-6))
-                    shortened = True
         finally:
             if shortened:
                 self._sock.settimeout(self._timeout)

@@ -95,3 +95,21 @@ def test_waiting_spins_first_and_still_sleeps_until_the_answer(tmp_path) -> None
         assert budget_1 == budget_2 == 0.2
         assert took_1 < 0.2             # the ACK came at 5 ms: the spin saw it
         assert 0.2 <= took_2 < 0.45     # none in its budget: it stopped, the read slept
+
+
+@pytest.mark.parametrize("wait_s, io_timeout", [(0.3, 0.3), (0.2, 1.0), (0.7, 0.25)])
+def test_waiting_on_a_silent_peer_ends_at_its_deadline_and_keeps_the_read_timeout(
+        tmp_path, wait_s: float, io_timeout: float) -> None:
+    """wait_for shortens a read's timeout only where the channel's own would
+    end it more than WAIT_SLACK_S past the deadline, and puts it back."""
+    pair = protected_pair(delta_cache_pages=0)
+    with tls_pair(tmp_path) as (_server, client):
+        link = Link(client, pair.primary, io_timeout)
+        seq = pair.primary.checkpoint(pair.mem, pair.dirty(2), now=0.0)
+        link.flush()
+        t0 = time.monotonic()
+        with pytest.raises(SessionLost, match="no answer from the peer"):
+            link.wait_for(lambda: pair.primary.is_acked(seq), wait_s)
+        waited = time.monotonic() - t0
+        assert wait_s <= waited < wait_s + 0.15
+        assert client._sock.gettimeout() == io_timeout

@@ -414,13 +414,39 @@ def receive(data: Buffer, committed: Buffer, bases: dict[tuple[int, int, int], b
     rx.queued_records, rx.queued_bytes, rx.queued_crc = queued
     rx.npages, rx.staging_limit = len(committed) // 4096, staging_limit
     rx.patches = patches
-    keep = []
-    cbases = ffi.new("struct kcodec_base[]", len(bases)) if bases else ffi.NULL
-    for i, ((type_, ident, version), blob) in enumerate(bases.items()):
-        base = cbases[i]
-        base.data = pointer = ffi.from_buffer(blob)
-        keep.append(pointer)
-        base.len, base.type, base.ident, base.version = len(blob), type_, ident, version
+    table = getattr(_work, "bases", None)
+    if table is None:
+        table = _work.bases = _BaseTable()
     consumed = lib.kcodec_receive(rx, ffi.from_buffer(data), len(data),
-                                  ffi.from_buffer(committed), cbases, len(bases))
+                                  ffi.from_buffer(committed), table.update(bases), len(bases))
     return ReceivedCheckpoint(rx, int(consumed)) if consumed > 0 else None
+
+
+class _BaseTable:
+    """receive()'s blob bases as kcodec_receive's array, kept between calls:
+    from one checkpoint to the next usually one blob changes (the vCPU's), so
+    only the entries whose key or blob object changed are written again."""
+
+    def __init__(self) -> None:
+        self._array = ffi.NULL
+        self._room = 0
+        self._held: list[tuple[tuple[int, int, int], bytes, object]] = []   # key, blob, pointer
+
+    def update(self, bases: dict[tuple[int, int, int], bytes]):
+        if len(bases) > self._room:
+            self._room = max(len(bases), 8)
+            self._array = ffi.new("struct kcodec_base[]", self._room)
+            self._held = []
+        held = self._held
+        del held[len(bases):]
+        for i, (key, blob) in enumerate(bases.items()):
+            if i < len(held) and held[i][0] == key and held[i][1] is blob:
+                continue
+            entry = self._array[i]
+            entry.data = pointer = ffi.from_buffer(blob)
+            entry.len, (entry.type, entry.ident, entry.version) = len(blob), key
+            if i < len(held):
+                held[i] = (key, blob, pointer)
+            else:
+                held.append((key, blob, pointer))
+        return self._array if bases else ffi.NULL

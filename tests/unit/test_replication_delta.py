@@ -699,3 +699,21 @@ def test_the_c_index_checkpoint_checks_room_before_it_plans() -> None:
                        lz4_worth=0.9, patch=False)
     assert len(index) == 2 and record_types(data) == [RecordType.PAGES,
                                                       RecordType.CHECKPOINT_END]
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.lists(st.tuples(st.integers(1, 12), st.binary(min_size=1, max_size=40)),
+                               max_size=12), min_size=1, max_size=8))
+def test_the_c_readers_blob_bases_follow_the_dict_however_it_changes(
+        steps: list[list[tuple[int, bytes]]]) -> None:
+    """receive() keeps its array of bases between calls and rewrites only what
+    changed: after any sequence of dicts (keys added, dropped, reordered,
+    blobs replaced, more than its room), the array holds the latest one."""
+    table = native_codec._BaseTable()
+    for step in steps:
+        bases = {(9, ident, 2): blob for ident, blob in step}
+        array = table.update(bases)
+        got = [((int(e.type), int(e.ident), int(e.version)),
+                native_codec.ffi.buffer(e.data, e.len)[:])
+               for e in (array[i] for i in range(len(bases)))] if bases else []
+        assert got == list(bases.items())

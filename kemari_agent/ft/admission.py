@@ -21,7 +21,7 @@ milliseconds), or is closed at once when every waiting one is authenticated.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ..replication.errors import AuthenticationError, TransportError
@@ -85,7 +85,7 @@ class Admission:
         return min([h.deadline for h in self._handshakes] +
                    [a.deadline for a in self._authenticated], default=float("inf"))
 
-    def service(self, ready: set[int], now: float) -> tuple[Link, list[Event]] | None:
+    def service(self, ready: Collection[int], now: float) -> tuple[Link, list[Event]] | None:
         """Advance every waiting connection whose fd is in `ready`, accept new
         ones, expire the late. Returns a session whose HELLO was accepted (with
         the events of its first read) to replace the current one, if any."""

@@ -287,7 +287,7 @@ class Receiver:
                             self._trace(woke, decoded, handled, events, early)
                 except SessionLost as exc:
                     self._session_failed(str(exc))
-            admitted = self.admission.service(set(readable) | set(writable), time.monotonic())
+            admitted = self.admission.service(readable + writable, time.monotonic())
             if admitted is not None:
                 self._replace_session(*admitted)
             gc_points.collect_if_due()      # the pass's ACKs have gone

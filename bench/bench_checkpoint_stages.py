@@ -276,9 +276,6 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     # "native" sealing and opening frames with cryptography's AESGCM in Python
     # instead of the C cipher (native/frames.c)
     "Python frames": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_NATIVE_FRAMES": "0"}, ""),
-    # "native" with CPython's cycle collector running wherever its threshold
-    # falls, inside checkpoints too, instead of at the loops' safe points
-    "GC anywhere": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_GC_POINTS": "0"}, ""),
     # "native" with the primary's bytes in TLS records instead of frames
     "TLS records": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FRAMES": "0"}, ""),
     # "native" writing and reading a checkpoint record by record (C for pages and

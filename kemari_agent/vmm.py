@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import gc_points, stages
+from . import stages
 from .config import VmConfig
 from .devices.block import BlockBackend
 from .devices.console import Console
@@ -239,7 +239,6 @@ class Vmm:
                 self._drain_wake()
                 self._run_calls()
                 self._run_services()
-                gc_points.collect_if_due()  # held output (epoch mode) has gone
             else:
                 self._crash(ex)
             if self.exit_code is not None:
@@ -274,7 +273,6 @@ class Vmm:
         device.process()
         if stages.ENABLED:
             self._moment(f"answered: {device.name}")
-        gc_points.collect_if_due()          # the output has gone; the guest waits, nothing else
 
     def _guest_has_event(self) -> bool:
         rings = []
@@ -295,7 +293,6 @@ class Vmm:
             self._run_calls()
             if self._stop or self.exit_code is not None:
                 return
-            gc_points.collect_if_due()      # about to sleep: nothing waits on this thread
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 
-from .. import gc_points, paths
+from .. import paths
 from ..config import VmConfig, with_overrides
 from ..control import ControlServer
 from ..devices.block import BlockBackend, open_disk_image
@@ -164,7 +164,6 @@ class Daemon:
     # ---- main thread -----------------------------------------------------------------
     def serve(self, role: str) -> int:
         keep_large_buffers()
-        gc_points.take_over()
         # Listening before answering: once `kemari start` sees the daemon, its
         # replication port is open too.
         with signals_to_main_thread():

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import gc_points, stages
+from .. import stages
 from ..config import VmConfig
 from ..errors import KemariError
 from ..kvm.machine import Machine
@@ -290,7 +290,6 @@ class Receiver:
             admitted = self.admission.service(readable + writable, time.monotonic())
             if admitted is not None:
                 self._replace_session(*admitted)
-            gc_points.collect_if_due()      # the pass's ACKs have gone
 
     def _trace(self, woke: int, decoded: int, handled: int, events: list,
                early: tuple[int, int] | None) -> None:

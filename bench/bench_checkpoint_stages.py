@@ -115,8 +115,10 @@ def tls_ping_pong(key: str, nbytes: int, reply: int = 24, n: int = 2000,
     """The replication transport between two processes on loopback: nbytes out,
     `reply` bytes back, timed on the client. `cpus`: the client's and the
     server's CPU (default: unpinned)."""
-    from kemari_agent.replication import transport
+    from kemari_agent.replication import native_frames, transport
 
+    # the setting's frame cipher, as its daemons read it when they start
+    native_frames.ENABLED = native_frames.enabled_by_environment()
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
     server = ctx.Process(target=_tls_server, daemon=True,

@@ -21,7 +21,13 @@ try:
 except ImportError:  # pragma: no cover - depends on the build
     ffi = lib = None
 
-ENABLED = lib is not None and os.environ.get("KEMARI_NATIVE_FRAMES", "1") != "0"
+
+def enabled_by_environment() -> bool:
+    """Built, and not switched off with KEMARI_NATIVE_FRAMES=0."""
+    return lib is not None and os.environ.get("KEMARI_NATIVE_FRAMES", "1") != "0"
+
+
+ENABLED = enabled_by_environment()       # read once: frames.Sealer and Opener use it
 
 REKEY = -3
 BAD_LENGTH = -4

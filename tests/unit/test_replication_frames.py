@@ -33,9 +33,11 @@ def sealed(sealer: frames.Sealer, data: bytes) -> list[bytes]:
     return [bytes(frame) for frame in sealer.seal(data)]
 
 
-def deliver(opener: frames.Opener, wire: bytes, cuts: list[int] | None = None) -> bytes:
-    """Feed `wire` to `opener` the way reads would: into space(), cut at `cuts`."""
-    out = []
+def deliver(opener: frames.Opener, wire: bytes, cuts: list[int] | None = None,
+            out: list[bytes] | None = None) -> bytes:
+    """Feed `wire` to `opener` the way reads would: into space(), cut at `cuts`;
+    what it returns also goes into `out`, should it raise."""
+    out = [] if out is None else out
     pos = 0
     for end in sorted(set(cuts or [])) + [len(wire)]:
         while pos < end:
@@ -177,17 +179,8 @@ def _verdict(wire: bytes, native: bool, cuts: list[int]) -> tuple[bytes, str | N
     """What an opener returns of `wire` before it stops, and why it stopped."""
     opener = frames.Opener(SECRET, rekey_bytes=2000, native=native)
     out: list[bytes] = []
-    pos = 0
     try:
-        for end in sorted({c for c in cuts if c < len(wire)}) + [len(wire)]:
-            while pos < end:
-                room = opener.space()
-                n = min(len(room), end - pos)
-                room[:n] = wire[pos:pos + n]
-                del room
-                opener.filled(n)
-                pos += n
-                out += opener.take()
+        deliver(opener, wire, [c for c in cuts if c < len(wire)], out)
     except AuthenticationError as exc:
         return b"".join(out), str(exc)
     return b"".join(out), None

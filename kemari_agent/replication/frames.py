@@ -56,31 +56,33 @@ READ_SIZE = 256 << 10
 REKEY_BYTES = 1 << 34
 
 
-def _check_secret(secret: bytes) -> None:
-    if len(secret) != SECRET_SIZE:
-        raise ValueError(f"a frame secret is {SECRET_SIZE} bytes, not {len(secret)}")
-
-
-def _epoch_key(secret: bytes, epoch: int) -> bytes:
-    """The key of the `epoch`th REKEY_BYTES of a direction."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=b"kemari frames/1 key " + epoch.to_bytes(8, "big")).derive(secret)
-
-
-class _Keys:
-    """The key and nonce sequence one direction of a connection goes through
-    (the Python cipher)."""
+class _Epochs:
+    """One direction's key schedule: a key per REKEY_BYTES, derived from the
+    connection's secret."""
 
     def __init__(self, secret: bytes, rekey_bytes: int) -> None:
-        _check_secret(secret)
+        if len(secret) != SECRET_SIZE:
+            raise ValueError(f"a frame secret is {SECRET_SIZE} bytes, not {len(secret)}")
         self._secret = secret
         self._rekey_bytes = rekey_bytes
         self._epoch = -1
+
+    def _next_key(self) -> bytes:
+        self._epoch += 1
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"kemari frames/1 key " + self._epoch.to_bytes(8, "big")
+                    ).derive(self._secret)
+
+
+class _Keys(_Epochs):
+    """The key and nonce sequence of the Python cipher."""
+
+    def __init__(self, secret: bytes, rekey_bytes: int) -> None:
+        super().__init__(secret, rekey_bytes)
         self._next_epoch()
 
     def _next_epoch(self) -> None:
-        self._epoch += 1
-        self.aead = AESGCM(_epoch_key(self._secret, self._epoch))
+        self.aead = AESGCM(self._next_key())
         self._counter = 0
         self._sealed = 0
 
@@ -94,21 +96,17 @@ class _Keys:
         return nonce
 
 
-class _NativeKeys:
+class _NativeKeys(_Epochs):
     """The same keys in the C cipher, which counts the frames (the nonces) and
     the bytes under each key itself and says when the next one is due."""
 
     def __init__(self, secret: bytes, rekey_bytes: int, *, encrypt: bool) -> None:
-        _check_secret(secret)
-        self._secret = secret
-        self._rekey_bytes = rekey_bytes
-        self._epoch = -1
+        super().__init__(secret, rekey_bytes)
         self.cipher = native_frames.FrameCipher(encrypt)
         self.next_epoch()
 
     def next_epoch(self) -> None:
-        self._epoch += 1
-        self.cipher.set_key(_epoch_key(self._secret, self._epoch), self._rekey_bytes)
+        self.cipher.set_key(self._next_key(), self._rekey_bytes)
 
 
 def _use_native(native: bool | None) -> bool:

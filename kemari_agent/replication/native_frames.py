@@ -29,9 +29,9 @@ def enabled_by_environment() -> bool:
 
 ENABLED = enabled_by_environment()       # read once: frames.Sealer and Opener use it
 
-REKEY = -3
-BAD_LENGTH = -4
-BAD_TAG = -5
+# native/frames.h's return codes (the header is their one definition)
+REKEY = lib.KFRAME_REKEY if lib is not None else None
+BAD_LENGTH = lib.KFRAME_BAD_LENGTH if lib is not None else None
 
 
 class FrameCipher:
@@ -56,7 +56,8 @@ class FrameCipher:
     def open(self, at, avail: int) -> int:
         """Opens the frame at `at` (a cdata pointer to `avail` bytes) in place:
         its plaintext's length (at `at` + 4), 0 when it has not all arrived,
-        or REKEY, BAD_LENGTH or BAD_TAG (and after that, anything below 0)."""
+        or REKEY, BAD_LENGTH, or another code below 0 (a failed tag: after it,
+        every call fails)."""
         return lib.kframe_open(self._ctx, at, avail)
 
 

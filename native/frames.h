@@ -41,7 +41,7 @@ int kframe_set_key(struct kframe *k, const uint8_t *key, uint64_t rekey_bytes);
 
 /* Seals plain[0..n) (1 <= n <= KFRAME_MAX) into out (n + KFRAME_OVERHEAD
  * bytes); returns that size or a KFRAME_ error, which seals nothing and uses
- * no nonce. */
+ * no nonce. plain may be out + 4, its place in the frame: sealed in place. */
 int64_t kframe_seal(struct kframe *k, const uint8_t *plain, uint32_t n, uint8_t *out);
 
 /* The frame at buf[0..avail): 0 when not all of it has arrived (a header

@@ -37,13 +37,16 @@ from collections.abc import Callable
 
 from .. import stages
 from ..config import VmConfig
+from ..kvm.machine import Machine
 from ..replication import transport
 from ..replication.codec import Device, DiskWrite, Vcpu
 from ..replication.errors import TransportError
 from ..replication.events import Acked, PeerDead, PeerGoodbye
 from ..replication.primary import Primary, PrimaryState
 from ..vmm import Vmm
+from . import fast_checkpoint
 from .auto_converge import AutoConverge
+from .fast_checkpoint import FastCheckpoint
 from .faults import Faults
 from .fence_peer import PeerFence
 from .link import Link, SessionLost
@@ -121,6 +124,8 @@ class Protector:
         self._disk_log_bytes = 0
         self._disk_log_sent = 0        # of them, sent ahead of the checkpoint (DISK_AHEAD)
         self._broken: str | None = None     # why a send outside a checkpoint failed
+        # (link, its one-call checkpoint or None where the session cannot have one)
+        self._fast: tuple[Link, FastCheckpoint | None] | None = None
         self.disk_writes_ahead = 0
         # Resync bookkeeping: dirty tracking is continuous since checkpoint
         # _tracking_since (None: not since anything a secondary could hold); what
@@ -175,18 +180,21 @@ class Protector:
                 "disk_writes_ahead": self.disk_writes_ahead,
                 **({"stages": self.stages.export()} if self.stages is not None else {})}
 
-    @staticmethod
-    def _page_deltas(link: Link | None) -> dict | None:
+    def _page_deltas(self, link: Link | None) -> dict | None:
         """This session's checkpoint pages sent as deltas and whole (None: no deltas)."""
         cache = link.sm.delta_cache if link is not None else None
         blobs = link.sm.blob_bases if link is not None else None
         if cache is None or blobs is None:
             return None
-        return {"delta_pages": cache.stats["xor_pages"], "delta_bytes": cache.stats["xor_bytes"],
-                "whole_pages": cache.stats["plain_pages"], "cached_pages": len(cache),
-                "unchanged_pages": cache.stats["unchanged_pages"],
-                "delta_blobs": blobs.stats["xor_blobs"],
-                "delta_blob_bytes": blobs.stats["xor_bytes"]}
+        fast = self._fast
+        one_call = collections.Counter(fast[1].stats()) if fast is not None and fast[0] is link \
+            and fast[1] is not None else collections.Counter()
+        pages = collections.Counter(cache.stats) + one_call
+        return {"delta_pages": pages["xor_pages"], "delta_bytes": pages["xor_bytes"],
+                "whole_pages": pages["plain_pages"], "cached_pages": len(cache),
+                "unchanged_pages": pages["unchanged_pages"],
+                "delta_blobs": blobs.stats["xor_blobs"] + one_call["xor_blobs"],
+                "delta_blob_bytes": blobs.stats["xor_bytes"] + one_call["xor_blob_bytes"]}
 
     # ---- connecting and full sync (connector thread) -----------------------------
     def _connect_loop(self) -> None:
@@ -482,9 +490,13 @@ class Protector:
             del self._unacked[old]
 
     # ---- checkpoints (loop thread) --------------------------------------------------
-    def _state_records(self, full: bool = False) -> list:
+    def _state_records(self, full: bool = False, vcpu_fast: bytes | None = None) -> list:
+        """The checkpoint's records besides its pages. `vcpu_fast`: the fast vCPU
+        blob, saved already (by a one-call checkpoint that gave way)."""
         now = time.monotonic()
-        if full or now - self._last_full_vcpu >= FULL_VCPU_EVERY_S:
+        if vcpu_fast is not None:
+            vcpu = Vcpu(0, VCPU_FAST, vcpu_fast)
+        elif full or now - self._last_full_vcpu >= FULL_VCPU_EVERY_S:
             vcpu = Vcpu(0, VCPU_FULL, self.machine.get_vcpu_state())
             self._last_full_vcpu = now
         else:
@@ -512,13 +524,94 @@ class Protector:
             trace.note("exit", self.vmm.exit_ns)
             trace.mark("start")
         t0 = time.perf_counter()
-        pfns = self.machine.harvest_dirty()
-        if trace is not None:
-            trace.mark("harvested")
-        records = self._state_records()
+        fast = self._fast_path(link)
+        done = fast.checkpoint(time.monotonic(), trace) if fast is not None else None
+        # A one-call checkpoint leaves the books of its pages until they are
+        # needed: only when its ACK does not come (then a resync resends them).
+        deferred = False
+        if done is not None and done.seq is not None:
+            seq, pages = done.seq, fast.pages
+            deferred = wait and not self.epoch_mode and done.failed is None \
+                and not self._disk_log
+            if deferred:
+                self.last_seq = seq
+            else:
+                self._fast_sent(done, fast)
+        else:
+            if self._fast is not None and self._fast[1] is not None:
+                self._fast[1].gave_way()
+            seq, pages = self._checkpoint_by_steps(link, trace, done)
+        if wait:
+            try:
+                self._check_peer_events(
+                    link.wait_for(lambda: link.sm.is_acked(seq), self.timeout_s))
+            except SessionLost:
+                if deferred and self._acked_seq < seq:
+                    self._sent(seq, fast.harvested(), [])
+                raise
+            self.latencies.append(time.perf_counter() - t0)
+            if trace is not None:
+                trace.note("ack_recv", link.recv_ns)
+                trace.note("ack_decoded", link.decoded_ns)
+                trace.note("pages", pages)
+                trace.close(seq)
+            self._acked(seq)
+            if self.faults.due("after-ack"):
+                self.faults.die()
+            self.node.record(self.node.generation, seq)
+        self.checkpoints += 1
+        self.last_checkpoint_at = time.monotonic()
+        return seq
+
+    def _fast_path(self, link: Link) -> FastCheckpoint | None:
+        """This session's one-call checkpoint, when the next checkpoint may take
+        it (ft/fast_checkpoint.py): pages and a fast vCPU blob, nothing else."""
+        if self._fast is None or self._fast[0] is not link:
+            usable = fast_checkpoint.ENABLED and self.faults.point != "mid-send" \
+                and isinstance(self.machine, Machine)
+            try:
+                self._fast = (link, FastCheckpoint(self.machine, link, VCPU_FAST)
+                              if usable else None)
+            except ValueError:      # no C page index or no C frames in this session
+                self._fast = (link, None)
+        fast = self._fast[1]
+        if fast is None or time.monotonic() - self._last_full_vcpu >= FULL_VCPU_EVERY_S \
+                or self.vmm.device_state_version() != self._last_device_version:
+            return None
+        block = self.vmm.block
+        if self.replicated_disk and block is not None and (
+                self._disk_log_sent < len(self._disk_log) or block.pending_writes()):
+            return None
+        return fast
+
+    def _fast_sent(self, done, fast: FastCheckpoint) -> None:
+        """After a one-call checkpoint: what the step-by-step path does after its send."""
+        block = self.vmm.block
+        if self.epoch_mode and block is not None and block.has_work():
+            self._held_block.append((done.seq, block.position()))
+        self._sent(done.seq, fast.harvested(), [])
+        self._take_disk_log()       # writes it carries were sent ahead (the END counts them)
+        if done.failed is not None:
+            raise SessionLost(done.failed)
+
+    def _checkpoint_by_steps(self, link: Link, trace, done) -> tuple[int, int]:
+        """A checkpoint through Primary.checkpoint, one C call per step; `done`:
+        what a one-call checkpoint harvested and saved before it gave way."""
+        if done is not None:
+            pfns = done.pfns
+            if trace is not None:
+                trace.mark("harvested")
+            records = self._state_records(vcpu_fast=done.vcpu)
+        else:
+            pfns = self.machine.harvest_dirty()
+            if trace is not None:
+                trace.mark("harvested")
+            records = self._state_records()
         if trace is not None:
             trace.mark("state")
-        seq = link.sm.checkpoint(self.machine.mem, pfns, records, now=time.monotonic())
+        # A fault that cuts the send needs the bytes queued, where it can take half.
+        seq = link.checkpoint(self.machine.mem, pfns, records,
+                              direct=self.faults.point != "mid-send")
         if trace is not None:
             trace.mark("encoded")
         block = self.vmm.block
@@ -537,22 +630,7 @@ class Protector:
             # a resync resends what was harvested for it.
             self._sent(seq, pfns, records)
             self._take_disk_log()           # in `records`: a resync resends them until acked
-        if wait:
-            self._check_peer_events(
-                link.wait_for(lambda: link.sm.is_acked(seq), self.timeout_s))
-            self.latencies.append(time.perf_counter() - t0)
-            if trace is not None:
-                trace.note("ack_recv", link.recv_ns)
-                trace.note("ack_decoded", link.decoded_ns)
-                trace.note("pages", len(pfns))
-                trace.close(seq)
-            self._acked(seq)
-            if self.faults.due("after-ack"):
-                self.faults.die()
-            self.node.record(self.node.generation, seq)
-        self.checkpoints += 1
-        self.last_checkpoint_at = time.monotonic()
-        return seq
+        return seq, len(pfns)
 
     def tap(self, vmm: Vmm, device) -> bool:
         """The guest rang a doorbell: nothing leaves before its checkpoint is acknowledged.

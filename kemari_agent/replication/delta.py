@@ -224,6 +224,14 @@ class BlobBases:
                                       len(blob), packed, crc32(blob))
         return encode_parts(record)
 
+    def last(self, key: tuple[int, int, int]) -> bytes | None:
+        """The last blob sent of (type, id, version)."""
+        return self._last.get(key)
+
+    def remember(self, key: tuple[int, int, int], blob: bytes) -> None:
+        """`blob` of (type, id, version) was sent (by the driver's one-call path)."""
+        self._last[key] = blob
+
     def base_for(self, record: Vcpu | Device, *, delta: bool) -> bytes | None:
         """The blob `record` may go as a delta against (`delta`: deltas are
         allowed now), or None; `record` becomes the base of the next one."""

@@ -135,6 +135,36 @@ class Sealer:
         for start in range(0, len(view), MAX_FRAME):     # no bytes: no frame
             yield self._seal_one(view[start:start + MAX_FRAME])
 
+    def room(self, size: int):
+        """Where a caller may write up to `size` bytes of plaintext to be sealed
+        in place by seal_room() (a cdata pointer into the frame buffer, valid
+        until the next seal), or None: the C cipher is off, or `size` is more
+        than a frame holds. Spares a copy of what the caller writes in C."""
+        if self._native is None or not 0 < size <= MAX_FRAME:
+            return None
+        if len(self._out) < size + OVERHEAD:
+            self._grow(size + OVERHEAD)
+        return self._out_c + HEADER.size
+
+    def native_cipher(self):
+        """The C cipher's context (a cdata `struct kframe *`), or None."""
+        return self._native.cipher.context if self._native is not None else None
+
+    def sealed_in_room(self, size: int) -> memoryview:
+        """The frame of `size` bytes that C sealed at room()'s place (native/fastpath.c)."""
+        return self._out[:size]
+
+    def seal_room(self, n: int) -> memoryview:
+        """The frame of the `n` bytes written at room()'s pointer, sealed where
+        they are; valid until the next call."""
+        size = self._native.cipher.seal_at(self._out_c + HEADER.size, n, self._out_c)
+        while size == native_frames.REKEY:        # sealed nothing: the plaintext is intact
+            self._native.next_epoch()
+            size = self._native.cipher.seal_at(self._out_c + HEADER.size, n, self._out_c)
+        if size < 0:
+            raise RuntimeError(f"sealing a frame failed ({size})")
+        return self._out[:size]
+
     def _seal_one(self, part: memoryview) -> memoryview:
         """The frame of `part` (bytes, at most MAX_FRAME of them), valid until
         the next call."""

@@ -228,7 +228,7 @@ class PageIndex:
               items: Sequence[tuple[int, int, int, Buffer, Buffer | None]],
               item_records: int, item_pages: int, *, seq: int, generation: int,
               queued: tuple[int, int, int, int], lz4_worth: float, patch: bool,
-              blob_stats: dict[str, int] | None = None) -> bytearray:
+              blob_stats: dict[str, int] | None = None, into=None) -> bytearray | int:
         """write_checkpoint(memory, pfns, self, ...) with the plan and the
         checkpoint in one C call (kcodec_index_checkpoint), and what the call
         needs kept here from one checkpoint to the next: the same bytes."""
@@ -238,22 +238,22 @@ class PageIndex:
         citems, keep, blob_bytes, raw_bytes, widest = self._items_for(items)
         need = max(0 if patch else min(n, MAX_PAGES_PER_RECORD) * PAGE_SIZE, widest)
         scratch_ = _scratch(2 * need + need // 255 + 16, "_work", self)
-        out = _scratch(int(lib.kcodec_checkpoint_bound(n, n, len(items), blob_bytes))
-                       + raw_bytes, "_out", self)
+        size = int(lib.kcodec_checkpoint_bound(n, n, len(items), blob_bytes)) + raw_bytes
+        out, direct = _out(size, into, self)
         c.seq, c.generation, c.lz4_worth, c.patch = seq, generation, lz4_worth, patch
         c.records, c.pages, c.bytes, c.crc = queued
         c.item_records, c.item_pages = item_records, item_pages
         written = lib.kcodec_index_checkpoint(
             self._index, c, mem, len(mem), self.arena_ptr, self._in, n, self.pfns, self.slots,
-            scratch_, len(scratch_), citems, len(items), out, len(out))
+            scratch_, len(scratch_), citems, len(items), out, size)
         del keep                             # the buffers C read, alive until here
         if written == -1:
             raise ValueError("pfn outside guest memory or named twice")
         if written < 0:
             raise RuntimeError(f"kcodec_index_checkpoint failed ({written})")
-        _add_stats(c, self.stats, blob_stats)
+        add_stats(c, self.stats, blob_stats)
         self.stats["unchanged_pages"] += c.unchanged_pages
-        return bytearray(ffi.buffer(out, written))
+        return _result(out, written, direct)
 
     def _items_for(self, items):
         """items as kcodec_checkpoint's array (kept, grown as needed), the cffi
@@ -287,7 +287,7 @@ def _fill_items(citems, items):
     return citems if items else ffi.NULL, keep, blob_bytes, raw_bytes, widest
 
 
-def _add_stats(c, page_stats: dict[str, int] | None, blob_stats: dict[str, int] | None) -> None:
+def add_stats(c, page_stats: dict[str, int] | None, blob_stats: dict[str, int] | None) -> None:
     """A kcodec_checkpoint call's statistics, added to the cache's and the blobs'."""
     if page_stats is not None:
         page_stats["xor_pages"] += c.xor_pages
@@ -303,7 +303,7 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
                      item_records: int, item_pages: int, *, seq: int, generation: int,
                      queued: tuple[int, int, int, int], lz4_worth: float,
                      patch: bool = False,
-                     blob_stats: dict[str, int] | None = None) -> bytearray:
+                     blob_stats: dict[str, int] | None = None, into=None) -> bytearray | int:
     """A whole protected checkpoint, as Primary.checkpoint's Python path writes
     it (native/codec.h, kcodec_checkpoint). With a `cache`, the pages it holds
     go as PAGES_XOR (PAGES_PATCH with `patch`) against their slots and the
@@ -312,11 +312,13 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
     blob with the base of its delta (or None), or RAW records, of which there
     are `item_records` holding `item_pages` pages. `queued`: records, pages,
     bytes and CRC-32 already queued for this checkpoint. The statistics go to
-    the cache's and to `blob_stats`. Returns the bytes."""
+    the cache's and to `blob_stats`. Returns the bytes; or, when `into(size)`
+    (e.g. Channel.send_room) gives a pointer to room for `size` bytes, writes
+    them there and returns how many (their copy out is spared)."""
     if cache is not None:
         return cache.write(memory, pfns, items, item_records, item_pages, seq=seq,
                            generation=generation, queued=queued, lz4_worth=lz4_worth,
-                           patch=patch, blob_stats=blob_stats)
+                           patch=patch, blob_stats=blob_stats, into=into)
     mem = ffi.from_buffer(memory)
     if pfns and min(pfns) < 0:
         raise ValueError("pfn outside guest memory")
@@ -324,8 +326,8 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
     citems, keep, blob_bytes, raw_bytes, widest = _fill_items(
         ffi.new("struct kcodec_item[]", len(items)) if items else ffi.NULL, items)
     scratch_ = _scratch(2 * widest + widest // 255 + 16, "work")     # a blob's XOR, its LZ4
-    out = _scratch(int(lib.kcodec_checkpoint_bound(0, len(pfns), len(items), blob_bytes))
-                   + raw_bytes, "out")
+    size = int(lib.kcodec_checkpoint_bound(0, len(pfns), len(items), blob_bytes)) + raw_bytes
+    out, direct = _out(size, into)
     c = getattr(_work, "ckpt", None)         # its statistics are reset by each call
     if c is None:
         c = _work.ckpt = ffi.new("struct kcodec_ckpt *")
@@ -334,15 +336,28 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
     c.item_records, c.item_pages = item_records, item_pages
     written = lib.kcodec_checkpoint(
         c, mem, len(mem), parr, ffi.NULL, 0, len(pfns), 0, ffi.NULL, 0,
-        scratch_, len(scratch_), citems, len(items), out, len(out))
+        scratch_, len(scratch_), citems, len(items), out, size)
     del keep                                 # the buffers C read, alive until here
     if written == -1:
         raise ValueError("pfn outside guest memory or slot outside the cache")
     if written < 0:
         raise RuntimeError(f"kcodec_checkpoint failed ({written})")
-    _add_stats(c, None, blob_stats)
-    # A copy of what was written, not a view: the buffer serves the next call.
-    return bytearray(ffi.buffer(out, written))
+    add_stats(c, None, blob_stats)
+    return _result(out, written, direct)
+
+
+def _out(size: int, into, holder=None) -> tuple[object, bool]:
+    """Where a checkpoint of at most `size` bytes is written, and whether that
+    is the caller's room (`into` gave some) rather than the writer's scratch."""
+    room = into(size) if into is not None else None
+    return (room, True) if room is not None else (_scratch(size, "_out", holder), False)
+
+
+def _result(out, written: int, direct: bool) -> bytearray | int:
+    """What write_checkpoint returns for `written` bytes at `out`: their count
+    if they are in the caller's room, else a copy (the scratch buffer serves
+    the next call)."""
+    return int(written) if direct else bytearray(ffi.buffer(out, written))
 
 
 _work = threading.local()

@@ -43,6 +43,11 @@ class FrameCipher:
             raise MemoryError("OpenSSL could not make a cipher context")
         self._ctx = ffi.gc(ctx, lib.kframe_free)
 
+    @property
+    def context(self):
+        """The `struct kframe *` (for native/fastpath.c)."""
+        return self._ctx
+
     def set_key(self, key: bytes, rekey_bytes: int) -> None:
         """From now on `key`, from frame 0, until `rekey_bytes` have gone through it."""
         if lib.kframe_set_key(self._ctx, key, rekey_bytes) != 0:
@@ -52,6 +57,11 @@ class FrameCipher:
         """Seals `part` (1 to MAX_FRAME bytes) into `out` (a cdata pointer to
         len(part) + OVERHEAD bytes): the frame's size, or REKEY (nothing sealed)."""
         return lib.kframe_seal(self._ctx, ffi.from_buffer(part), len(part), out)
+
+    def seal_at(self, plain, n: int, out) -> int:
+        """seal() of `n` bytes at the cdata pointer `plain`; `plain` may be
+        `out` + 4, its place in the frame (sealed in place)."""
+        return lib.kframe_seal(self._ctx, plain, n, out)
 
     def open(self, at, avail: int) -> int:
         """Opens the frame at `at` (a cdata pointer to `avail` bytes) in place:

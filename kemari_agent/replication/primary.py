@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from enum import Enum
+from typing import NamedTuple
 
 from . import native_codec
 from .codec import (
@@ -82,6 +83,15 @@ class PrimaryState(Enum):
 
 
 _CHECKPOINT_STATES = (PrimaryState.SYNCING, PrimaryState.RESYNCING, PrimaryState.PROTECTED)
+
+
+class FastPlan(NamedTuple):
+    """What the driver's one-call checkpoint takes from Primary.fast_checkpoint
+    (with what holds for the whole session: `generation`, `page_patches`,
+    LZ4_WORTH)."""
+
+    seq: int
+    queued: tuple[int, int, int, int]    # records, pages, bytes and CRC-32 queued before it
 
 
 class Primary:
@@ -158,6 +168,7 @@ class Primary:
         self.sync_seq: int | None = None
         self._decoder = Decoder()
         self._outbox: list[bytes | bytearray] = []
+        self.written_into = 0      # the last checkpoint's bytes in the driver's buffer
         self._heartbeats = 0
         self._reset_checkpoint()
 
@@ -209,6 +220,7 @@ class Primary:
         *,
         now: float,
         detect_zero: bool = False,
+        into=None,
     ) -> int:
         """Queue one checkpoint: pages `pfns` of `memory`, then `records`
         (Vcpu, Device, DiskWrite, or prebuilt Pages), then CHECKPOINT_END.
@@ -218,6 +230,11 @@ class Primary:
         In SYNCING state this is the stop-and-copy checkpoint that ends the sync;
         in RESYNCING state it is the resync (everything changed since the peer's
         checkpoint), and the next one waits for its ACK.
+
+        `into(size)`: the driver's send buffer (Channel.send_room). When the C
+        writer serves this checkpoint and nothing is queued before it, it is
+        written there instead of queued, and `written_into` says how many bytes
+        the driver must send from it (else that is 0).
         """
         if self.state not in _CHECKPOINT_STATES:
             raise RuntimeError(f"cannot checkpoint in state {self.state.value}")
@@ -238,11 +255,20 @@ class Primary:
         if isinstance(delta, native_codec.PageIndex) or (
                 delta is None and native_codec.ENABLED and native_codec.CHECKPOINT_WRITER
                 and not detect_zero):
-            data = self._write_checkpoint(memory, pfns, records, delta, seq)
+            data = self._write_checkpoint(memory, pfns, records, delta, seq,
+                                          None if self._outbox else into)
         else:
             data = self._encode_checkpoint(memory, pfns, records, delta, seq, detect_zero)
-        self._outbox.append(data)
-        self.bytes_sent += len(data)
+        if isinstance(data, int):             # in the driver's buffer: nothing to queue
+            self.written_into = data
+        else:
+            self.written_into = 0
+            self._outbox.append(data)
+        self._checkpoint_sent(seq, data if isinstance(data, int) else len(data), now)
+        return seq
+
+    def _checkpoint_sent(self, seq: int, size: int, now: float) -> None:
+        self.bytes_sent += size
         self.liveness.sent(now)
         self._reset_checkpoint()
         self.last_sent = seq
@@ -250,7 +276,28 @@ class Primary:
         self.checkpoints_sent += 1
         if self.state is not PrimaryState.PROTECTED:
             self.sync_seq = seq
-        return seq
+
+    # -- the driver's one-call checkpoint (native/fastpath.h) ---------------
+
+    def fast_checkpoint(self) -> FastPlan | None:
+        """The next checkpoint as the driver may write it itself in one C call
+        (ft/fast_checkpoint.py): the same bytes checkpoint() would write for
+        its pages and one VCPU blob, given what this plan says. None when the
+        next checkpoint must go through checkpoint(): not protected, output
+        queued before it, one outstanding already, or no C page index."""
+        if self.state is not PrimaryState.PROTECTED or self._outbox \
+                or len(self.outstanding) >= self.max_outstanding \
+                or not isinstance(self.delta_cache, native_codec.PageIndex):
+            return None
+        return FastPlan(self.last_sent + 1,
+                        (self._records, self._pages, self._bytes, self._crc))
+
+    def fast_checkpoint_sent(self, plan: FastPlan, size: int, now: float) -> None:
+        """The driver wrote `plan`'s checkpoint (`size` bytes) and sent it."""
+        if plan.seq != self.last_sent + 1:
+            raise RuntimeError(f"checkpoint {plan.seq} was planned, {self.last_sent + 1} is next")
+        self.written_into = 0
+        self._checkpoint_sent(plan.seq, size, now)
 
     def _encode_checkpoint(self, memory: Buffer, pfns: Sequence[int], records: Sequence[Record],
                            delta: PageCache | None, seq: int, detect_zero: bool) -> bytearray:
@@ -303,9 +350,11 @@ class Primary:
         return data
 
     def _write_checkpoint(self, memory: Buffer, pfns: Sequence[int], records: Sequence[Record],
-                          delta: native_codec.PageIndex | None, seq: int) -> bytearray:
+                          delta: native_codec.PageIndex | None, seq: int,
+                          into=None) -> bytearray | int:
         """The same bytes as _encode_checkpoint, in one C call (native/codec.h):
-        here only the records' bases."""
+        here only the records' bases. With `into`, perhaps written there (then
+        their count is returned; native_codec.write_checkpoint)."""
         items = []
         item_records = item_pages = 0
         for record in records:
@@ -323,7 +372,8 @@ class Primary:
             generation=self.generation, queued=(self._records, self._pages, self._bytes,
                                                 self._crc),
             lz4_worth=LZ4_WORTH, patch=self.page_patches,
-            blob_stats=self.blob_bases.stats if self.blob_bases is not None else None)
+            blob_stats=self.blob_bases.stats if self.blob_bases is not None else None,
+            into=into)
 
     def is_acked(self, seq: int) -> bool:
         """True once checkpoint `seq` (or a later one, or a resume HELLO or full

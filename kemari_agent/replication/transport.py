@@ -119,6 +119,36 @@ class Channel:
         except (OSError, ssl.SSLError) as exc:
             raise TransportError(f"send to {self.peer} failed: {exc}") from exc
 
+    def send_room(self, size: int):
+        """Where the caller may write up to `size` bytes for send_written() (a
+        cdata pointer, valid until the next send), or None when this channel
+        cannot seal them in place (no frames, or no C cipher): then send_all()."""
+        return self._sealer.room(size) if self._sealer is not None else None
+
+    def send_written(self, n: int) -> None:
+        """Sends the `n` bytes written at send_room()'s pointer, as one frame."""
+        try:
+            self._send_frame(self._sealer.seal_room(n))
+        except TimeoutError:
+            raise TransportTimeout("send timed out") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(f"send to {self.peer} failed: {exc}") from exc
+
+    def frame_cipher(self):
+        """The C cipher that seals this channel's sends (a `struct kframe *`),
+        for C that seals at send_room() and writes to fileno() itself; or None."""
+        return self._sealer.native_cipher() if self._sealer is not None else None
+
+    def send_rest_of_frame(self, size: int, sent: int) -> None:
+        """The rest of the frame of `size` bytes sealed at send_room(), of which
+        C wrote the first `sent`."""
+        try:
+            _raw_sendall(self._sock, self._sealer.sealed_in_room(size)[sent:])
+        except TimeoutError:
+            raise TransportTimeout("send timed out") from None
+        except OSError as exc:
+            raise TransportError(f"send to {self.peer} failed: {exc}") from exc
+
     def recv_some(self, max_bytes: int = RECV_SIZE, batch: int = RECV_BATCH) -> bytes:
         """Bytes that arrived (blocking until some do); b"" when the peer closed.
 

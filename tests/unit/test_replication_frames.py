@@ -158,6 +158,38 @@ def test_the_c_and_the_python_cipher_make_and_open_the_same_frames(
         assert deliver(opener, c_wire) == b"".join(messages)
 
 
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 70_000), min_size=1, max_size=6),
+       in_place=st.lists(st.booleans(), min_size=6, max_size=6),
+       rekey=st.sampled_from([1, 1000, 65_536, frames.REKEY_BYTES]))
+def test_a_frame_sealed_in_place_is_the_frame_seal_makes(
+        sizes: list[int], in_place: list[bool], rekey: int) -> None:
+    """Bytes written at room() and sealed there (the primary's checkpoints,
+    Channel.send_room) make the frames seal() makes of them, mixed with
+    seal()'s own in any order and through key changes, and open the same."""
+    in_room = frames.Sealer(SECRET, rekey_bytes=rekey, native=True)
+    reference = frames.Sealer(SECRET, rekey_bytes=rekey, native=False)
+    messages = [os.urandom(n) for n in sizes]
+    wire = []
+    for message, here in zip(messages, in_place, strict=False):
+        if here:
+            room = in_room.room(len(message))
+            native_frames.ffi.memmove(room, message, len(message))
+            wire.append(bytes(in_room.seal_room(len(message))))
+        else:
+            wire += sealed(in_room, message)
+    assert b"".join(wire) == b"".join(b"".join(sealed(reference, m)) for m in messages)
+    assert deliver(frames.Opener(SECRET, rekey_bytes=rekey), b"".join(wire)) == \
+        b"".join(messages)
+
+
+def test_only_the_c_cipher_offers_room_and_only_for_a_frame(cipher: str) -> None:
+    sealer = frames.Sealer(SECRET)
+    assert sealer.room(frames.MAX_FRAME + 1) is None
+    assert sealer.room(0) is None
+    assert (sealer.room(frames.MAX_FRAME) is not None) == (cipher == "C")
+
+
 def test_a_frame_that_fails_leaves_no_plaintext_and_the_opener_opens_nothing_more() -> None:
     sealer = frames.Sealer(SECRET)
     first, second = sealed(sealer, b"secret page " * 50)[0], sealed(sealer, b"next")[0]

@@ -76,6 +76,7 @@ int kfast_checkpoint(struct kfast *f, struct kcodec_ckpt *c)
     f->own_base = 1;
     f->last ^= 1;
     f->last_len = f->vcpu_len;
+    f->checkpoints++;
     f->xor_pages += c->xor_pages;
     f->xor_bytes += c->xor_bytes;
     f->plain_pages += c->plain_pages;

@@ -69,6 +69,7 @@ struct kfast {
     uint64_t n_pfns;
     int64_t written, frame_size, sent;
     int64_t err;
+    uint64_t checkpoints;           /* calls that wrote a checkpoint */
     /* kcodec_ckpt's statistics, added up over the calls (the caller takes them). */
     uint64_t xor_pages, xor_bytes, plain_pages, xor_blobs, xor_blob_bytes, unchanged_pages;
 };

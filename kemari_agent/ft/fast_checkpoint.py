@@ -188,9 +188,10 @@ class FastCheckpoint:
         return ffi.buffer(f.vcpu[f.last], f.last_len)[:]
 
     def stats(self) -> dict[str, int]:
-        """The page and blob statistics of this session's one-call checkpoints
-        (those of the others are in the page index's and the blob bases')."""
+        """This session's one-call checkpoints, and their page and blob
+        statistics (those of the others are in the page index's and the blob
+        bases')."""
         f = self._f
-        return {"xor_pages": f.xor_pages, "xor_bytes": f.xor_bytes,
+        return {"checkpoints": f.checkpoints, "xor_pages": f.xor_pages, "xor_bytes": f.xor_bytes,
                 "plain_pages": f.plain_pages, "unchanged_pages": f.unchanged_pages,
                 "xor_blobs": f.xor_blobs, "xor_blob_bytes": f.xor_blob_bytes}

@@ -190,7 +190,8 @@ class Protector:
         one_call = collections.Counter(fast[1].stats()) if fast is not None and fast[0] is link \
             and fast[1] is not None else collections.Counter()
         pages = collections.Counter(cache.stats) + one_call
-        return {"delta_pages": pages["xor_pages"], "delta_bytes": pages["xor_bytes"],
+        return {"one_call_checkpoints": one_call["checkpoints"],
+                "delta_pages": pages["xor_pages"], "delta_bytes": pages["xor_bytes"],
                 "whole_pages": pages["plain_pages"], "cached_pages": len(cache),
                 "unchanged_pages": pages["unchanged_pages"],
                 "delta_blobs": blobs.stats["xor_blobs"] + one_call["xor_blobs"],

@@ -54,12 +54,10 @@ int kfast_checkpoint(struct kfast *f, struct kcodec_ckpt *c)
         .data = blob, .base = based ? base : NULL, .len = f->vcpu_len,
         .type = f->vcpu_type, .ident = f->vcpu_ident, .version = f->vcpu_version,
     };
-    uint64_t widest = based ? f->vcpu_len : 0;
-    uint64_t need = c->patch ? 0 : (uint64_t)(n < 4096 ? n : 4096) * 4096;
-    need = need > widest ? need : widest;
     uint64_t room = f->frame_room - KFRAME_OVERHEAD;
-    if (kcodec_checkpoint_bound((uint32_t)n, (uint32_t)n, 1, f->vcpu_len) > room
-            || 2 * need + need / 255 + 16 > f->scratch_size)
+    /* the check kcodec_index_checkpoint makes, before the harvest is lost to it */
+    if (kcodec_checkpoint_room(c->patch ? 0 : (uint32_t)n, (uint32_t)n, (uint32_t)n, &item, 1,
+                               f->scratch_size, room) < 0)
         return KFAST_TOO_BIG;
 
     int64_t written = kcodec_index_checkpoint(f->index, c, f->mem, f->mem_size, f->arena,

@@ -132,10 +132,14 @@ class FastCheckpoint:
         if f.completed:
             self.machine.io_pending = False
         if result == lib.KFAST_SENT:
-            sm.fast_checkpoint_sent(plan, f.written, now)
-            self.link.bytes_sent += f.written
+            self._booked(plan, now)
             return Done(plan.seq)
         return self._other(result, plan, now)
+
+    def _booked(self, plan, now: float) -> None:
+        """The checkpoint the last call wrote, in Primary's and the link's books."""
+        self._sm.fast_checkpoint_sent(plan, self._f.written, now)
+        self.link.bytes_sent += self._f.written
 
     def _other(self, result: int, plan, now: float) -> Done:
         """checkpoint() for the results but KFAST_SENT."""
@@ -158,10 +162,7 @@ class FastCheckpoint:
                 failed = f"sealing a frame failed ({int(f.err)})"
         except TransportError as exc:
             failed = str(exc)
-        # Booked also when the send failed, as Primary.checkpoint books it.
-        sm = self._sm
-        sm.fast_checkpoint_sent(plan, f.written, now)
-        self.link.bytes_sent += f.written
+        self._booked(plan, now)       # also when the send failed, as Primary.checkpoint does
         return Done(plan.seq, failed=failed)
 
     @property

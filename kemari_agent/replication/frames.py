@@ -28,7 +28,7 @@ Sans-I/O: the transport moves the bytes. See docs/crypto.md.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -157,10 +157,17 @@ class Sealer:
     def seal_room(self, n: int) -> memoryview:
         """The frame of the `n` bytes written at room()'s pointer, sealed where
         they are; valid until the next call."""
-        size = self._native.cipher.seal_at(self._out_c + HEADER.size, n, self._out_c)
-        while size == native_frames.REKEY:        # sealed nothing: the plaintext is intact
+        cipher, out = self._native.cipher, self._out_c
+        return self._native_frame(lambda: cipher.seal_at(out + HEADER.size, n, out))
+
+    def _native_frame(self, seal: Callable[[], int]) -> memoryview:
+        """The frame the C cipher's `seal()` makes in the frame buffer, moving
+        to the next key when it asks (it then sealed nothing: the plaintext
+        is intact)."""
+        size = seal()
+        while size == native_frames.REKEY:
             self._native.next_epoch()
-            size = self._native.cipher.seal_at(self._out_c + HEADER.size, n, self._out_c)
+            size = seal()
         if size < 0:
             raise RuntimeError(f"sealing a frame failed ({size})")
         return self._out[:size]
@@ -172,13 +179,8 @@ class Sealer:
         if len(self._out) < n + OVERHEAD:
             self._grow(n + OVERHEAD)
         if self._native is not None:
-            size = self._native.cipher.seal(part, self._out_c)
-            while size == native_frames.REKEY:
-                self._native.next_epoch()
-                size = self._native.cipher.seal(part, self._out_c)
-            if size < 0:
-                raise RuntimeError(f"sealing a frame failed ({size})")
-            return self._out[:size]
+            cipher, out = self._native.cipher, self._out_c
+            return self._native_frame(lambda: cipher.seal(part, out))
         out = self._out
         HEADER.pack_into(out, 0, n)
         nonce = self._keys.next_nonce(n)        # first: it may move to the next key

@@ -119,9 +119,12 @@ class Daemon:
                 seq = self.protector.checkpoint_now()
                 return {"seq": seq, "sha256": hashlib.sha256(self.vmm.machine.mem).hexdigest()}
             return self.vmm.call_in_loop(take)
-        if self.role == "secondary" and self.receiver is not None:
-            return {"seq": self.node.checkpoint_seq,
-                    "sha256": hashlib.sha256(self.machine.mem).hexdigest()}
+        receiver = self.receiver
+        if self.role == "secondary" and receiver is not None:
+            # between two passes: not while a checkpoint acknowledged early is applied
+            with receiver.pass_lock:
+                return {"seq": self.node.checkpoint_seq,
+                        "sha256": hashlib.sha256(self.machine.mem).hexdigest()}
         raise KemariError("no guest memory here")
 
     def _request(self, what: str) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import select
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -180,6 +181,10 @@ class Receiver:
         # read that completed a checkpoint -> its ACK sent (after apply and record,
         # or before them: an early ACK)
         self.ack_latencies: collections.deque[float] = collections.deque(maxlen=2000)
+        # Held by the loop while a pass may change the image or the node's record
+        # (an early ACK leaves before its checkpoint is applied and recorded):
+        # another thread that reads them together takes it (Daemon's digest).
+        self.pass_lock = threading.Lock()
         self.last_commit_at: float | None = None
         self.sync_progress: dict | None = None
         self.rejections: list[str] = []
@@ -257,39 +262,44 @@ class Receiver:
                 deadline = min(deadline, self.link.sm.next_deadline())
             readable, writable, _ = select.select(fds, self.admission.write_fds(), [],
                                                   max(0.0, deadline - time.monotonic()))
-            woke = stages.now_ns() if self.stages is not None else 0
-            if self.link is None or self.link.fileno() not in readable:
-                woke = 0     # a heartbeat deadline or another fd: not the stream waking us
-            if wake_fd in readable:
-                try:
-                    while os.read(wake_fd, 512):
-                        pass
-                except BlockingIOError:
+            with self.pass_lock:
+                self._pass(readable, writable, wake_fd)
+
+    def _pass(self, readable: list, writable: list, wake_fd: int) -> None:
+        """What select() found ready: the stream, the wake-up pipe, admission."""
+        woke = stages.now_ns() if self.stages is not None else 0
+        if self.link is None or self.link.fileno() not in readable:
+            woke = 0     # a heartbeat deadline or another fd: not the stream waking us
+        if wake_fd in readable:
+            try:
+                while os.read(wake_fd, 512):
                     pass
-            if self.link is not None:
-                try:
-                    # ACKs leave only after this node has recorded what they acknowledge,
-                    # but for an early one, whose record need not be durable (_ack_early)
-                    started = time.monotonic()
-                    events = self.link.read(flush=False) \
-                        if self.link.fileno() in readable else []
-                    events += self.link.sm.poll(time.monotonic())
-                    decoded = self.link.decoded_ns if woke else 0
-                    self._handle(events)
-                    if self.link is not None:
-                        handled = stages.now_ns() if woke else 0
-                        self.link.flush()
-                        early, self.link.early = self.link.early, None
-                        acked = early[1] / 1e9 if early else time.monotonic()
-                        self.ack_latencies.extend(acked - started for ev in events
-                                                  if isinstance(ev, Committed))
-                        if woke:
-                            self._trace(woke, decoded, handled, events, early)
-                except SessionLost as exc:
-                    self._session_failed(str(exc))
-            admitted = self.admission.service(readable + writable, time.monotonic())
-            if admitted is not None:
-                self._replace_session(*admitted)
+            except BlockingIOError:
+                pass
+        if self.link is not None:
+            try:
+                # ACKs leave only after this node has recorded what they acknowledge,
+                # but for an early one, whose record need not be durable (_ack_early)
+                started = time.monotonic()
+                events = self.link.read(flush=False) \
+                    if self.link.fileno() in readable else []
+                events += self.link.sm.poll(time.monotonic())
+                decoded = self.link.decoded_ns if woke else 0
+                self._handle(events)
+                if self.link is not None:
+                    handled = stages.now_ns() if woke else 0
+                    self.link.flush()
+                    early, self.link.early = self.link.early, None
+                    acked = early[1] / 1e9 if early else time.monotonic()
+                    self.ack_latencies.extend(acked - started for ev in events
+                                              if isinstance(ev, Committed))
+                    if woke:
+                        self._trace(woke, decoded, handled, events, early)
+            except SessionLost as exc:
+                self._session_failed(str(exc))
+        admitted = self.admission.service(readable + writable, time.monotonic())
+        if admitted is not None:
+            self._replace_session(*admitted)
 
     def _trace(self, woke: int, decoded: int, handled: int, events: list,
                early: tuple[int, int] | None) -> None:

@@ -54,6 +54,9 @@ STAGES = [
     ("encode (pages, records, CRC, END)", "p.state", "p.encoded"),
     ("TLS send (encrypt + write)", "p.encoded", "p.sent"),
     ("wake-up of the secondary", "p.sent", "s.wake"),
+    # The secondary's one-call read (ft/fast_receive.py) marks no moment inside
+    # its call either: read, open, verify and the ACK's send all fall in this
+    # row, and the next is empty ("read per step" splits them).
     ("TLS receive (read + decrypt)", "s.last_wake", "s.recv"),
     # An early ACK (the default) leaves once the checkpoint is verified: "decode"
     # then ends there, "record" is empty, and both happen after it ("meanwhile").
@@ -282,8 +285,14 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     # "native" sealing and opening frames with cryptography's AESGCM in Python
     # instead of the C cipher (native/frames.c)
     "Python frames": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_NATIVE_FRAMES": "0"}, ""),
-    # "native" with the primary's bytes in TLS records instead of frames
+    # "native" with both directions in TLS records instead of frames
     "TLS records": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FRAMES": "0"}, ""),
+    # "native" with only the primary's bytes in frames, the ACKs in TLS records
+    # (kemari-frames/1: the secondary's read goes step by step, as below)
+    "ACKs in TLS": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FRAMES": "1"}, ""),
+    # "native" with the secondary's read one wrapped C call per step (read and
+    # open the frame, check the checkpoint, seal and send the ACK)
+    "read per step": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FAST_RECEIVE": "0"}, ""),
     # "native" with the primary's checkpoint one wrapped C call per step (save
     # the vCPU, harvest, encode, seal, send) instead of one call for them all
     "per step": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FAST_CHECKPOINT": "0"}, ""),

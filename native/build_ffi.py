@@ -13,8 +13,8 @@ from pathlib import Path
 from cffi import FFI
 
 NATIVE = Path(__file__).resolve().parent
-HEADERS = ["kemari_abi.h", "vmm.h", "codec.h", "frames.h", "fastpath.h"]
-SOURCES = ["vmm.c", "codec.c", "page_index.c", "frames.c", "fastpath.c"]
+HEADERS = ["kemari_abi.h", "vmm.h", "codec.h", "frames.h", "fastpath.h", "fastreceive.h"]
+SOURCES = ["vmm.c", "codec.c", "page_index.c", "frames.c", "fastpath.c", "fastreceive.c"]
 
 
 def cdef_from_header(text: str) -> str:

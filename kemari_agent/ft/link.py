@@ -39,6 +39,8 @@ class Link:
         self.early: tuple[int, int] | None = None
         self._send_failed: str | None = None
         self._written = 0          # checkpoint bytes in the channel's buffer, for flush()
+        # The secondary's one-call reads (ft/fast_receive.py), set by its driver.
+        self.fast_receive = None
         channel.settimeout(io_timeout)
 
     def fileno(self) -> int:
@@ -54,10 +56,19 @@ class Link:
         try:
             self.channel.send_all(data)
         except TransportError as exc:
-            self._send_failed = str(exc)
+            self.early_send_failed(str(exc))
             return
-        self.bytes_sent += len(data)
-        self.early = (ready, time.monotonic_ns())
+        self.sent_early(len(data), ready)
+
+    def sent_early(self, n: int, ready: int | None = None) -> None:
+        """`n` bytes left early (by send_early, or C that sent them itself)."""
+        sent = time.monotonic_ns()
+        self.bytes_sent += n
+        self.early = (sent if ready is None else ready, sent)
+
+    def early_send_failed(self, reason: str) -> None:
+        """An early send failed: the next flush() raises it."""
+        self._send_failed = reason
 
     def checkpoint(self, memory, pfns, records, *, direct: bool = True) -> int:
         """The primary's Primary.checkpoint; its bytes go with the next flush().
@@ -89,18 +100,32 @@ class Link:
     def read(self, flush: bool = True) -> list[Event]:
         """Take what arrived (blocking until something does or the timeout passes).
         flush=False leaves the replies queued (the caller flushes after acting)."""
-        try:
-            data = self.channel.recv_some()
-        except TransportTimeout:
-            return []
-        except TransportError as exc:
-            raise SessionLost(str(exc)) from exc
-        if not data:
-            raise SessionLost("the peer closed the connection")
+        events = self.fast_receive.read(self) if self.fast_receive is not None else None
+        if events is None:
+            try:
+                data = self.channel.recv_some()
+            except TransportTimeout:
+                return []
+            except TransportError as exc:
+                raise SessionLost(str(exc)) from exc
+            if not data:
+                raise SessionLost("the peer closed the connection")
+            events = self.receive(data, time.monotonic())
+        if flush:
+            self.flush()
+        return events
+
+    def receive(self, data: bytes, now: float) -> list[Event]:
+        """The state machine's events for bytes received."""
         if stages.ENABLED:
             self.recv_ns = stages.now_ns()
+        return self.decide(lambda: self.sm.receive_data(data, now))
+
+    def decide(self, step: Callable[[], list[Event]]) -> list[Event]:
+        """step(), a call into the state machine with what was received: a
+        stream it refuses ends the session, and the peer is told why."""
         try:
-            events = self.sm.receive_data(data, time.monotonic())
+            events = step()
         except StreamError as exc:
             if not isinstance(exc, PeerError):     # tell the peer why (both sides log it)
                 with contextlib.suppress(TransportError):
@@ -108,8 +133,6 @@ class Link:
             raise SessionLost(f"{type(exc).__name__}: {exc}") from exc
         if stages.ENABLED:
             self.decoded_ns = stages.now_ns()
-        if flush:
-            self.flush()
         return events
 
     def poll(self) -> list[Event]:

@@ -38,6 +38,7 @@ from ..replication.events import (
 from ..replication.image import ImageSink
 from ..replication.secondary import Secondary
 from .admission import Admission
+from .fast_receive import FastReceive
 from .link import Link, SessionLost
 from .node import Node
 from .protector import VCPU_FAST, VCPU_FULL
@@ -177,6 +178,7 @@ class Receiver:
         self.checkpoints = 0
         self.bytes_received = 0
         self.early_acks = 0
+        self.one_call_reads = 0   # checkpoints read, checked and ACKed in one C call
         self.bytes_sent = 0
         # read that completed a checkpoint -> its ACK sent (after apply and record,
         # or before them: an early ACK)
@@ -212,6 +214,7 @@ class Receiver:
                 "bytes_received": self.bytes_received + (link.sm.bytes_received if link else 0),
                 "bytes_sent": self.bytes_sent + (link.bytes_sent if link else 0),
                 "early_acks": self.early_acks + (link.sm.early_acks if link else 0),
+                "one_call_reads": self.one_call_reads + self._one_call_reads(link),
                 "latency_us": {"p50": pct(0.5), "p99": pct(0.99)},
                 "incoming": self.admission.status(),
                 "sync": self.sync_progress,
@@ -221,6 +224,10 @@ class Receiver:
                 "promotable": self.promote_blocker() is None,
                 "promote_blocker": self.promote_blocker(),
                 **({"stages": self.stages.export()} if self.stages is not None else {})}
+
+    @staticmethod
+    def _one_call_reads(link: Link | None) -> int:
+        return link.fast_receive.reads if link is not None and link.fast_receive else 0
 
     def promote_blocker(self) -> str | None:
         """Why promoting this node would resume a state that is not the guest's last
@@ -345,6 +352,7 @@ class Receiver:
         link.sm.disk_ahead = self.sink.disk_fd is not None
         if EARLY_ACK:
             link.sm.send_early = link.send_early
+        link.fast_receive = FastReceive.for_link(link)
         self.link = link
         self.peer = f"{link.channel.peer[0]}:{link.channel.peer[1]}"
         self.handed_over = False
@@ -439,6 +447,7 @@ class Receiver:
             self._keep_what_the_session_did()
             self.bytes_received += self.link.sm.bytes_received
             self.early_acks += self.link.sm.early_acks
+            self.one_call_reads += self._one_call_reads(self.link)
             self.bytes_sent += self.link.bytes_sent
             self.link.close()
             self.link = None

@@ -1,5 +1,6 @@
-"""Frames: how the primary-to-secondary half of a connection carries bytes
-once its TLS 1.3 handshake has authenticated both ends.
+"""Frames: how a connection carries bytes once its TLS 1.3 handshake has
+authenticated both ends: the primary's checkpoints, and (`kemari-frames/2`)
+the secondary's ACKs.
 
 TLS cuts a stream into 16 KiB records, and Python reads them one at a time:
 two read() calls and one trip through the `ssl` module per record, which on
@@ -13,7 +14,9 @@ sealed with AES-256-GCM. The key is secret, fresh per connection and known
 to the two ends only: the secondary draws 32 random bytes and sends them
 inside the authenticated TLS session (`transport`). Nonces are a frame
 counter, never sent, so a frame replayed, dropped or moved fails its tag;
-the length is the additional data, so it cannot be changed either. Every
+the length is the additional data, so it cannot be changed either. Each
+direction has its own keys (HKDF labels `PRIMARY_KEYS`, `SECONDARY_KEYS`),
+so no nonce is ever used twice under one key. Every
 `REKEY_BYTES` of plaintext both ends move to the next key, derived from the
 secret with HKDF, far below AES-GCM's usage limits. Only what opened whole
 and authentic is returned; anything else raises `AuthenticationError`.
@@ -39,10 +42,16 @@ from . import native_frames
 from .codec import Buffer
 from .errors import AuthenticationError
 
-# The ALPN name a client offers and a server picks when both frame their
-# bytes; a peer that does not know it (or has frames switched off) picks
-# nothing, and the connection carries TLS records as before.
-ALPN = "kemari-frames/1"
+# The ALPN names a client offers and a server picks, the first it knows:
+# with ALPN both directions go in frames; with ALPN_PRIMARY_ONLY (the release
+# before) only the primary's, and its ACKs come in TLS records. A peer that
+# knows neither (or has frames switched off) picks nothing, and the connection
+# carries TLS records both ways.
+ALPN = "kemari-frames/2"
+ALPN_PRIMARY_ONLY = "kemari-frames/1"
+# HKDF labels of each direction's keys (the key's number follows them).
+PRIMARY_KEYS = b"kemari frames/1 key "
+SECONDARY_KEYS = b"kemari frames/2 secondary key "
 SECRET_SIZE = 32
 MAX_FRAME = 4 << 20
 HEADER = struct.Struct(">I")
@@ -58,27 +67,28 @@ REKEY_BYTES = 1 << 34
 
 class _Epochs:
     """One direction's key schedule: a key per REKEY_BYTES, derived from the
-    connection's secret."""
+    connection's secret and the direction's label."""
 
-    def __init__(self, secret: bytes, rekey_bytes: int) -> None:
+    def __init__(self, secret: bytes, rekey_bytes: int, label: bytes) -> None:
         if len(secret) != SECRET_SIZE:
             raise ValueError(f"a frame secret is {SECRET_SIZE} bytes, not {len(secret)}")
         self._secret = secret
         self._rekey_bytes = rekey_bytes
+        self._label = label
         self._epoch = -1
 
     def _next_key(self) -> bytes:
         self._epoch += 1
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                    info=b"kemari frames/1 key " + self._epoch.to_bytes(8, "big")
+                    info=self._label + self._epoch.to_bytes(8, "big")
                     ).derive(self._secret)
 
 
 class _Keys(_Epochs):
     """The key and nonce sequence of the Python cipher."""
 
-    def __init__(self, secret: bytes, rekey_bytes: int) -> None:
-        super().__init__(secret, rekey_bytes)
+    def __init__(self, secret: bytes, rekey_bytes: int, label: bytes) -> None:
+        super().__init__(secret, rekey_bytes, label)
         self._next_epoch()
 
     def _next_epoch(self) -> None:
@@ -100,8 +110,9 @@ class _NativeKeys(_Epochs):
     """The same keys in the C cipher, which counts the frames (the nonces) and
     the bytes under each key itself and says when the next one is due."""
 
-    def __init__(self, secret: bytes, rekey_bytes: int, *, encrypt: bool) -> None:
-        super().__init__(secret, rekey_bytes)
+    def __init__(self, secret: bytes, rekey_bytes: int, label: bytes, *,
+                 encrypt: bool) -> None:
+        super().__init__(secret, rekey_bytes, label)
         self.cipher = native_frames.FrameCipher(encrypt)
         self.next_epoch()
 
@@ -114,14 +125,14 @@ def _use_native(native: bool | None) -> bool:
 
 
 class Sealer:
-    """Turns bytes into frames, in order. `native`: the C cipher (default: when
-    built and not switched off)."""
+    """Turns bytes into frames, in order, under the keys labelled `label`.
+    `native`: the C cipher (default: when built and not switched off)."""
 
-    def __init__(self, secret: bytes, *, rekey_bytes: int = REKEY_BYTES,
-                 native: bool | None = None) -> None:
-        self._native = _NativeKeys(secret, rekey_bytes, encrypt=True) \
+    def __init__(self, secret: bytes, *, label: bytes = PRIMARY_KEYS,
+                 rekey_bytes: int = REKEY_BYTES, native: bool | None = None) -> None:
+        self._native = _NativeKeys(secret, rekey_bytes, label, encrypt=True) \
             if _use_native(native) else None
-        self._keys = None if self._native else _Keys(secret, rekey_bytes)
+        self._keys = None if self._native else _Keys(secret, rekey_bytes, label)
         self._grow(OVERHEAD)                # grows to the largest frame sealed
 
     def _grow(self, size: int) -> None:
@@ -195,11 +206,11 @@ class Opener:
     `space()` is where the next read goes, `filled(n)` says how much it put
     there, `take()` opens every whole frame so far."""
 
-    def __init__(self, secret: bytes, *, rekey_bytes: int = REKEY_BYTES,
-                 native: bool | None = None) -> None:
-        self._native = _NativeKeys(secret, rekey_bytes, encrypt=False) \
+    def __init__(self, secret: bytes, *, label: bytes = PRIMARY_KEYS,
+                 rekey_bytes: int = REKEY_BYTES, native: bool | None = None) -> None:
+        self._native = _NativeKeys(secret, rekey_bytes, label, encrypt=False) \
             if _use_native(native) else None
-        self._keys = None if self._native else _Keys(secret, rekey_bytes)
+        self._keys = None if self._native else _Keys(secret, rekey_bytes, label)
         self._buf = bytearray(READ_SIZE)
         self._buf_c = None        # the C cipher's pointer into _buf, made when needed
         self._start = 0           # first byte not yet opened
@@ -273,14 +284,39 @@ class Opener:
                 raise _bad_length(HEADER.unpack_from(self._buf, self._start)[0])
             if n < 0:
                 raise _failed()
-            start = self._start + HEADER.size
-            with memoryview(self._buf) as view:
-                out.append(bytes(view[start:start + n]))
-            self._start = start + n + TAG_SIZE
+            out.append(self.take_opened(n))
         return out
 
     def holds_part_of_a_frame(self) -> bool:
         return self._end > self._start
+
+    # For C that reads and opens frames itself (ft/fast_receive.py):
+
+    def native_cipher(self):
+        """The C cipher's context (a cdata `struct kframe *`), or None."""
+        return self._native.cipher.context if self._native is not None else None
+
+    def native_room(self) -> tuple[object, int, int, int]:
+        """The buffer as space() leaves it: its pointer, the first byte not
+        opened, the first not filled, and its size (C then calls moved())."""
+        self.space()
+        if self._buf_c is None:
+            self._buf_c = native_frames.pointer(self._buf)
+        return self._buf_c, self._start, self._end, len(self._buf)
+
+    def moved(self, start: int, end: int) -> None:
+        """C opened the frames before `start` (their plaintext was taken) and
+        filled the buffer up to `end`."""
+        self._start, self._end = start, end
+
+    def take_opened(self, n: int) -> bytes:
+        """The plaintext (`n` bytes) of the frame at the start, which C opened
+        in place."""
+        start = self._start + HEADER.size
+        with memoryview(self._buf) as view:
+            plain = bytes(view[start:start + n])
+        self._start = start + n + TAG_SIZE
+        return plain
 
 
 def _bad_length(n: int) -> AuthenticationError:

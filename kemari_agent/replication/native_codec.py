@@ -422,6 +422,19 @@ def receive(data: Buffer, committed: Buffer, bases: dict[tuple[int, int, int], b
     bases); `bases`: the last blob of each (type, id, version); `queued`: the
     records, bytes and CRC-32 of what the caller already took of this checkpoint
     (it staged none of it); `patches`: the session negotiated PAGES_PATCH."""
+    rx, table, n_bases = receive_inputs(committed, bases, expected_seq=expected_seq,
+                                        generation=generation, staging_limit=staging_limit,
+                                        queued=queued, patches=patches)
+    consumed = lib.kcodec_receive(rx, ffi.from_buffer(data), len(data),
+                                  ffi.from_buffer(committed), table, n_bases)
+    return ReceivedCheckpoint(rx, int(consumed)) if consumed > 0 else None
+
+
+def receive_inputs(committed: Buffer, bases: dict[tuple[int, int, int], bytes], *,
+                   expected_seq: int, generation: int, staging_limit: int,
+                   queued: tuple[int, int, int], patches: bool) -> tuple[object, object, int]:
+    """This thread's `struct kcodec_rx *` with receive()'s inputs filled, and
+    the blob bases as kcodec_receive's array and count."""
     rx = getattr(_work, "rx", None)        # read out before the next call
     if rx is None:
         rx = _work.rx = ffi.new("struct kcodec_rx *")
@@ -432,9 +445,7 @@ def receive(data: Buffer, committed: Buffer, bases: dict[tuple[int, int, int], b
     table = getattr(_work, "bases", None)
     if table is None:
         table = _work.bases = _BaseTable()
-    consumed = lib.kcodec_receive(rx, ffi.from_buffer(data), len(data),
-                                  ffi.from_buffer(committed), table.update(bases), len(bases))
-    return ReceivedCheckpoint(rx, int(consumed)) if consumed > 0 else None
+    return rx, table.update(bases), len(bases)
 
 
 class _BaseTable:

@@ -209,13 +209,8 @@ class Secondary:
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
         """Take bytes from the primary; apply whatever checkpoints they complete."""
-        if self.state is SecondaryState.FAILED:
-            raise ProtocolError("session already failed")
-        if data:
-            self.liveness.received(now)
-            self.bytes_received += len(data)
-        events: list[Event] = []
-        try:
+        def take(events: list[Event]) -> None:
+            nonlocal data
             if native_codec.ENABLED and native_codec.CHECKPOINT_READER:
                 data = self._receive_whole_checkpoints(data, now, events)
             for record, raw in self._decoder.feed_raw(data):
@@ -223,6 +218,56 @@ class Secondary:
             if self._unflushed:        # written ahead, and their END has not come yet
                 self._unflushed = False
                 self.sink.flush_disks()
+        return self._receiving(len(data), now, take)
+
+    def takes_whole_checkpoints(self) -> bool:
+        """Whether the next bytes may be a whole checkpoint for the C reader
+        (native_codec.receive, or a driver's own C read with receive_args()):
+        protected, nothing of a checkpoint staged or half-decoded."""
+        return (self.state is SecondaryState.PROTECTED and self._peer_sends_deltas
+                and not self._staged and not self._pages and not self._decoder.buffered
+                and getattr(self.sink, "memory", None) is not None
+                and native_codec.ENABLED and native_codec.CHECKPOINT_READER)
+
+    def receive_args(self) -> dict:
+        """What the C reader checks the next checkpoint against, and rebuilds
+        deltas from (native_codec.receive's arguments but the data)."""
+        return {"committed": self.sink.memory, "bases": self._blobs,
+                "expected_seq": self._expected_seq, "generation": self._session_generation,
+                "staging_limit": self._staging_limit,
+                "queued": (self._records, self._bytes, self._crc),
+                "patches": self._peer_sends_patches}
+
+    def may_ack_early(self) -> bool:
+        """Whether the ACK of a checkpoint verified whole may leave before it is
+        applied and committed (_ack_early), with nothing queued before it."""
+        return (self.send_early is not None and self.generation == self._session_generation
+                and self.has_checkpoint and self.consistent and not self.outdated
+                and not self._unflushed)
+
+    def receive_taken(self, got: native_codec.ReceivedCheckpoint, size: int, acked: bool,
+                      now: float) -> list[Event]:
+        """A whole checkpoint of `size` bytes that the driver's C read took
+        (verified and staged, with receive_args(), when takes_whole_checkpoints()),
+        its ACK already sent if `acked` (as may_ack_early() allowed): booked,
+        applied and committed as receive_data does."""
+        def take(events: list[Event]) -> None:
+            if acked:
+                self.early_acks += 1
+            self._take_received(got, acked or self._ack_early(got.seq, now), now, events)
+        return self._receiving(size, now, take)
+
+    def _receiving(self, size: int, now: float, take: Callable[[list[Event]], None],
+                   ) -> list[Event]:
+        """take(events) for `size` bytes received, its errors ending the session."""
+        if self.state is SecondaryState.FAILED:
+            raise ProtocolError("session already failed")
+        if size:
+            self.liveness.received(now)
+            self.bytes_received += size
+        events: list[Event] = []
+        try:
+            take(events)
         except StreamError as exc:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise
@@ -434,29 +479,26 @@ class Secondary:
         record, which gives the verdict. Records of the checkpoint taken before
         and not staged (disk writes sent ahead, heartbeats) are counted in.
         Returns the bytes left."""
-        memory = getattr(self.sink, "memory", None)     # the committed image (ImageSink)
-        while (data and memory is not None and self.state is SecondaryState.PROTECTED
-               and self._peer_sends_deltas and not self._staged and not self._pages
-               and not self._decoder.buffered):
-            got = native_codec.receive(data, memory, self._blobs, expected_seq=self._expected_seq,
-                                       generation=self._session_generation,
-                                       staging_limit=self._staging_limit,
-                                       queued=(self._records, self._bytes, self._crc),
-                                       patches=self._peer_sends_patches)
+        while data and self.takes_whole_checkpoints():
+            got = native_codec.receive(data, **self.receive_args())
             if got is None:
                 break
-            acked = self._ack_early(got.seq, now)
-            try:
-                self._apply_received(got)
-            except Exception as exc:
-                # The image may hold part of this checkpoint, which the primary
-                # may already count as held (an early ACK): no state to resume.
-                self.consistent = False
-                raise ApplyError(f"cannot apply checkpoint {got.seq}: {exc}") from exc
-            self._records, self._pages, self._bytes = got.counts()
-            self._commit(got.seq, self._session_generation, events, now, acked=acked)
+            self._take_received(got, self._ack_early(got.seq, now), now, events)
             data = data[got.consumed:]
         return data
+
+    def _take_received(self, got: native_codec.ReceivedCheckpoint, acked: bool, now: float,
+                       events: list[Event]) -> None:
+        """Apply and commit what the C reader staged."""
+        try:
+            self._apply_received(got)
+        except Exception as exc:
+            # The image may hold part of this checkpoint, which the primary
+            # may already count as held (an early ACK): no state to resume.
+            self.consistent = False
+            raise ApplyError(f"cannot apply checkpoint {got.seq}: {exc}") from exc
+        self._records, self._pages, self._bytes = got.counts()
+        self._commit(got.seq, self._session_generation, events, now, acked=acked)
 
     def _apply_received(self, got: native_codec.ReceivedCheckpoint) -> None:
         pfns = got.pfns
@@ -476,9 +518,7 @@ class Secondary:
         of the last commit (the node records it lazily), promotability unchanged,
         no disk write waiting for its sync. Applying staged memory cannot fail
         halfway, and nothing else is read before it is done."""
-        if (self.send_early is None or self.generation != self._session_generation
-                or not self.has_checkpoint or not self.consistent or self.outdated
-                or self._unflushed):
+        if not self.may_ack_early():
             return False
         self._send(encode_ack(seq, self._session_generation), now)
         self.send_early(self.data_to_send())

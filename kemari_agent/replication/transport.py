@@ -9,9 +9,9 @@ TLS gives confidentiality, integrity, and replay/reorder protection inside
 a connection (AEAD with implicit record sequence numbers), and fresh keys
 per connection; the stream's own sequence numbers and generations reject a
 checkpoint replayed across connections. When both ends know them (ALPN),
-the primary's bytes then go in `frames` of up to 4 MiB, sealed with a key
-the secondary sent inside TLS: the same guarantees, far fewer reads. See
-docs/crypto.md.
+the bytes then go in `frames` of up to 4 MiB, sealed with keys derived from
+a secret the secondary sent inside TLS: the same guarantees, far fewer reads,
+and C can seal and open them. See docs/crypto.md.
 
 Blocking sockets with timeouts; the daemon drives them with select() on
 `fileno()`. A server that must keep serving while strangers connect takes
@@ -57,11 +57,16 @@ _raw_sendall = socket.socket.sendall
 _raw_recv_into = socket.socket.recv_into
 
 
-def frames_enabled() -> bool:
-    """KEMARI_FRAMES=0 in a daemon's environment keeps its connections on TLS
-    records (benchmarks compare the two; a peer that lacks frames gets the
-    same)."""
-    return os.environ.get("KEMARI_FRAMES", "1") != "0"
+def frames_offered() -> list[str]:
+    """The ALPN names this end offers or picks, the first it prefers.
+    KEMARI_FRAMES in a daemon's environment: 0 keeps its connections on TLS
+    records, 1 frames only the primary's direction (the release before
+    kemari-frames/2), unset or 2 frames both (benchmarks compare them; a peer
+    that lacks frames gets the same)."""
+    switch = os.environ.get("KEMARI_FRAMES", "2")
+    if switch == "0":
+        return []
+    return [frames.ALPN_PRIMARY_ONLY] if switch == "1" else [frames.ALPN, frames.ALPN_PRIMARY_ONLY]
 
 
 class TransportTimeout(TransportError):
@@ -80,15 +85,29 @@ def make_context(key_file: str, *, server: bool) -> tuple[ssl.SSLContext, bytes]
     ctx.options |= ssl.OP_NO_TICKET  # no resumption: every connection does a full handshake
     if server:
         ctx.num_tickets = 0
-    if frames_enabled():
-        ctx.set_alpn_protocols([frames.ALPN])
+    if offered := frames_offered():
+        ctx.set_alpn_protocols(offered)
     return ctx, own_cert
 
 
+def _framed_channel(tls: ssl.SSLSocket, timeout: float | None, secret: bytes, *,
+                    server: bool) -> Channel:
+    """The channel the ALPN name the server picked asks for: the primary's
+    (client's) direction in frames, the secondary's too with frames/2."""
+    alpn = tls.selected_alpn_protocol()
+    if alpn not in (frames.ALPN, frames.ALPN_PRIMARY_ONLY):
+        return Channel(tls, timeout)
+    ours = frames.SECONDARY_KEYS if server else frames.PRIMARY_KEYS
+    theirs = frames.PRIMARY_KEYS if server else frames.SECONDARY_KEYS
+    opener = frames.Opener(secret, label=theirs) if server or alpn == frames.ALPN else None
+    sealer = frames.Sealer(secret, label=ours) if not server or alpn == frames.ALPN else None
+    return Channel(tls, timeout, sealer=sealer, opener=opener)
+
+
 class Channel:
-    """An authenticated, encrypted byte pipe to the peer. With a `sealer`
-    (the client) its sends, with an `opener` (the server) its receives go in
-    frames; the other direction stays on TLS records."""
+    """An authenticated, encrypted byte pipe to the peer. With a `sealer` its
+    sends, with an `opener` its receives go in frames; a direction without
+    stays on TLS records."""
 
     def __init__(self, sock: ssl.SSLSocket, timeout: float | None, *,
                  sealer: frames.Sealer | None = None,
@@ -102,6 +121,11 @@ class Channel:
             self.peer: Any = sock.getpeername()
         except OSError:  # already gone; the next send or receive will say so
             self.peer = None
+
+    @property
+    def opener(self) -> frames.Opener | None:
+        """What opens the frames this channel receives (None: TLS records)."""
+        return self._opener
 
     @property
     def framed(self) -> bool:
@@ -314,7 +338,7 @@ class Handshake:
         except OSError as exc:
             self.close()
             raise TransportError(f"peer {self.peer} went away in the handshake: {exc}") from exc
-        framed = self._tls.selected_alpn_protocol() == frames.ALPN
+        framed = self._tls.selected_alpn_protocol() is not None
         secret = os.urandom(frames.SECRET_SIZE) if framed else b""
         try:
             _check_peer(self._tls, self._own_cert)
@@ -326,7 +350,7 @@ class Handshake:
             if isinstance(exc, AuthenticationError):
                 raise
             raise TransportError(f"peer went away after the handshake: {exc}") from exc
-        return Channel(self._tls, None, opener=frames.Opener(secret) if framed else None)
+        return _framed_channel(self._tls, None, secret, server=True)
 
     def wait(self) -> Channel:
         """Run the handshake to its end or its deadline (blocking)."""
@@ -424,7 +448,7 @@ def connect(key_file: str, host: str, port: int, timeout: float = 5.0) -> Channe
     except (TimeoutError, OSError) as exc:
         raw.close()
         raise TransportError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
-    framed = tls.selected_alpn_protocol() == frames.ALPN
+    framed = tls.selected_alpn_protocol() is not None
     want = len(ACCEPTED) + (frames.SECRET_SIZE if framed else 0)
     try:
         _check_peer(tls, own_cert)
@@ -445,5 +469,4 @@ def connect(key_file: str, host: str, port: int, timeout: float = 5.0) -> Channe
     except (TimeoutError, OSError) as exc:
         tls.close()
         raise TransportError(f"{host}:{port} closed the connection: {exc}") from exc
-    sealer = frames.Sealer(got[len(ACCEPTED):]) if framed else None
-    return Channel(tls, timeout, sealer=sealer)
+    return _framed_channel(tls, timeout, got[len(ACCEPTED):], server=False)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kemari_agent.replication import keys, transport
+from kemari_agent.replication import frames, keys, transport
 from kemari_agent.replication.codec import (
     PAGE_SIZE,
     Hello,
@@ -273,7 +273,9 @@ def test_channel_reports_timeout_and_orderly_close(keydir: Path) -> None:
         assert ch.recv_some() == b""  # the server closed its end
 
 
-def test_recv_some_takes_every_record_already_arrived_without_waiting(keydir: Path) -> None:
+def test_recv_some_takes_every_record_already_arrived_without_waiting(
+        keydir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEMARI_FRAMES", "0")        # TLS records, both ways
     payload = os.urandom(3 << 20)
     sent = threading.Event()
 
@@ -385,38 +387,65 @@ def test_a_record_cut_in_half_is_kept_for_the_next_call(keydir: Path, first_size
     server.join()
 
 
-@pytest.mark.parametrize("server_frames, client_frames", [(True, True), (True, False),
-                                                          (False, True)])
-def test_the_primarys_bytes_go_in_frames_only_when_both_ends_know_them(
-        keydir: Path, monkeypatch: pytest.MonkeyPatch, server_frames: bool,
-        client_frames: bool) -> None:
-    """An end with KEMARI_FRAMES=0 (or a release before frames) offers or picks
-    no ALPN name: the connection then carries TLS records, both ways."""
-    payload = os.urandom(3 << 20)
-    monkeypatch.setenv("KEMARI_FRAMES", "1" if server_frames else "0")
+def _directions(ch: transport.Channel) -> tuple[bool, bool]:
+    """(sends, receives) in frames."""
+    return ch._sealer is not None, ch._opener is not None
 
-    def receive(ch: transport.Channel) -> tuple[bool, bytes, int]:
+
+# KEMARI_FRAMES: 2 (the default) both ways, 1 the primary's direction only (the
+# release before kemari-frames/2), 0 neither (or a release before frames).
+@pytest.mark.parametrize("server_frames, client_frames, primary_framed, acks_framed", [
+    ("2", "2", True, True), ("2", "1", True, False), ("1", "2", True, False),
+    ("2", "0", False, False), ("0", "2", False, False), ("1", "1", True, False)])
+def test_each_direction_goes_in_frames_only_when_both_ends_know_them(
+        keydir: Path, monkeypatch: pytest.MonkeyPatch, server_frames: str,
+        client_frames: str, primary_framed: bool, acks_framed: bool) -> None:
+    payload = os.urandom(3 << 20)
+    answer = os.urandom(5000)
+    monkeypatch.setenv("KEMARI_FRAMES", server_frames)
+
+    def receive(ch: transport.Channel) -> tuple[tuple[bool, bool], bytes, int]:
         got, calls = b"", 0
         while len(got) < len(payload):
             got += ch.recv_some()
             calls += 1
-        ch.send_all(b"ack")
-        return ch.framed, got, calls
+        ch.send_all(answer)
+        return _directions(ch), got, calls
 
     server = Server(keydir / "vm.key", then=receive)
-    monkeypatch.setenv("KEMARI_FRAMES", "1" if client_frames else "0")
+    monkeypatch.setenv("KEMARI_FRAMES", client_frames)
     with transport.connect(str(keydir / "vm.key"), *server.address, timeout=5) as ch:
         ch.send_all(b"")                          # nothing to send: no (empty) frame
         ch.send_all(payload)
-        assert ch.recv_some() == b"ack"           # the other direction: TLS records
-        framed = ch.framed
+        got = b""
+        while len(got) < len(answer):
+            got += ch.recv_some()
+        assert got == answer
+        client_sends, client_receives = _directions(ch)
     server.join()
     assert server.error is None
-    server_framed, got, calls = server.result
+    (server_sends, server_receives), got, calls = server.result
     assert got == payload
-    assert framed == server_framed == (server_frames and client_frames)
-    if framed:
+    assert client_sends == server_receives == primary_framed
+    assert server_sends == client_receives == acks_framed
+    if primary_framed:
         assert calls <= 3                         # 3 MiB is one frame, not 192 records
+
+
+def test_the_two_directions_use_different_keys() -> None:
+    """Each direction counts its own nonces from 0: under one key the first
+    ACK would reuse the first checkpoint's nonce."""
+    secret = os.urandom(frames.SECRET_SIZE)
+    data = b"the same bytes"
+    primary = bytes(next(frames.Sealer(secret).seal(data)))
+    secondary = bytes(next(frames.Sealer(secret, label=frames.SECONDARY_KEYS).seal(data)))
+    assert primary != secondary
+    opener = frames.Opener(secret, label=frames.SECONDARY_KEYS)
+    space = opener.space()
+    space[:len(primary)] = primary
+    opener.filled(len(primary))
+    with pytest.raises(AuthenticationError):
+        opener.take()
 
 
 class FlippingRelay(Relay):

@@ -1,0 +1,147 @@
+"""The secondary's common read in one C call (native/fastreceive.h).
+
+Per checkpoint the Python path reads the socket, opens the frame, hands its
+plaintext to the C reader (native_codec.receive), encodes the ACK and seals
+and sends it: four wrapped C calls and the Python between them, all before
+the primary may go on. Here one call does them, from the wake-up to the ACK
+on its way, and Python then applies and commits what was staged
+(Secondary.receive_taken). replication/secondary.py still decides: the call
+checks against its receive_args(), the ACK leaves only where its
+may_ack_early() allows, and whatever the call does not take whole (no whole
+frame, a frame that is not exactly one checkpoint the C reader takes, a key
+change, a frame that fails) goes through Secondary.receive_data, which gives
+the verdict. Needs frames both ways (kemari-frames/2) with the C cipher.
+KEMARI_FAST_RECEIVE=0 in a daemon's environment keeps every read on the
+Python path (the stage benchmark compares the two).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .. import stages
+from ..replication import native_codec
+from ..replication.errors import TransportError
+from ..replication.events import Event
+from .link import Link, SessionLost
+
+try:
+    from .._native import ffi, lib
+except ImportError:  # pragma: no cover - depends on the build
+    ffi = lib = None
+
+ENABLED = lib is not None and os.environ.get("KEMARI_FAST_RECEIVE", "1") != "0"
+ACK_LEN = 24        # an ACK record (codec.encode_ack)
+
+
+class FastReceive:
+    """One session's one-call reads on the secondary's `link` (which calls
+    read() with itself: this holds no reference back, so no cycle keeps the
+    frame buffers that C points into alive for the garbage collector)."""
+
+    def __init__(self, link: Link) -> None:
+        channel = link.channel
+        opener = channel.opener
+        if opener is None or opener.native_cipher() is None or channel.frame_cipher() is None:
+            raise ValueError("the one-call read needs C frames both ways")
+        self._sm, self._channel, self._opener = link.sm, channel, opener
+        r = self._r = ffi.new("struct kfast_rx *")
+        r.opener, r.sealer = opener.native_cipher(), channel.frame_cipher()
+        r.fd = channel.fileno()
+        self.reads = 0                      # checkpoints taken in one call
+        self.outcomes: dict = {}  # kfast_receive's results and ACK results, counted
+
+    @classmethod
+    def for_link(cls, link: Link) -> FastReceive | None:
+        """The link's one-call reads, or None where they cannot run."""
+        if not (ENABLED and native_codec.ENABLED and native_codec.CHECKPOINT_READER):
+            return None
+        try:
+            return cls(link)
+        except ValueError:
+            return None
+
+    def read(self, link: Link) -> list[Event] | None:
+        """The events of what arrived on `link`, or None: then nothing was
+        taken, and the link reads through the Python path (which waits for a
+        frame begun)."""
+        sm, opener, r = self._sm, self._opener, self._r
+        events: list[Event] = []
+        first = True
+        while sm.takes_whole_checkpoints():
+            args = sm.receive_args()
+            rx, r.bases, r.n_bases = native_codec.receive_inputs(**args)
+            # per call: a pointer kept would export the image's memoryview, which
+            # the garbage collector cannot release in a reference cycle
+            mem = ffi.from_buffer(args["committed"])
+            r.mem = mem
+            r.buf, r.start, r.end, r.room = opener.native_room()
+            r.read = first
+            room = self._channel.send_room(ACK_LEN) if sm.may_ack_early() else None
+            r.ack = ack = room is not None
+            if ack:
+                r.ack_frame = room - 4
+            result = lib.kfast_receive(r, rx)
+            opener.moved(r.start, r.end)
+            self.outcomes[result] = self.outcomes.get(result, 0) + 1
+            now = time.monotonic()
+            if result == lib.KFAST_RX_TAKEN:
+                events += self._taken(link, rx, ack, now)
+                if r.start == r.end:        # all that was read is taken
+                    return events
+            elif result == lib.KFAST_RX_OPENED:
+                return events + self._python_path(link, opener.take_opened(int(r.plain)), now)
+            elif result == lib.KFAST_RX_READ_FAILED:
+                raise SessionLost(f"receive from {self._channel.peer} failed: "
+                                  f"{os.strerror(int(r.err))}")
+            elif first:          # no whole frame, the peer closed or a frame refused
+                return None
+            else:
+                break
+            first = False
+        if first:
+            return None
+        return events + self._python_path(link, b"", time.monotonic())
+
+    def _taken(self, link: Link, rx, acked: bool, now: float) -> list[Event]:
+        """The checkpoint the call took, its ACK on its way if `acked`: applied
+        and committed by the state machine."""
+        if stages.ENABLED:
+            link.recv_ns = link.decoded_ns = stages.now_ns()
+        if acked:
+            self._acked(link)
+        self.reads += 1
+        got = native_codec.ReceivedCheckpoint(rx, int(self._r.plain))
+        return link.decide(lambda: self._sm.receive_taken(got, got.consumed, acked, now))
+
+    def _python_path(self, link: Link, plain: bytes, now: float) -> list[Event]:
+        """`plain` and every other whole frame already here, through the Python
+        path; a frame that fails ends the session."""
+        try:
+            rest = self._opener.take()
+        except TransportError as exc:
+            raise SessionLost(str(exc)) from exc
+        data = plain + b"".join(rest) if rest else plain
+        return link.receive(data, now) if data else []
+
+    def _acked(self, link: Link) -> None:
+        """The ACK C sealed or wrote: the rest of it sent, or its failure kept
+        for the link's next flush (as Link.send_early does)."""
+        r, channel = self._r, self._channel
+        key = ("ack", r.ack_result)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        try:
+            if r.ack_result == lib.KFAST_ACK_PARTIAL:
+                channel.send_rest_of_frame(int(r.ack_size), int(r.ack_sent))
+            elif r.ack_result == lib.KFAST_ACK_REKEY:
+                channel.send_written(ACK_LEN)
+            elif r.ack_result == lib.KFAST_ACK_WRITE_FAILED:
+                raise TransportError(f"send to {channel.peer} failed: "
+                                     f"{os.strerror(int(r.err))}")
+            elif r.ack_result != lib.KFAST_ACK_SENT:
+                raise TransportError(f"sealing an ACK failed ({int(r.err)})")
+        except TransportError as exc:
+            link.early_send_failed(str(exc))
+            return
+        link.sent_early(ACK_LEN)

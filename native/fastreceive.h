@@ -1,0 +1,72 @@
+/*
+ * fastreceive.h - the secondary's common read in one call: the frame that
+ * woke it read, opened, checked and staged as one whole checkpoint, and its
+ * ACK sealed and written before anything is applied (docs/benchmarks.md,
+ * "One call per read on the secondary").
+ *
+ * This chains the C the Python path calls one by one (frames.h's open,
+ * codec.h's kcodec_receive, frames.h's seal). What is accepted is still
+ * decided by replication/secondary.py: it fills kcodec_rx as for
+ * native_codec.receive, says whether the ACK may leave early, and books,
+ * applies and commits what was staged. Anything else (no whole frame, a
+ * frame that is not exactly one checkpoint the C reader takes, a key change,
+ * a frame that fails) is left to the Python path, which gives the verdict;
+ * tests compare the two paths' events, images and ACKs.
+ */
+#ifndef KEMARI_FASTRECEIVE_H
+#define KEMARI_FASTRECEIVE_H
+
+#include <stdint.h>
+
+/* kfast_receive's results. TAKEN: one frame, one whole checkpoint, staged in
+ * rx (`plain` bytes; start has moved past the frame). NO_FRAME: no whole frame
+ * in buf[start, end) (end moved by what the read brought). OPENED: a frame
+ * opened in place, `plain` bytes at buf + start + 4, that is not one the C
+ * reader takes (nothing staged, start unmoved). CLOSED: the read found the
+ * peer's end closed. REFUSED: the frame at start was not opened (a key change
+ * is due, a bad length or tag): the Python opener gives the verdict. */
+#define KFAST_RX_TAKEN 0
+#define KFAST_RX_NO_FRAME 1
+#define KFAST_RX_OPENED 2
+#define KFAST_RX_CLOSED 3
+#define KFAST_RX_REFUSED 4
+#define KFAST_RX_READ_FAILED -1   /* errno in `err` */
+
+/* ack_result, after KFAST_RX_TAKEN: */
+#define KFAST_ACK_NONE 0       /* not asked for */
+#define KFAST_ACK_SENT 1       /* sealed, all of it written */
+#define KFAST_ACK_PARTIAL 2    /* sealed, ack_sent of ack_size bytes written */
+#define KFAST_ACK_REKEY 3      /* written at ack_frame + 4 (ack_len bytes), not sealed */
+#define KFAST_ACK_SEAL_FAILED -1
+#define KFAST_ACK_WRITE_FAILED -2  /* errno in `err` */
+
+struct kframe;
+struct kcodec_rx;
+struct kcodec_base;
+
+struct kfast_rx {
+    /* Set once per session by ft/fast_receive.py. */
+    struct kframe *opener;          /* the primary's direction */
+    struct kframe *sealer;          /* this node's direction */
+    int fd;
+    /* In, per call. */
+    int read;                       /* read() into buf[end, room) first */
+    uint8_t *buf;                   /* the opener's buffer: bytes [start, end) arrived, */
+    uint64_t start, end, room;      /* not opened yet */
+    const uint8_t *mem;             /* kcodec_receive's committed image, */
+    const struct kcodec_base *bases;    /* blob bases */
+    uint32_t n_bases;
+    int ack;                        /* seal and write the ACK of a checkpoint taken */
+    uint8_t *ack_frame;             /* room for that frame (KFRAME_OVERHEAD + 24 bytes) */
+    /* Out. */
+    uint64_t plain;                 /* plaintext bytes of the frame opened */
+    int ack_result;
+    int64_t ack_len, ack_size, ack_sent;
+    int64_t err;
+};
+
+/* One read's worth: see the KFAST_RX_ results. rx is kcodec_receive's, its
+ * inputs filled; on KFAST_RX_TAKEN start has moved past the frame. */
+int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx);
+
+#endif

@@ -1,0 +1,202 @@
+"""The secondary's one-call read (ft/fast_receive.py, native/fastreceive.c)
+against the Python path, over a real TLS connection with frames both ways:
+the same commits, the same image and the same ACKs as a reference Secondary
+fed the same bytes through receive_data, whatever mix of checkpoints it is
+sent and wherever the keys change; and a changed frame applies nothing."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kemari_agent._native import lib
+from test_replication_session import DISK, MEM, protected_pair
+
+from kemari_agent.ft.fast_receive import FastReceive
+from kemari_agent.ft.link import Link, SessionLost
+from kemari_agent.replication import frames, keys, native_codec, transport
+from kemari_agent.replication.codec import DiskWrite, Vcpu
+from kemari_agent.replication.events import Committed
+from kemari_agent.replication.image import ImageSink
+from kemari_agent.replication.secondary import Secondary
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _c_reader() -> None:
+    assert native_codec.ENABLED and native_codec.CHECKPOINT_READER, "native codec not built"
+
+
+def tls_pair(key: Path) -> tuple[transport.Channel, transport.Channel]:
+    """(the primary's, the secondary's) ends of one authenticated connection."""
+    listener = transport.listen(str(key))
+    got: list[transport.Channel] = []
+    thread = threading.Thread(target=lambda: got.append(listener.accept(timeout=10)))
+    thread.start()
+    client = transport.connect(str(key), *listener.address, timeout=5)
+    thread.join(10)
+    listener.close()
+    return client, got[0]
+
+
+def rekeyed(client: transport.Channel, server: transport.Channel, rekey_bytes: int,
+            ack_rekey_bytes: int) -> tuple[transport.Channel, transport.Channel]:
+    """The same sockets with frames both ways that change keys every
+    `rekey_bytes` (the primary's) and `ack_rekey_bytes` (the secondary's)."""
+    secret = bytes(range(32))
+    ours = transport.Channel(client._sock, 5.0,
+                             sealer=frames.Sealer(secret, rekey_bytes=rekey_bytes),
+                             opener=frames.Opener(secret, label=frames.SECONDARY_KEYS,
+                                                  rekey_bytes=ack_rekey_bytes))
+    theirs = transport.Channel(server._sock, 5.0,
+                               sealer=frames.Sealer(secret, label=frames.SECONDARY_KEYS,
+                                                    rekey_bytes=ack_rekey_bytes),
+                               opener=frames.Opener(secret, rekey_bytes=rekey_bytes))
+    return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "vm.key"
+    keys.keygen(path)
+    return path
+
+
+class Bench:
+    """A protected pair whose secondary reads through a Link with one-call
+    reads, and a reference Secondary fed the primary's bytes directly."""
+
+    def __init__(self, key: Path, rekey_bytes: int | None = None) -> None:
+        self.pair = protected_pair(delta_cache_pages=64, max_outstanding=4)
+        self.ref_sink = ImageSink(MEM, disks={0: bytearray(DISK)})
+        self.ref = Secondary(self.ref_sink, name="kv1", memory_size=MEM, generation=0,
+                             checkpoint_seq=0, has_checkpoint=False, now=0.0)
+        self.ref_acks: list[bytes] = []
+        self.ref.send_early = self.ref_acks.append
+        self.ref.receive_data(b"".join(self.pair.wire), 0.0)
+        self.ref.data_to_send()
+        client, server = tls_pair(key)
+        if rekey_bytes is not None:
+            # a few checkpoints per key; a few ACKs per key
+            client, server = rekeyed(client, server, rekey_bytes, 24 * 7)
+        self.primary_end = client
+        self.link = Link(server, self.pair.secondary, 5.0)
+        self.pair.secondary.send_early = self.link.send_early
+        self.fast = FastReceive.for_link(self.link)
+        assert self.fast is not None
+        self.link.fast_receive = self.fast
+        self.committed: list[Committed] = []
+        self.ref_committed: list[Committed] = []
+        self.acks = b""
+
+    def checkpoint(self, pfns: list[int], *, disk: bool = False) -> bytes:
+        """A checkpoint's bytes, also given to the reference."""
+        pair = self.pair
+        records = [Vcpu(0, 2, random.randbytes(64))]
+        if disk:
+            records.append(DiskWrite(0, random.randrange(8), random.randbytes(512)))
+        pair.primary.checkpoint(pair.mem, pair.dirty(*pfns), records, now=0.0)
+        data = pair.primary.data_to_send()
+        self.ref_committed += [ev for ev in self.ref.receive_data(data, 0.0)
+                               if isinstance(ev, Committed)]
+        self.ref_acks.append(self.ref.data_to_send())
+        return data
+
+    def receive_until(self, count: int) -> None:
+        """The secondary reads until it has committed `count` in all."""
+        deadline = time.monotonic() + 10
+        while len(self.committed) < count:
+            assert time.monotonic() < deadline
+            self.committed += [ev for ev in self.link.read() if isinstance(ev, Committed)]
+
+    def take_acks(self) -> None:
+        """The ACKs the reference sent so far, as many bytes from the secondary,
+        handed to the primary."""
+        want = len(b"".join(self.ref_acks))
+        deadline = time.monotonic() + 10
+        while len(self.acks) < want:
+            assert time.monotonic() < deadline
+            new = self.primary_end.recv_some()
+            self.acks += new
+            self.pair.primary.receive_data(new, 0.0)
+
+    def close(self) -> None:
+        self.link.close()
+        self.primary_end.close()
+
+
+@pytest.mark.parametrize("rekey_bytes", [None, 30000])
+def test_one_call_reads_commit_and_ack_what_the_python_path_does(
+        key: Path, rekey_bytes: int | None) -> None:
+    random.seed(rekey_bytes)
+    bench = Bench(key, rekey_bytes)
+    pair, send = bench.pair, bench.primary_end
+    try:
+        for _ in range(150):
+            how = random.choice(["one", "one", "pages", "two frames", "one frame", "disk",
+                                 "trickle"])
+            pfns = random.sample(range(1, 64), 1 if how == "one" else random.randint(2, 12))
+            if how in ("two frames", "one frame"):
+                first, second = bench.checkpoint(pfns), bench.checkpoint(pfns[:1])
+                if how == "one frame":            # two checkpoints in one frame
+                    send.send_all(first + second)
+                else:                              # two frames, likely in one read
+                    send.send_all(first)
+                    send.send_all(second)
+            elif how == "trickle":                # a frame in two parts, apart
+                data = bench.checkpoint(pfns)
+                frame = bytes(next(send._sealer.seal(data)))
+                socket.socket.sendall(send._sock, frame[:9])
+                threading.Timer(0.02, socket.socket.sendall, (send._sock, frame[9:])).start()
+            else:
+                send.send_all(bench.checkpoint(pfns, disk=how == "disk"))
+            bench.receive_until(len(bench.ref_committed))
+            bench.take_acks()
+        assert bench.committed == bench.ref_committed
+        assert bench.acks == b"".join(bench.ref_acks)
+        assert bytes(pair.sink.memory) == bytes(bench.ref_sink.memory) == bytes(pair.mem)
+        assert pair.sink.vcpus == bench.ref_sink.vcpus
+        assert bytes(pair.sink.disks[0]) == bytes(bench.ref_sink.disks[0])
+        outcomes = bench.fast.outcomes
+        assert bench.fast.reads >= 60
+        assert outcomes.get(lib.KFAST_RX_OPENED, 0) >= 10     # disk writes, joined checkpoints
+        assert outcomes.get(lib.KFAST_RX_NO_FRAME, 0) >= 5    # the trickled frames
+        assert outcomes.get(("ack", lib.KFAST_ACK_SENT), 0) >= 50
+        if rekey_bytes is not None:
+            assert outcomes.get(lib.KFAST_RX_REFUSED, 0) >= 5   # a key change due
+            assert outcomes.get(("ack", lib.KFAST_ACK_REKEY), 0) >= 5
+    finally:
+        bench.close()
+
+
+@pytest.mark.parametrize("after_a_good_one", [False, True])
+def test_a_changed_frame_ends_the_session_and_applies_nothing(
+        key: Path, after_a_good_one: bool) -> None:
+    bench = Bench(key)
+    pair, send = bench.pair, bench.primary_end
+    try:
+        good = bench.checkpoint([3]) if after_a_good_one else b""
+        held = (bytes(pair.sink.memory), pair.secondary.checkpoint_seq) if not good else None
+        pair.primary.checkpoint(pair.mem, pair.dirty(4), [Vcpu(0, 2, b"x" * 64)], now=0.0)
+        frames_out = [bytes(f) for data in (good, pair.primary.data_to_send()) if data
+                      for f in send._sealer.seal(data)]
+        bad = bytearray(frames_out[-1])
+        bad[len(bad) // 2] ^= 0x01
+        socket.socket.sendall(send._sock, b"".join(frames_out[:-1]) + bytes(bad))
+        with pytest.raises(SessionLost, match="authentication"):
+            for _ in range(3):
+                bench.committed += [ev for ev in bench.link.read() if isinstance(ev, Committed)]
+        if after_a_good_one:     # the good one committed, and acknowledged
+            assert pair.secondary.checkpoint_seq == bench.ref_committed[-1].seq
+            bench.take_acks()
+            assert bench.acks == b"".join(bench.ref_acks)
+            held = (bytes(bench.ref_sink.memory), bench.ref.checkpoint_seq)
+        assert (bytes(pair.sink.memory), pair.secondary.checkpoint_seq) == held
+        assert bytes(pair.sink.memory[4 * 4096:5 * 4096]) != bytes(pair.mem[4 * 4096:5 * 4096])
+    finally:
+        bench.close()

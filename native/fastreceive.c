@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "codec.h"
@@ -80,6 +81,11 @@ int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx)
     if (kcodec_receive(rx, frame + 4, (uint64_t)plain, r->mem, r->bases, r->n_bases) != plain)
         return KFAST_RX_OPENED;
     r->start += (uint64_t)plain + KFRAME_OVERHEAD;
+    /* The moment for the stage trace: the ACK's write may wake the primary on
+     * this CPU, and the caller's clock would then count the primary's run. */
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    r->taken_ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
     if (r->ack)
         send_ack(r, rx->seq, rx->generation);
     return KFAST_RX_TAKEN;

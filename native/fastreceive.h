@@ -60,6 +60,7 @@ struct kfast_rx {
     uint8_t *ack_frame;             /* room for that frame (KFRAME_OVERHEAD + 24 bytes) */
     /* Out. */
     uint64_t plain;                 /* plaintext bytes of the frame opened */
+    int64_t taken_ns;               /* CLOCK_MONOTONIC once taken, before its ACK left */
     int ack_result;
     int64_t ack_len, ack_size, ack_sent;
     int64_t err;

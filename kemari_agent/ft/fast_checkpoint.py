@@ -70,7 +70,7 @@ class FastCheckpoint:
             raise ValueError("the one-call checkpoint needs the C page index, C frames "
                              "and blob deltas")
         frame_room = int(lib.kcodec_checkpoint_bound(
-            max_pages, max_pages, 1, machine._state_size)) + 20
+            max_pages, max_pages, 1, machine.state_size)) + 20
         if frame_room > MAX_FRAME + 20:
             raise ValueError(f"{max_pages} pages do not fit a frame")
         self.machine, self.link, self._sm = machine, link, sm
@@ -82,18 +82,18 @@ class FastCheckpoint:
             pfns := ffi.new("uint64_t[]", machine.npages),
             plan_pfns := ffi.new("uint64_t[]", machine.npages),
             plan_slots := ffi.new("uint32_t[]", machine.npages),
-            vcpu0 := ffi.new("uint8_t[]", machine._state_size),
-            vcpu1 := ffi.new("uint8_t[]", machine._state_size),
+            vcpu0 := ffi.new("uint8_t[]", machine.state_size),
+            vcpu1 := ffi.new("uint8_t[]", machine.state_size),
         ]
-        f.vm, f.index, f.arena = machine._vm, self._index._index, self._index.arena_ptr
+        f.vm, f.index, f.arena = machine.native, self._index.native, self._index.arena_ptr
         # guest RAM by the VMM's pointer: a buffer export would keep close() from
         # unmapping it
-        f.mem, f.mem_size = lib.kvmm_mem(machine._vm), machine.mem_bytes
+        f.mem, f.mem_size = lib.kvmm_mem(machine.native), machine.mem_bytes
         f.pfns, f.plan_pfns, f.plan_slots, f.guest_pages = pfns, plan_pfns, plan_slots, \
             machine.npages
-        f.vcpu[0], f.vcpu[1], f.vcpu_room = vcpu0, vcpu1, machine._state_size
+        f.vcpu[0], f.vcpu[1], f.vcpu_room = vcpu0, vcpu1, machine.state_size
         f.vcpu_type, f.vcpu_ident, f.vcpu_version = self.key
-        need = max_pages * PAGE_SIZE + machine._state_size     # pages or the blob's XOR
+        need = max_pages * PAGE_SIZE + machine.state_size     # pages or the blob's XOR
         scratch = native_codec.scratch(2 * need + need // 255 + 16)
         self._keep.append(scratch)
         f.scratch = ffi.from_buffer(scratch)

@@ -107,10 +107,11 @@ class FastReceive:
     def _taken(self, link: Link, rx, acked: bool, now: float) -> list[Event]:
         """The checkpoint the call took, its ACK on its way if `acked`: applied
         and committed by the state machine."""
+        taken = int(self._r.taken_ns)
         if stages.ENABLED:
-            link.recv_ns = link.decoded_ns = stages.now_ns()
+            link.recv_ns = link.decoded_ns = taken
         if acked:
-            self._acked(link)
+            self._acked(link, taken)
         self.reads += 1
         got = native_codec.ReceivedCheckpoint(rx, int(self._r.plain))
         return link.decide(lambda: self._sm.receive_taken(got, got.consumed, acked, now))
@@ -125,7 +126,7 @@ class FastReceive:
         data = plain + b"".join(rest) if rest else plain
         return link.receive(data, now) if data else []
 
-    def _acked(self, link: Link) -> None:
+    def _acked(self, link: Link, taken: int) -> None:
         """The ACK C sealed or wrote: the rest of it sent, or its failure kept
         for the link's next flush (as Link.send_early does)."""
         r, channel = self._r, self._channel
@@ -144,4 +145,4 @@ class FastReceive:
         except TransportError as exc:
             link.early_send_failed(str(exc))
             return
-        link.sent_early(ACK_LEN)
+        link.sent_early(ACK_LEN, taken)

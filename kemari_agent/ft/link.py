@@ -38,7 +38,6 @@ class Link:
         # the caller takes it once per pass.
         self.early: tuple[int, int] | None = None
         self._send_failed: str | None = None
-        self._written = 0          # checkpoint bytes in the channel's buffer, for flush()
         # The secondary's one-call reads (ft/fast_receive.py), set by its driver.
         self.fast_receive = None
         channel.settimeout(io_timeout)
@@ -70,25 +69,13 @@ class Link:
         """An early send failed: the next flush() raises it."""
         self._send_failed = reason
 
-    def checkpoint(self, memory, pfns, records, *, direct: bool = True) -> int:
-        """The primary's Primary.checkpoint; its bytes go with the next flush().
-        With `direct` the C writer may write them straight into the channel's
-        frame buffer, where they are sealed and sent from: no copy, no queue."""
-        seq = self.sm.checkpoint(memory, pfns, records, now=time.monotonic(),
-                                 into=self.channel.send_room if direct else None)
-        self._written = self.sm.written_into
-        return seq
+    def checkpoint(self, memory, pfns, records) -> int:
+        """The primary's Primary.checkpoint; its bytes go with the next flush()."""
+        return self.sm.checkpoint(memory, pfns, records, now=time.monotonic())
 
     def flush(self) -> None:
         if self._send_failed is not None:
             raise SessionLost(self._send_failed)
-        if self._written:
-            n, self._written = self._written, 0
-            try:
-                self.channel.send_written(n)
-            except TransportError as exc:
-                raise SessionLost(str(exc)) from exc
-            self.bytes_sent += n
         data = self.sm.data_to_send()
         if data:
             try:

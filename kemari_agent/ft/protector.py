@@ -610,9 +610,7 @@ class Protector:
             records = self._state_records()
         if trace is not None:
             trace.mark("state")
-        # A fault that cuts the send needs the bytes queued, where it can take half.
-        seq = link.checkpoint(self.machine.mem, pfns, records,
-                              direct=self.faults.point != "mid-send")
+        seq = link.checkpoint(self.machine.mem, pfns, records)
         if trace is not None:
             trace.mark("encoded")
         block = self.vmm.block

@@ -66,6 +66,16 @@ class Machine:
         # and may race close(): the lock keeps it off a destroyed vCPU's kvm_run.
         self._closing = threading.Lock()
 
+    @property
+    def native(self):
+        """The C VMM's handle (a cdata `struct kvmm *`, for native/fastpath.c)."""
+        return self._vm
+
+    @property
+    def state_size(self) -> int:
+        """The most bytes a saved vCPU state takes."""
+        return self._state_size
+
     # ---- lifecycle -----------------------------------------------------
     def close(self) -> None:
         with self._closing:

@@ -198,6 +198,11 @@ class PageIndex:
         self._items_room = 0
         self._work = self._out = None
 
+    @property
+    def native(self):
+        """The C index (a cdata `struct kcodec_index *`, for native/fastpath.c)."""
+        return self._index
+
     def __len__(self) -> int:
         return int(lib.kcodec_index_len(self._index))
 
@@ -228,7 +233,7 @@ class PageIndex:
               items: Sequence[tuple[int, int, int, Buffer, Buffer | None]],
               item_records: int, item_pages: int, *, seq: int, generation: int,
               queued: tuple[int, int, int, int], lz4_worth: float, patch: bool,
-              blob_stats: dict[str, int] | None = None, into=None) -> bytearray | int:
+              blob_stats: dict[str, int] | None = None) -> bytearray:
         """write_checkpoint(memory, pfns, self, ...) with the plan and the
         checkpoint in one C call (kcodec_index_checkpoint), and what the call
         needs kept here from one checkpoint to the next: the same bytes."""
@@ -239,7 +244,7 @@ class PageIndex:
         need = max(0 if patch else min(n, MAX_PAGES_PER_RECORD) * PAGE_SIZE, widest)
         scratch_ = _scratch(2 * need + need // 255 + 16, "_work", self)
         size = int(lib.kcodec_checkpoint_bound(n, n, len(items), blob_bytes)) + raw_bytes
-        out, direct = _out(size, into, self)
+        out = _scratch(size, "_out", self)
         c.seq, c.generation, c.lz4_worth, c.patch = seq, generation, lz4_worth, patch
         c.records, c.pages, c.bytes, c.crc = queued
         c.item_records, c.item_pages = item_records, item_pages
@@ -253,7 +258,7 @@ class PageIndex:
             raise RuntimeError(f"kcodec_index_checkpoint failed ({written})")
         add_stats(c, self.stats, blob_stats)
         self.stats["unchanged_pages"] += c.unchanged_pages
-        return _result(out, written, direct)
+        return bytearray(ffi.buffer(out, written))
 
     def _items_for(self, items):
         """items as kcodec_checkpoint's array (kept, grown as needed), the cffi
@@ -303,7 +308,7 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
                      item_records: int, item_pages: int, *, seq: int, generation: int,
                      queued: tuple[int, int, int, int], lz4_worth: float,
                      patch: bool = False,
-                     blob_stats: dict[str, int] | None = None, into=None) -> bytearray | int:
+                     blob_stats: dict[str, int] | None = None) -> bytearray:
     """A whole protected checkpoint, as Primary.checkpoint's Python path writes
     it (native/codec.h, kcodec_checkpoint). With a `cache`, the pages it holds
     go as PAGES_XOR (PAGES_PATCH with `patch`) against their slots and the
@@ -312,13 +317,11 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
     blob with the base of its delta (or None), or RAW records, of which there
     are `item_records` holding `item_pages` pages. `queued`: records, pages,
     bytes and CRC-32 already queued for this checkpoint. The statistics go to
-    the cache's and to `blob_stats`. Returns the bytes; or, when `into(size)`
-    (e.g. Channel.send_room) gives a pointer to room for `size` bytes, writes
-    them there and returns how many (their copy out is spared)."""
+    the cache's and to `blob_stats`."""
     if cache is not None:
         return cache.write(memory, pfns, items, item_records, item_pages, seq=seq,
                            generation=generation, queued=queued, lz4_worth=lz4_worth,
-                           patch=patch, blob_stats=blob_stats, into=into)
+                           patch=patch, blob_stats=blob_stats)
     mem = ffi.from_buffer(memory)
     if pfns and min(pfns) < 0:
         raise ValueError("pfn outside guest memory")
@@ -327,7 +330,7 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
         ffi.new("struct kcodec_item[]", len(items)) if items else ffi.NULL, items)
     scratch_ = _scratch(2 * widest + widest // 255 + 16, "work")     # a blob's XOR, its LZ4
     size = int(lib.kcodec_checkpoint_bound(0, len(pfns), len(items), blob_bytes)) + raw_bytes
-    out, direct = _out(size, into)
+    out = _scratch(size, "out")
     c = getattr(_work, "ckpt", None)         # its statistics are reset by each call
     if c is None:
         c = _work.ckpt = ffi.new("struct kcodec_ckpt *")
@@ -343,21 +346,7 @@ def write_checkpoint(memory: Buffer, pfns: Sequence[int], cache: PageIndex | Non
     if written < 0:
         raise RuntimeError(f"kcodec_checkpoint failed ({written})")
     add_stats(c, None, blob_stats)
-    return _result(out, written, direct)
-
-
-def _out(size: int, into, holder=None) -> tuple[object, bool]:
-    """Where a checkpoint of at most `size` bytes is written, and whether that
-    is the caller's room (`into` gave some) rather than the writer's scratch."""
-    room = into(size) if into is not None else None
-    return (room, True) if room is not None else (_scratch(size, "_out", holder), False)
-
-
-def _result(out, written: int, direct: bool) -> bytearray | int:
-    """What write_checkpoint returns for `written` bytes at `out`: their count
-    if they are in the caller's room, else a copy (the scratch buffer serves
-    the next call)."""
-    return int(written) if direct else bytearray(ffi.buffer(out, written))
+    return bytearray(ffi.buffer(out, written))
 
 
 _work = threading.local()

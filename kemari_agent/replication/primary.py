@@ -168,7 +168,6 @@ class Primary:
         self.sync_seq: int | None = None
         self._decoder = Decoder()
         self._outbox: list[bytes | bytearray] = []
-        self.written_into = 0      # the last checkpoint's bytes in the driver's buffer
         self._heartbeats = 0
         self._reset_checkpoint()
 
@@ -220,7 +219,6 @@ class Primary:
         *,
         now: float,
         detect_zero: bool = False,
-        into=None,
     ) -> int:
         """Queue one checkpoint: pages `pfns` of `memory`, then `records`
         (Vcpu, Device, DiskWrite, or prebuilt Pages), then CHECKPOINT_END.
@@ -230,11 +228,6 @@ class Primary:
         In SYNCING state this is the stop-and-copy checkpoint that ends the sync;
         in RESYNCING state it is the resync (everything changed since the peer's
         checkpoint), and the next one waits for its ACK.
-
-        `into(size)`: the driver's send buffer (Channel.send_room). When the C
-        writer serves this checkpoint and nothing is queued before it, it is
-        written there instead of queued, and `written_into` says how many bytes
-        the driver must send from it (else that is 0).
         """
         if self.state not in _CHECKPOINT_STATES:
             raise RuntimeError(f"cannot checkpoint in state {self.state.value}")
@@ -255,16 +248,11 @@ class Primary:
         if isinstance(delta, native_codec.PageIndex) or (
                 delta is None and native_codec.ENABLED and native_codec.CHECKPOINT_WRITER
                 and not detect_zero):
-            data = self._write_checkpoint(memory, pfns, records, delta, seq,
-                                          None if self._outbox else into)
+            data = self._write_checkpoint(memory, pfns, records, delta, seq)
         else:
             data = self._encode_checkpoint(memory, pfns, records, delta, seq, detect_zero)
-        if isinstance(data, int):             # in the driver's buffer: nothing to queue
-            self.written_into = data
-        else:
-            self.written_into = 0
-            self._outbox.append(data)
-        self._checkpoint_sent(seq, data if isinstance(data, int) else len(data), now)
+        self._outbox.append(data)
+        self._checkpoint_sent(seq, len(data), now)
         return seq
 
     def _checkpoint_sent(self, seq: int, size: int, now: float) -> None:
@@ -296,7 +284,6 @@ class Primary:
         """The driver wrote `plan`'s checkpoint (`size` bytes) and sent it."""
         if plan.seq != self.last_sent + 1:
             raise RuntimeError(f"checkpoint {plan.seq} was planned, {self.last_sent + 1} is next")
-        self.written_into = 0
         self._checkpoint_sent(plan.seq, size, now)
 
     def _encode_checkpoint(self, memory: Buffer, pfns: Sequence[int], records: Sequence[Record],
@@ -350,11 +337,9 @@ class Primary:
         return data
 
     def _write_checkpoint(self, memory: Buffer, pfns: Sequence[int], records: Sequence[Record],
-                          delta: native_codec.PageIndex | None, seq: int,
-                          into=None) -> bytearray | int:
+                          delta: native_codec.PageIndex | None, seq: int) -> bytearray:
         """The same bytes as _encode_checkpoint, in one C call (native/codec.h):
-        here only the records' bases. With `into`, perhaps written there (then
-        their count is returned; native_codec.write_checkpoint)."""
+        here only the records' bases."""
         items = []
         item_records = item_pages = 0
         for record in records:
@@ -372,8 +357,7 @@ class Primary:
             generation=self.generation, queued=(self._records, self._pages, self._bytes,
                                                 self._crc),
             lz4_worth=LZ4_WORTH, patch=self.page_patches,
-            blob_stats=self.blob_bases.stats if self.blob_bases is not None else None,
-            into=into)
+            blob_stats=self.blob_bases.stats if self.blob_bases is not None else None)
 
     def is_acked(self, seq: int) -> bool:
         """True once checkpoint `seq` (or a later one, or a resume HELLO or full

@@ -124,15 +124,15 @@ def test_fast_state_at_an_out_is_the_state_once_it_completes():
         saved_at_out = 0
         for step in range(3, 12):
             run_until(m, step)
-            n = lib.kvmm_get_state_fast_at_out(m._vm, buf, len(buf))
+            n = lib.kvmm_get_state_fast_at_out(m.native, buf, len(buf))
             at_out = ffi.buffer(buf, n)[:]
             m.complete_pending()
             completed = m.get_vcpu_state_fast()
             if n:
                 saved_at_out += 1
                 assert at_out[:-8] == completed[:-8]
-            assert lib.kvmm_get_state_fast_at_out(m._vm, buf, len(buf)) == 0   # completed
-        moves_rip = lib.kvmm_out_completion_moves_rip(m._vm)
+            assert lib.kvmm_get_state_fast_at_out(m.native, buf, len(buf)) == 0   # completed
+        moves_rip = lib.kvmm_out_completion_moves_rip(m.native)
         assert moves_rip in (0, 1)
         assert saved_at_out == (0 if moves_rip else 9 - 3)
         if ON_PVM:
@@ -140,7 +140,7 @@ def test_fast_state_at_an_out_is_the_state_once_it_completes():
         m.kick(signal_thread=False)
         assert m.run().reason == EXIT_KICKED
         m.clear_kick()
-        assert lib.kvmm_get_state_fast_at_out(m._vm, buf, len(buf)) == 0      # no `out`
+        assert lib.kvmm_get_state_fast_at_out(m.native, buf, len(buf)) == 0      # no `out`
 
 
 def test_fast_state_after_a_restore_is_the_restored_state():

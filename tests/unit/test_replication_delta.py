@@ -55,7 +55,6 @@ from kemari_agent.replication.errors import (
     UnexpectedRecord,
 )
 from kemari_agent.replication.events import Committed, Discarded
-from kemari_agent.replication.frames import Opener, Sealer
 from kemari_agent.replication.image import ImageSink
 from kemari_agent.replication.secondary import Secondary
 
@@ -88,30 +87,11 @@ def dirty_some(pair: Pair, rng: random.Random, fewest: int, most: int) -> list[i
     return pfns
 
 
-def checkpoint(pair: Pair, pfns: list[int], records: tuple = (),
-               frames: tuple[Sealer, Opener] | None = None,
-               send_queued_first: bool = True) -> tuple[list, int]:
+def checkpoint(pair: Pair, pfns: list[int], records: tuple = ()) -> tuple[list, int]:
     """One checkpoint of `pfns` and `records`, delivered and acknowledged:
-    (events, wire bytes). With `frames`, the primary is offered the sealer's
-    room for it: it writes there, where it is sealed, when nothing is queued
-    before it (`send_queued_first`: what is, a heartbeat, is sent first)."""
-    if frames is None:
-        pair.primary.checkpoint(pair.mem, pfns, records, now=0.0)
-        data = pair.primary.data_to_send()
-    else:
-        sealer, opener = frames
-        queued = pair.primary.data_to_send() if send_queued_first else b""
-        sent = [bytes(f) for f in sealer.seal(queued)]
-        pair.primary.checkpoint(pair.mem, pfns, records, now=0.0, into=sealer.room)
-        written, rest = pair.primary.written_into, pair.primary.data_to_send()
-        assert bool(written) != bool(rest)          # in the room or queued, not both
-        sent += [bytes(sealer.seal_room(written))] if written else \
-            [bytes(f) for f in sealer.seal(rest)]
-        for frame in sent:
-            opener.space()[:len(frame)] = frame
-            opener.filled(len(frame))
-        data = b"".join(opener.take())
-        assert data == queued + rest if not written else len(data) == len(queued) + written
+    (events, wire bytes)."""
+    pair.primary.checkpoint(pair.mem, pfns, records, now=0.0)
+    data = pair.primary.data_to_send()
     pair.wire.append(data)
     events = pair.secondary.receive_data(data, 0.0)
     pair.to_primary()
@@ -347,12 +327,8 @@ def test_c_checkpoint_writer_gives_the_python_paths_bytes(monkeypatch: pytest.Mo
     monkeypatch.setattr(native_codec, "CHECKPOINT_WRITER", True)
     monkeypatch.setattr(primary, "PATCHES_ENABLED", patch)
     streams = []
-    for native, in_place in ((True, False), (True, True), (False, False)):
+    for native in (True, False):
         monkeypatch.setattr(native_codec, "ENABLED", native)
-        # in place: written into a frame's room, sealed there (Channel.send_room)
-        secret = bytes(range(32))
-        frames = (Sealer(secret, rekey_bytes=5000), Opener(secret, rekey_bytes=5000)) \
-            if in_place else None
         rng = random.Random(seed)
         pair = Pair(delta_cache_pages=cache)
         pair.mem[:] = random.Random(seed + 1).randbytes(MEM)
@@ -377,10 +353,10 @@ def test_c_checkpoint_writer_gives_the_python_paths_bytes(monkeypatch: pytest.Mo
                 records.insert(rng.randrange(len(records) + 1), Pages((pfn,), page))
             if rng.random() < 0.3:
                 pair.primary.poll(0.6 * (step + 1))        # a heartbeat for the next END
-            checkpoint(pair, pfns, tuple(records), frames, rng.random() < 0.7)
+            checkpoint(pair, pfns, tuple(records))
             pair.assert_mirrors_primary()
         streams.append(b"".join(pair.wire[1:]))
-    assert streams[0] == streams[1] == streams[2]
+    assert streams[0] == streams[1]
     if cache:
         assert delta_type(not patch) not in record_types(streams[0])
 
@@ -711,7 +687,7 @@ def test_the_c_index_checkpoint_checks_room_before_it_plans() -> None:
     for out_size, scratch_size, error in ((need - 1, 3 * 2 * PAGE_SIZE, -2),
                                           (need, 2 * PAGE_SIZE, -4)):
         out, scratch = ffi.new("uint8_t[]", out_size), ffi.new("uint8_t[]", scratch_size)
-        got = lib.kcodec_index_checkpoint(index._index, c, ffi.from_buffer(mem), MEM,
+        got = lib.kcodec_index_checkpoint(index.native, c, ffi.from_buffer(mem), MEM,
                                           index.arena_ptr, pfns, 2, plan_pfns, plan_slots,
                                           scratch, scratch_size, ffi.NULL, 0, out, out_size)
         assert got == error and len(index) == 0

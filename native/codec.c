@@ -523,6 +523,15 @@ int64_t kcodec_checkpoint(struct kcodec_ckpt *c, const uint8_t *mem, uint64_t me
     return (int64_t)(body + 8 + END_BODY);
 }
 
+#define TYPE_ACK 7u
+
+void kcodec_ack(uint8_t *out, uint64_t seq, uint64_t generation)
+{
+    uint8_t *b = put_header(out, TYPE_ACK, 16);
+    memcpy(b, &seq, 8);
+    memcpy(b + 8, &generation, 8);
+}
+
 /* ---- a whole checkpoint received (kcodec_receive) ---------------------------------- */
 
 #define TYPE_VCPU 3u

@@ -177,6 +177,11 @@ struct kcodec_rx {
 int64_t kcodec_receive(struct kcodec_rx *rx, const uint8_t *buf, uint64_t len,
                        const uint8_t *mem, const struct kcodec_base *bases, uint32_t n_bases);
 
+/* The ACK of checkpoint seq of `generation` (codec.encode_ack) into out,
+ * KCODEC_ACK_SIZE bytes. */
+#define KCODEC_ACK_SIZE 24
+void kcodec_ack(uint8_t *out, uint64_t seq, uint64_t generation);
+
 /* Bytes kcodec_checkpoint may need at most, besides the type-0 items' own. */
 uint64_t kcodec_checkpoint_bound(uint32_t n_hits, uint32_t n_misses, uint32_t n_items,
                                  uint64_t blob_bytes);

@@ -2,33 +2,17 @@
 #include "fastreceive.h"
 
 #include <errno.h>
-#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "codec.h"
 #include "frames.h"
 
-#define TYPE_ACK 7u
-#define ACK_LEN 24u             /* header (type, flags, length) and body (seq, generation) */
-
-/* encode_ack (replication/codec.py): the record little-endian, as codec.c writes. */
-static void write_ack(uint8_t *out, uint64_t seq, uint64_t generation)
-{
-    uint16_t type = TYPE_ACK, flags = 0;
-    uint32_t length = 16;
-    memcpy(out, &type, 2);
-    memcpy(out + 2, &flags, 2);
-    memcpy(out + 4, &length, 4);
-    memcpy(out + 8, &seq, 8);
-    memcpy(out + 16, &generation, 8);
-}
-
 static void send_ack(struct kfast_rx *r, uint64_t seq, uint64_t generation)
 {
-    write_ack(r->ack_frame + 4, seq, generation);
-    r->ack_len = ACK_LEN;
-    int64_t size = kframe_seal(r->sealer, r->ack_frame + 4, ACK_LEN, r->ack_frame);
+    kcodec_ack(r->ack_frame + 4, seq, generation);
+    r->ack_len = KCODEC_ACK_SIZE;
+    int64_t size = kframe_seal(r->sealer, r->ack_frame + 4, KCODEC_ACK_SIZE, r->ack_frame);
     if (size == KFRAME_REKEY) {
         r->ack_result = KFAST_ACK_REKEY;
         return;

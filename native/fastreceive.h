@@ -57,7 +57,7 @@ struct kfast_rx {
     const struct kcodec_base *bases;    /* blob bases */
     uint32_t n_bases;
     int ack;                        /* seal and write the ACK of a checkpoint taken */
-    uint8_t *ack_frame;             /* room for that frame (KFRAME_OVERHEAD + 24 bytes) */
+    uint8_t *ack_frame;             /* room for that frame (KFRAME_OVERHEAD + KCODEC_ACK_SIZE) */
     /* Out. */
     uint64_t plain;                 /* plaintext bytes of the frame opened */
     int64_t taken_ns;               /* CLOCK_MONOTONIC once taken, before its ACK left */

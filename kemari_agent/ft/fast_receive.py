@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the build
     ffi = lib = None
 
 ENABLED = lib is not None and os.environ.get("KEMARI_FAST_RECEIVE", "1") != "0"
-ACK_LEN = 24        # an ACK record (codec.encode_ack)
+ACK_LEN = lib.KCODEC_ACK_SIZE if lib is not None else 0    # an ACK record (codec.encode_ack)
 
 
 class FastReceive:

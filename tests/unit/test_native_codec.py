@@ -7,14 +7,17 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kemari_agent._native import ffi, lib
 
 from kemari_agent.replication import native_codec
 from kemari_agent.replication.codec import (
     PAGE_SIZE,
+    Ack,
     Decoder,
     Pages,
     Vcpu,
     encode,
+    encode_ack,
     pages_parts,
 )
 from kemari_agent.replication.primary import Primary, PrimaryState
@@ -108,3 +111,11 @@ def test_zero_detecting_split_into_records_of_4096():
     assert data_pages == 2050
     assert bytes(out[:written]) == b"".join(
         bytes(p) for p in pages_parts(memory, pfns, detect_zero=True)[0])
+
+
+@given(seq=st.integers(0, 2**64 - 1), generation=st.integers(0, 2**64 - 1))
+def test_the_c_ack_is_the_python_one(seq: int, generation: int) -> None:
+    """kcodec_ack (sent by the secondary's one-call read) against encode_ack."""
+    out = ffi.new("uint8_t[]", lib.KCODEC_ACK_SIZE)
+    lib.kcodec_ack(out, seq, generation)
+    assert bytes(out) == encode_ack(seq, generation) == encode(Ack(seq, generation))

@@ -291,7 +291,8 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     # (kemari-frames/1: the secondary's read goes step by step, as below)
     "ACKs in TLS": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FRAMES": "1"}, ""),
     # "native" with the secondary's read one wrapped C call per step (read and
-    # open the frame, check the checkpoint, seal and send the ACK)
+    # open the frame, check the checkpoint, seal and send the ACK), and the
+    # primary's wait for the ACK in Python
     "read per step": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FAST_RECEIVE": "0"}, ""),
     # "native" with the primary's checkpoint one wrapped C call per step (save
     # the vCPU, harvest, encode, seal, send) instead of one call for them all

@@ -532,6 +532,22 @@ void kcodec_ack(uint8_t *out, uint64_t seq, uint64_t generation)
     memcpy(b + 8, &generation, 8);
 }
 
+int kcodec_lone_ack(const uint8_t *buf, uint64_t len, uint64_t *seq, uint64_t *generation)
+{
+    uint16_t type, flags;
+    uint32_t length;
+    if (len != KCODEC_ACK_SIZE)
+        return 0;
+    memcpy(&type, buf, 2);
+    memcpy(&flags, buf + 2, 2);
+    memcpy(&length, buf + 4, 4);
+    if (type != TYPE_ACK || flags || length != 16)
+        return 0;
+    memcpy(seq, buf + 8, 8);
+    memcpy(generation, buf + 16, 8);
+    return 1;
+}
+
 /* ---- a whole checkpoint received (kcodec_receive) ---------------------------------- */
 
 #define TYPE_VCPU 3u

@@ -182,6 +182,10 @@ int64_t kcodec_receive(struct kcodec_rx *rx, const uint8_t *buf, uint64_t len,
 #define KCODEC_ACK_SIZE 24
 void kcodec_ack(uint8_t *out, uint64_t seq, uint64_t generation);
 
+/* 1 when buf[0..len) is exactly one ACK record (codec.Decoder.lone_ack), its
+ * fields then in *seq and *generation; else 0. */
+int kcodec_lone_ack(const uint8_t *buf, uint64_t len, uint64_t *seq, uint64_t *generation);
+
 /* Bytes kcodec_checkpoint may need at most, besides the type-0 items' own. */
 uint64_t kcodec_checkpoint_bound(uint32_t n_hits, uint32_t n_misses, uint32_t n_items,
                                  uint64_t blob_bytes);

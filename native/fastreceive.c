@@ -2,6 +2,7 @@
 #include "fastreceive.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -73,4 +74,52 @@ int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx)
     if (r->ack)
         send_ack(r, rx->seq, rx->generation);
     return KFAST_RX_TAKEN;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
+int kfast_wait_ack(struct kfast_ack *a)
+{
+    a->plain = a->seq = a->generation = 0;
+    a->err = 0;
+    int64_t deadline = a->timeout_ms < 0 ? -1 : now_ms() + a->timeout_ms;
+    int64_t plain;
+    /* Read what has come; wait only when nothing has. */
+    while ((plain = kframe_open(a->opener, a->buf + a->start, a->end - a->start)) == 0) {
+        if (a->end == a->room)
+            return KFAST_WAIT_NO_ROOM;
+        ssize_t n = read(a->fd, a->buf + a->end, (size_t)(a->room - a->end));
+        if (n > 0) {
+            a->end += (uint64_t)n;
+            continue;
+        }
+        if (n == 0)
+            return KFAST_WAIT_CLOSED;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            a->err = errno;
+            return KFAST_WAIT_READ_FAILED;
+        }
+        int64_t left = deadline < 0 ? -1 : deadline - now_ms();
+        if (deadline >= 0 && left <= 0)
+            return KFAST_WAIT_TIMED_OUT;
+        struct pollfd p = {.fd = a->fd, .events = POLLIN};
+        if (poll(&p, 1, left > INT32_MAX ? INT32_MAX : (int)left) < 0 && errno != EINTR) {
+            a->err = errno;
+            return KFAST_WAIT_READ_FAILED;
+        }
+    }
+    if (plain < 0)
+        return KFAST_WAIT_REFUSED;
+    a->plain = (uint64_t)plain;
+    if (!kcodec_lone_ack(a->buf + a->start + 4, (uint64_t)plain, &a->seq, &a->generation))
+        return KFAST_WAIT_OPENED;
+    a->start += (uint64_t)plain + KFRAME_OVERHEAD;
+    return KFAST_WAIT_TAKEN;
 }

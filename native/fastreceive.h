@@ -1,8 +1,11 @@
 /*
- * fastreceive.h - the secondary's common read in one call: the frame that
- * woke it read, opened, checked and staged as one whole checkpoint, and its
- * ACK sealed and written before anything is applied (docs/benchmarks.md,
- * "One call per read on the secondary").
+ * fastreceive.h - what each side receives, in one call when it is the
+ * common case. The secondary's (kfast_receive): the frame that woke it
+ * read, opened, checked and staged as one whole checkpoint, and its ACK
+ * sealed and written before anything is applied. The primary's
+ * (kfast_wait_ack): its peer's next frame waited for, read and opened, and
+ * taken when it is one ACK (docs/benchmarks.md, "The secondary's read in
+ * one C call").
  *
  * This chains the C the Python path calls one by one (frames.h's open,
  * codec.h's kcodec_receive, frames.h's seal). What is accepted is still
@@ -69,5 +72,36 @@ struct kfast_rx {
 /* One read's worth: see the KFAST_RX_ results. rx is kcodec_receive's, its
  * inputs filled; on KFAST_RX_TAKEN start has moved past the frame. */
 int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx);
+
+/* kfast_wait_ack's results. TAKEN: a frame of one ACK record, its seq and
+ * generation out (start moved past it). OPENED, CLOSED, REFUSED and
+ * READ_FAILED as kfast_receive's. TIMED_OUT: no whole frame within
+ * timeout_ms (end moved by what came). NO_ROOM: a frame begun is larger
+ * than the room left (the caller makes room). */
+#define KFAST_WAIT_TAKEN 0
+#define KFAST_WAIT_TIMED_OUT 1
+#define KFAST_WAIT_OPENED 2
+#define KFAST_WAIT_CLOSED 3
+#define KFAST_WAIT_REFUSED 4
+#define KFAST_WAIT_NO_ROOM 5
+#define KFAST_WAIT_READ_FAILED -1
+
+struct kfast_ack {
+    /* Set once per session by ft/fast_ack.py. */
+    struct kframe *opener;          /* the secondary's direction */
+    int fd;
+    /* In, per call. */
+    uint8_t *buf;                   /* the opener's buffer, as kfast_rx's */
+    uint64_t start, end, room;
+    int64_t timeout_ms;             /* the longest to wait in all; < 0: no limit */
+    /* Out. */
+    uint64_t plain;
+    uint64_t seq, generation;
+    int64_t err;
+};
+
+/* The next whole frame: read as it comes (poll() while none is whole, the
+ * GIL released), opened in place, and taken if it is one ACK. */
+int kfast_wait_ack(struct kfast_ack *a);
 
 #endif

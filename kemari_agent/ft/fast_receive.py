@@ -1,4 +1,6 @@
-"""The secondary's common read in one C call (native/fastreceive.h).
+"""What each side receives, in one C call when it is the common case
+(native/fastreceive.h): the secondary's checkpoint (FastReceive) and the
+primary's ACK (FastAck).
 
 Per checkpoint the Python path reads the socket, opens the frame, hands its
 plaintext to the C reader (native_codec.receive), encodes the ACK and seals
@@ -13,6 +15,11 @@ change, a frame that fails) goes through Secondary.receive_data, which gives
 the verdict. Needs frames both ways (kemari-frames/2) with the C cipher.
 KEMARI_FAST_RECEIVE=0 in a daemon's environment keeps every read on the
 Python path (the stage benchmark compares the two).
+
+The primary waits for its ACK in C too: poll(), read, open the frame, and
+decode it when it is one ACK record alone (Primary.takes_lone_ack,
+receive_ack); anything else goes through Primary.receive_data. The same
+switch keeps it on the Python path.
 """
 
 from __future__ import annotations
@@ -35,10 +42,10 @@ ENABLED = lib is not None and os.environ.get("KEMARI_FAST_RECEIVE", "1") != "0"
 ACK_LEN = lib.KCODEC_ACK_SIZE if lib is not None else 0    # an ACK record (codec.encode_ack)
 
 
-class FastReceive:
-    """One session's one-call reads on the secondary's `link` (which calls
-    read() with itself: this holds no reference back, so no cycle keeps the
-    frame buffers that C points into alive for the garbage collector)."""
+class _OneCallReads:
+    """A session's one-call reads on a `link` (which calls read() with itself:
+    this holds no reference back, so no cycle keeps the frame buffers that C
+    points into alive for the garbage collector)."""
 
     def __init__(self, link: Link) -> None:
         channel = link.channel
@@ -46,21 +53,45 @@ class FastReceive:
         if opener is None or opener.native_cipher() is None or channel.frame_cipher() is None:
             raise ValueError("the one-call read needs C frames both ways")
         self._sm, self._channel, self._opener = link.sm, channel, opener
-        r = self._r = ffi.new("struct kfast_rx *")
-        r.opener, r.sealer = opener.native_cipher(), channel.frame_cipher()
-        r.fd = channel.fileno()
-        self.reads = 0                      # checkpoints taken in one call
-        self.outcomes: dict = {}  # kfast_receive's results and ACK results, counted
+        self.reads = 0                      # what the one call took
+        self.outcomes: dict = {}            # the C call's results, counted
 
     @classmethod
-    def for_link(cls, link: Link) -> FastReceive | None:
+    def for_link(cls, link: Link):
         """The link's one-call reads, or None where they cannot run."""
-        if not (ENABLED and native_codec.ENABLED and native_codec.CHECKPOINT_READER):
+        if not ENABLED:
             return None
         try:
             return cls(link)
         except ValueError:
             return None
+
+    def _count(self, outcome) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def _python_path(self, link: Link, plain: bytes, now: float) -> list[Event]:
+        """`plain` and every other whole frame already here, through the Python
+        path; a frame that fails ends the session."""
+        try:
+            rest = self._opener.take()
+        except TransportError as exc:
+            raise SessionLost(str(exc)) from exc
+        data = plain + b"".join(rest) if rest else plain
+        return link.receive(data, now) if data else []
+
+
+class FastReceive(_OneCallReads):
+    """The secondary's: a frame of one whole checkpoint read, checked and
+    acknowledged in one call."""
+
+    def __init__(self, link: Link) -> None:
+        if not (native_codec.ENABLED and native_codec.CHECKPOINT_READER):
+            raise ValueError("the one-call read needs the C checkpoint reader")
+        super().__init__(link)
+        channel, opener = self._channel, self._opener
+        r = self._r = ffi.new("struct kfast_rx *")
+        r.opener, r.sealer = opener.native_cipher(), channel.frame_cipher()
+        r.fd = channel.fileno()
 
     def read(self, link: Link) -> list[Event] | None:
         """The events of what arrived on `link`, or None: then nothing was
@@ -84,7 +115,7 @@ class FastReceive:
                 r.ack_frame = room - 4
             result = lib.kfast_receive(r, rx)
             opener.moved(r.start, r.end)
-            self.outcomes[result] = self.outcomes.get(result, 0) + 1
+            self._count(result)
             now = time.monotonic()
             if result == lib.KFAST_RX_TAKEN:
                 events += self._taken(link, rx, ack, now)
@@ -116,22 +147,11 @@ class FastReceive:
         got = native_codec.ReceivedCheckpoint(rx, int(self._r.plain))
         return link.decide(lambda: self._sm.receive_taken(got, got.consumed, acked, now))
 
-    def _python_path(self, link: Link, plain: bytes, now: float) -> list[Event]:
-        """`plain` and every other whole frame already here, through the Python
-        path; a frame that fails ends the session."""
-        try:
-            rest = self._opener.take()
-        except TransportError as exc:
-            raise SessionLost(str(exc)) from exc
-        data = plain + b"".join(rest) if rest else plain
-        return link.receive(data, now) if data else []
-
     def _acked(self, link: Link, taken: int) -> None:
         """The ACK C sealed or wrote: the rest of it sent, or its failure kept
         for the link's next flush (as Link.send_early does)."""
         r, channel = self._r, self._channel
-        key = ("ack", r.ack_result)
-        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        self._count(("ack", r.ack_result))
         try:
             if r.ack_result == lib.KFAST_ACK_PARTIAL:
                 channel.send_rest_of_frame(int(r.ack_size), int(r.ack_sent))
@@ -146,3 +166,44 @@ class FastReceive:
             link.early_send_failed(str(exc))
             return
         link.sent_early(ACK_LEN, taken)
+
+
+class FastAck(_OneCallReads):
+    """The primary's: the wait for the next frame, and the ACK it holds, in
+    one call (with the GIL released while it waits)."""
+
+    def __init__(self, link: Link) -> None:
+        super().__init__(link)
+        a = self._a = ffi.new("struct kfast_ack *")
+        a.opener, a.fd = self._opener.native_cipher(), self._channel.fileno()
+
+    def read(self, link: Link) -> list[Event] | None:
+        """What arrived within the channel's timeout (nothing: []), or None:
+        then the link reads through the Python path."""
+        sm, opener, a = self._sm, self._opener, self._a
+        if not sm.takes_lone_ack():
+            return None
+        a.buf, a.start, a.end, a.room = opener.native_room()
+        timeout = self._channel.timeout
+        a.timeout_ms = -1 if timeout is None else int(timeout * 1000)
+        result = lib.kfast_wait_ack(a)
+        opener.moved(a.start, a.end)
+        self._count(result)
+        now = time.monotonic()
+        if result == lib.KFAST_WAIT_TAKEN:
+            self.reads += 1
+            if stages.ENABLED:
+                link.recv_ns = stages.now_ns()
+            seq, generation = int(a.seq), int(a.generation)
+            events = link.decide(lambda: sm.receive_ack(seq, generation, now))
+            return events + self._python_path(link, b"", now) if a.start != a.end else events
+        if result == lib.KFAST_WAIT_OPENED:
+            return self._python_path(link, opener.take_opened(int(a.plain)), now)
+        if result == lib.KFAST_WAIT_TIMED_OUT:
+            return []
+        if result == lib.KFAST_WAIT_CLOSED:
+            raise SessionLost("the peer closed the connection")
+        if result == lib.KFAST_WAIT_READ_FAILED:
+            raise SessionLost(f"receive from {self._channel.peer} failed: "
+                              f"{os.strerror(int(a.err))}")
+        return None          # no room for the frame begun, or a frame refused

@@ -47,6 +47,7 @@ from ..vmm import Vmm
 from . import fast_checkpoint
 from .auto_converge import AutoConverge
 from .fast_checkpoint import FastCheckpoint
+from .fast_receive import FastAck
 from .faults import Faults
 from .fence_peer import PeerFence
 from .link import Link, SessionLost
@@ -243,6 +244,7 @@ class Protector:
                      delta_cache_pages=self.config.replication.delta_cache_mib * 256)
         link = Link(channel, sm, self.timeout_s,
                     ack_poll_s=self.config.replication.ack_poll_us / 1e6)
+        link.fast_receive = FastAck.for_link(link)
         link.flush()
         link.wait_for(lambda: sm.state is not PrimaryState.HANDSHAKE, self.timeout_s)
         if sm.state is PrimaryState.RESYNCING:

@@ -1060,12 +1060,16 @@ class Decoder:
         """Bytes received but not yet part of a returned record."""
         return self._avail
 
+    def takes_lone_ack(self) -> bool:
+        """Whether the next bytes may be a lone ACK: nothing buffered before them
+        (and the stream's HELLO already read)."""
+        return not (self._avail or self._first or self._error is not None)
+
     def lone_ack(self, data: Buffer) -> Ack | None:
         """`data` as the one ACK record it is, with nothing buffered before it:
         what the primary reads after each checkpoint, decoded without the
         general path. None for anything else (then feed() it)."""
-        if self._avail or self._first or self._error is not None \
-                or len(data) != _ACK_RECORD.size:
+        if not self.takes_lone_ack() or len(data) != _ACK_RECORD.size:
             return None
         rtype, flags, length, seq, generation = _ACK_RECORD.unpack(data)
         if rtype != RecordType.ACK or flags or length != _QQ.size:

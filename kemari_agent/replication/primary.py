@@ -10,7 +10,7 @@ output-commit rule, and this class is where it is decided.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from enum import Enum
 from typing import NamedTuple
 
@@ -179,10 +179,26 @@ class Primary:
             raise ProtocolError("session already failed")
         if data:
             self.liveness.received(now)
+        def records() -> Iterable[Record]:
+            ack = self._decoder.lone_ack(data)
+            return (ack,) if ack is not None else self._decoder.feed(data)
+        return self._take(records, now)
+
+    def takes_lone_ack(self) -> bool:
+        """Whether the driver may read the next ACK itself (receive_ack)."""
+        return self.state is not PrimaryState.FAILED and self._decoder.takes_lone_ack()
+
+    def receive_ack(self, seq: int, generation: int, now: float) -> list[Event]:
+        """An ACK record that arrived alone, which the driver's C read decoded
+        (ft/fast_ack.py) while takes_lone_ack(): as receive_data takes it."""
+        self.liveness.received(now)
+        return self._take(lambda: (Ack(seq, generation),), now)
+
+    def _take(self, records: Callable[[], Iterable[Record]], now: float) -> list[Event]:
+        """The events of records(), decoded and taken; an error fails the session."""
         try:
             events: list[Event] = []
-            ack = self._decoder.lone_ack(data)
-            for record in (ack,) if ack is not None else self._decoder.feed(data):
+            for record in records():
                 self._on_record(record, now, events)
             return events
         except StreamError:

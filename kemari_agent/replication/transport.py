@@ -275,6 +275,11 @@ class Channel:
         self._timeout = timeout
         self._sock.settimeout(timeout)
 
+    @property
+    def timeout(self) -> float | None:
+        """The longest a receive waits (None: no limit)."""
+        return self._timeout
+
     def fileno(self) -> int:
         return self._sock.fileno()
 

@@ -1,8 +1,10 @@
-"""The secondary's one-call read (ft/fast_receive.py, native/fastreceive.c)
-against the Python path, over a real TLS connection with frames both ways:
-the same commits, the same image and the same ACKs as a reference Secondary
-fed the same bytes through receive_data, whatever mix of checkpoints it is
-sent and wherever the keys change; and a changed frame applies nothing."""
+"""The one-call reads (ft/fast_receive.py, native/fastreceive.c) against the
+Python path, over a real TLS connection with frames both ways. The
+secondary's: the same commits, the same image and the same ACKs as a
+reference Secondary fed the same bytes through receive_data, whatever mix of
+checkpoints it is sent and wherever the keys change; a changed frame applies
+nothing. The primary's: every ACK taken, among heartbeats and key changes, a
+timeout that returns nothing, and a changed ACK that ends the session."""
 
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ import pytest
 from kemari_agent._native import lib
 from test_replication_session import DISK, MEM, protected_pair
 
-from kemari_agent.ft.fast_receive import FastReceive
+from kemari_agent.ft.fast_receive import FastAck, FastReceive
 from kemari_agent.ft.link import Link, SessionLost
 from kemari_agent.replication import frames, keys, native_codec, transport
-from kemari_agent.replication.codec import DiskWrite, Vcpu
-from kemari_agent.replication.events import Committed
+from kemari_agent.replication.codec import DiskWrite, Vcpu, encode_ack
+from kemari_agent.replication.events import Acked, Committed
 from kemari_agent.replication.image import ImageSink
 from kemari_agent.replication.secondary import Secondary
 
@@ -71,7 +73,8 @@ class Bench:
     """A protected pair whose secondary reads through a Link with one-call
     reads, and a reference Secondary fed the primary's bytes directly."""
 
-    def __init__(self, key: Path, rekey_bytes: int | None = None) -> None:
+    def __init__(self, key: Path, rekey_bytes: int | None = None,
+                 ack_rekey_bytes: int = 24 * 7) -> None:
         self.pair = protected_pair(delta_cache_pages=64, max_outstanding=4)
         self.ref_sink = ImageSink(MEM, disks={0: bytearray(DISK)})
         self.ref = Secondary(self.ref_sink, name="kv1", memory_size=MEM, generation=0,
@@ -82,8 +85,7 @@ class Bench:
         self.ref.data_to_send()
         client, server = tls_pair(key)
         if rekey_bytes is not None:
-            # a few checkpoints per key; a few ACKs per key
-            client, server = rekeyed(client, server, rekey_bytes, 24 * 7)
+            client, server = rekeyed(client, server, rekey_bytes, ack_rekey_bytes)
         self.primary_end = client
         self.link = Link(server, self.pair.secondary, 5.0)
         self.pair.secondary.send_early = self.link.send_early
@@ -130,6 +132,7 @@ class Bench:
         self.primary_end.close()
 
 
+# with keys changed every few checkpoints, and every few ACKs
 @pytest.mark.parametrize("rekey_bytes", [None, 30000])
 def test_one_call_reads_commit_and_ack_what_the_python_path_does(
         key: Path, rekey_bytes: int | None) -> None:
@@ -198,5 +201,50 @@ def test_a_changed_frame_ends_the_session_and_applies_nothing(
             held = (bytes(bench.ref_sink.memory), bench.ref.checkpoint_seq)
         assert (bytes(pair.sink.memory), pair.secondary.checkpoint_seq) == held
         assert bytes(pair.sink.memory[4 * 4096:5 * 4096]) != bytes(pair.mem[4 * 4096:5 * 4096])
+    finally:
+        bench.close()
+
+
+@pytest.mark.parametrize("ack_rekey_bytes", [1 << 30, 24 * 5])
+def test_the_primary_takes_each_ack_in_one_call(key: Path, ack_rekey_bytes: int) -> None:
+    bench = Bench(key, rekey_bytes=1 << 30, ack_rekey_bytes=ack_rekey_bytes)
+    pair, send = bench.pair, bench.primary_end
+    link = Link(send, pair.primary, 5.0)
+    fast = FastAck.for_link(link)
+    assert fast is not None
+    link.fast_receive = fast
+    acked: list[int] = []
+    try:
+        for i in range(60):
+            if i % 6 == 3:          # a heartbeat ahead of the ACK: not one ACK alone
+                pair.secondary.poll(1000.0 + i)
+                bench.link.flush()
+            send.send_all(bench.checkpoint([1 + i % 50]))
+            bench.receive_until(len(bench.ref_committed))
+            deadline = time.monotonic() + 10
+            while pair.primary.outstanding:
+                assert time.monotonic() < deadline
+                acked += [ev.seq for ev in link.read() if isinstance(ev, Acked)]
+        assert acked == [ev.seq for ev in bench.ref_committed[-60:]]
+        outcomes = fast.outcomes
+        assert fast.reads >= (45 if ack_rekey_bytes > 1000 else 30)
+        assert outcomes.get(lib.KFAST_WAIT_OPENED, 0) >= 8          # the heartbeats
+        if ack_rekey_bytes < 1000:
+            assert outcomes.get(lib.KFAST_WAIT_REFUSED, 0) >= 8     # a key change due
+        send.settimeout(0.2)                      # nothing comes: nothing, in time
+        started = time.monotonic()
+        assert link.read() == []
+        assert 0.15 < time.monotonic() - started < 2.0
+        assert outcomes[lib.KFAST_WAIT_TIMED_OUT] >= 1
+        send.settimeout(5.0)
+        # a changed ACK ends the session, and acknowledges nothing
+        seq = pair.primary.checkpoint(pair.mem, pair.dirty(2), [Vcpu(0, 2, b"v" * 64)], now=0.0)
+        send.send_all(pair.primary.data_to_send())
+        frame = bytearray(next(bench.link.channel._sealer.seal(encode_ack(seq, 1))))
+        frame[-3] ^= 0x10
+        socket.socket.sendall(bench.link.channel._sock, bytes(frame))
+        with pytest.raises(SessionLost, match="authentication"):
+            link.read()
+        assert not pair.primary.is_acked(seq)
     finally:
         bench.close()

@@ -38,7 +38,7 @@ class Link:
         # the caller takes it once per pass.
         self.early: tuple[int, int] | None = None
         self._send_failed: str | None = None
-        # The secondary's one-call reads (ft/fast_receive.py), set by its driver.
+        # One-call reads (ft/fast_receive.py: FastReceive, FastAck), set by the driver.
         self.fast_receive = None
         channel.settimeout(io_timeout)
 
@@ -59,11 +59,11 @@ class Link:
             return
         self.sent_early(len(data), ready)
 
-    def sent_early(self, n: int, ready: int | None = None) -> None:
-        """`n` bytes left early (by send_early, or C that sent them itself)."""
-        sent = time.monotonic_ns()
+    def sent_early(self, n: int, ready: int) -> None:
+        """`n` bytes left early (by send_early, or C that sent them itself), ready
+        to leave at `ready` (time.monotonic_ns())."""
         self.bytes_sent += n
-        self.early = (sent if ready is None else ready, sent)
+        self.early = (ready, time.monotonic_ns())
 
     def early_send_failed(self, reason: str) -> None:
         """An early send failed: the next flush() raises it."""

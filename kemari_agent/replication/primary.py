@@ -190,7 +190,7 @@ class Primary:
 
     def receive_ack(self, seq: int, generation: int, now: float) -> list[Event]:
         """An ACK record that arrived alone, which the driver's C read decoded
-        (ft/fast_ack.py) while takes_lone_ack(): as receive_data takes it."""
+        (ft/fast_receive.py, FastAck) while takes_lone_ack(): as receive_data takes it."""
         self.liveness.received(now)
         return self._take(lambda: (Ack(seq, generation),), now)
 

@@ -211,8 +211,7 @@ class Secondary:
         """Take bytes from the primary; apply whatever checkpoints they complete."""
         def take(events: list[Event]) -> None:
             nonlocal data
-            if native_codec.ENABLED and native_codec.CHECKPOINT_READER:
-                data = self._receive_whole_checkpoints(data, now, events)
+            data = self._receive_whole_checkpoints(data, now, events)
             for record, raw in self._decoder.feed_raw(data):
                 self._on_record(record, raw, now, events)
             if self._unflushed:        # written ahead, and their END has not come yet

@@ -46,9 +46,16 @@ from bench.common import percentile, pin, report
 # (stage, from moment, to moment, which daemon's clock pair)
 STAGES = [
     ("exit -> tap hook (Python exit dispatch)", "p.exit", "p.start"),
-    # The one-call checkpoint (ft/fast_checkpoint.py) marks no moment inside its
-    # call: this row is the four below together, which only "per step" splits.
+    # The one-call checkpoint (ft/fast_checkpoint.py): the four steps below
+    # together; C takes the moments inside it (KFAST_MOMENTS), "per step" its own.
     ("tap hook -> sent (harvest, state, encode, send)", "p.start", "p.sent"),
+    ("  one call: tap hook -> C entered (Python: plan, buffers)", "p.start", "p.c_entered"),
+    ("  one call: save vCPU state", "p.c_entered", "p.c_state"),
+    ("  one call: harvest dirty log", "p.c_state", "p.c_harvested"),
+    ("  one call: encode", "p.c_harvested", "p.c_encoded"),
+    ("  one call: seal the frame", "p.c_encoded", "p.c_sealed"),
+    ("  one call: write() (wakes the secondary)", "p.c_sealed", "p.c_written"),
+    ("  one call: write() returned -> Python has it", "p.c_written", "p.sent"),
     ("harvest dirty log", "p.start", "p.harvested"),
     ("vCPU + device state", "p.harvested", "p.state"),
     ("encode (pages, records, CRC, END)", "p.state", "p.encoded"),
@@ -58,6 +65,10 @@ STAGES = [
     # its call either: read, open, verify and the ACK's send all fall in this
     # row, and the next is empty ("read per step" splits them).
     ("TLS receive (read + decrypt)", "s.last_wake", "s.recv"),
+    ("  one call: wake-up -> C entered (Python: select, plan)", "s.last_wake", "s.c_entered"),
+    ("  one call: read()", "s.c_entered", "s.c_read"),
+    ("  one call: open the frame", "s.c_read", "s.c_opened"),
+    ("  one call: check and stage (kcodec_receive)", "s.c_opened", "s.recv"),
     # An early ACK (the default) leaves once the checkpoint is verified: "decode"
     # then ends there, "record" is empty, and both happen after it ("meanwhile").
     ("decode + verify (+ apply, unless the ACK left first)", "s.recv", "s.decoded"),
@@ -294,6 +305,9 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     # open the frame, check the checkpoint, seal and send the ACK), and the
     # primary's wait for the ACK in Python
     "read per step": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FAST_RECEIVE": "0"}, ""),
+    # "native" with the secondary's wait for its stream in Python (select), not
+    # in the one call that reads it
+    "wait in Python": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FAST_RECEIVE": "1"}, ""),
     # "native" with the primary's checkpoint one wrapped C call per step (save
     # the vCPU, harvest, encode, seal, send) instead of one call for them all
     "per step": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FAST_CHECKPOINT": "0"}, ""),
@@ -316,9 +330,12 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     "split CPUs": ({"KEMARI_NATIVE_CODEC": "1"}, ""),
     # "split CPUs" with the primary spinning for each ACK before it sleeps
     "split CPUs + ACK polling": ({"KEMARI_NATIVE_CODEC": "1"}, "ack_poll_us = 500"),
+    # "split CPUs" with the wait of "wait in Python"
+    "split CPUs + wait in Python": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FAST_RECEIVE": "1"}, ""),
 }
 # Settings that pin the primary's and the secondary's side to these CPUs.
-SPLIT_CPUS: dict[str, tuple[int, int]] = {"split CPUs": (0, 1), "split CPUs + ACK polling": (0, 1)}
+SPLIT_CPUS: dict[str, tuple[int, int]] = {"split CPUs": (0, 1), "split CPUs + ACK polling": (0, 1),
+                                          "split CPUs + wait in Python": (0, 1)}
 SETTINGS = dict(ALL_SETTINGS)
 
 

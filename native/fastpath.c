@@ -2,6 +2,7 @@
 #include "fastpath.h"
 
 #include <errno.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "codec.h"
@@ -26,11 +27,22 @@ static int64_t save_vcpu(struct kfast *f, uint8_t *buf)
     return n;
 }
 
+/* The stage trace's moment `i` (KFAST_MOMENTS), when the caller asked for them. */
+static void moment(struct kfast *f, int i)
+{
+    if (!f->timed)
+        return;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    f->moments[i] = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
 int kfast_checkpoint(struct kfast *f, struct kcodec_ckpt *c)
 {
     f->completed = 0;
     f->n_pfns = 0;
     f->written = f->frame_size = f->sent = f->err = 0;
+    moment(f, 0);
     uint8_t *blob = f->vcpu[f->last ^ 1];
     int64_t vcpu = save_vcpu(f, blob);
     if (vcpu <= 0) {
@@ -38,12 +50,14 @@ int kfast_checkpoint(struct kfast *f, struct kcodec_ckpt *c)
         return KFAST_VCPU_FAILED;
     }
     f->vcpu_len = (uint64_t)vcpu;
+    moment(f, 1);
     int64_t n = kvmm_dirty_harvest(f->vm, f->pfns, f->guest_pages);
     if (n < 0) {
         f->err = n;
         return KFAST_HARVEST_FAILED;
     }
     f->n_pfns = (uint64_t)n;
+    moment(f, 2);
 
     /* The blob goes as a delta against the last one of its kind (delta.BlobBases;
      * kcodec_checkpoint sends a blob too large for one whole). */
@@ -69,6 +83,7 @@ int kfast_checkpoint(struct kfast *f, struct kcodec_ckpt *c)
         return KFAST_ENCODE_FAILED;
     }
     f->written = written;
+    moment(f, 3);
     /* Written: the caller books it whatever happens to the send, and its blob
      * is the next one's base. */
     f->own_base = 1;
@@ -89,7 +104,9 @@ int kfast_checkpoint(struct kfast *f, struct kcodec_ckpt *c)
         return KFAST_SEAL_FAILED;
     }
     f->frame_size = size;
+    moment(f, 4);
     ssize_t sent = write(f->fd, f->frame, (size_t)size);
+    moment(f, 5);
     if (sent < 0) {
         if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
             f->err = errno;

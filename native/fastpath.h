@@ -27,6 +27,10 @@
 #define KFAST_SEAL_FAILED -4     /* the cipher is broken */
 #define KFAST_WRITE_FAILED -5    /* errno in `err` */
 
+/* kfast.moments[]: the call's start, then after the vCPU's state, the harvest, the
+ * encode, the seal and the write. */
+#define KFAST_MOMENTS 6
+
 struct kvmm;
 struct kcodec_index;
 struct kcodec_ckpt;
@@ -63,12 +67,15 @@ struct kfast {
     uint64_t vcpu_base_len;
     /* In, per call. */
     int io_pending;                 /* the vCPU stopped at an I/O exit not yet completed */
+    int timed;                      /* fill moments[] (KEMARI_STAGES=1) */
     /* Out. */
     int completed;                  /* the pending exit was completed */
     uint64_t vcpu_len;              /* the blob saved, in vcpu[last ^ 1] until it is sent */
     uint64_t n_pfns;
     int64_t written, frame_size, sent;
     int64_t err;
+    /* With timed: CLOCK_MONOTONIC ns after each step, for the stage trace. */
+    int64_t moments[KFAST_MOMENTS];
     uint64_t checkpoints;           /* calls that wrote a checkpoint */
     /* kcodec_ckpt's statistics, added up over the calls (the caller takes them). */
     uint64_t xor_pages, xor_bytes, plain_pages, xor_blobs, xor_blob_bytes, unchanged_pages;

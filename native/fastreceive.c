@@ -37,8 +37,17 @@ static void send_ack(struct kfast_rx *r, uint64_t seq, uint64_t generation)
     r->ack_result = sent == size ? KFAST_ACK_SENT : KFAST_ACK_PARTIAL;
 }
 
+static int64_t now_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
 int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx)
 {
+    if (r->timed)
+        r->moments[0] = now_ns();
     r->plain = 0;
     r->ack_result = KFAST_ACK_NONE;
     r->ack_len = r->ack_size = r->ack_sent = r->err = 0;
@@ -55,8 +64,12 @@ int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx)
             r->end += (uint64_t)n;
         }
     }
+    if (r->timed)
+        r->moments[1] = now_ns();
     uint8_t *frame = r->buf + r->start;
     int64_t plain = kframe_open(r->opener, frame, r->end - r->start);
+    if (r->timed)
+        r->moments[2] = now_ns();
     if (plain == 0)
         return KFAST_RX_NO_FRAME;
     if (plain < 0)
@@ -68,12 +81,31 @@ int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx)
     r->start += (uint64_t)plain + KFRAME_OVERHEAD;
     /* The moment for the stage trace: the ACK's write may wake the primary on
      * this CPU, and the caller's clock would then count the primary's run. */
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    r->taken_ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+    r->taken_ns = now_ns();
     if (r->ack)
         send_ack(r, rx->seq, rx->generation);
     return KFAST_RX_TAKEN;
+}
+
+int kfast_wait_receive(struct kfast_rx *r, struct kcodec_rx *rx, struct kfast_poll *fds,
+                       uint32_t n, int timeout_ms)
+{
+    struct pollfd polls[n ? n : 1];
+    for (uint32_t i = 0; i < n; i++)
+        polls[i] = (struct pollfd){.fd = fds[i].fd, .events = fds[i].events};
+    int ready = poll(polls, n, timeout_ms);
+    r->woke_ns = now_ns();
+    for (uint32_t i = 0; i < n; i++)
+        fds[i].revents = ready > 0 ? polls[i].revents : 0;
+    if (ready < 0) {
+        if (errno == EINTR)
+            return KFAST_RX_WAITED;
+        r->err = errno;
+        return KFAST_RX_POLL_FAILED;
+    }
+    if (!n || !(fds[0].revents & (POLLIN | POLLHUP | POLLERR)))
+        return KFAST_RX_WAITED;
+    return kfast_receive(r, rx);
 }
 
 static int64_t now_ms(void)

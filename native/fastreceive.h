@@ -34,6 +34,10 @@
 #define KFAST_RX_CLOSED 3
 #define KFAST_RX_REFUSED 4
 #define KFAST_RX_READ_FAILED -1   /* errno in `err` */
+/* kfast_wait_receive's besides: WAITED: the stream did not wake the call (the
+ * timeout, or only another fd; see their revents). POLL_FAILED: errno in `err`. */
+#define KFAST_RX_WAITED 5
+#define KFAST_RX_POLL_FAILED -2
 
 /* ack_result, after KFAST_RX_TAKEN: */
 #define KFAST_ACK_NONE 0       /* not asked for */
@@ -42,6 +46,9 @@
 #define KFAST_ACK_REKEY 3      /* written at ack_frame + 4 (ack_len bytes), not sealed */
 #define KFAST_ACK_SEAL_FAILED -1
 #define KFAST_ACK_WRITE_FAILED -2  /* errno in `err` */
+
+/* kfast_rx.moments[]: the call's start, after its read() and after the frame opened. */
+#define KFAST_RX_MOMENTS 3
 
 struct kframe;
 struct kcodec_rx;
@@ -60,10 +67,13 @@ struct kfast_rx {
     const struct kcodec_base *bases;    /* blob bases */
     uint32_t n_bases;
     int ack;                        /* seal and write the ACK of a checkpoint taken */
+    int timed;                      /* fill moments[] (KEMARI_STAGES=1) */
     uint8_t *ack_frame;             /* room for that frame (KFRAME_OVERHEAD + KCODEC_ACK_SIZE) */
     /* Out. */
     uint64_t plain;                 /* plaintext bytes of the frame opened */
     int64_t taken_ns;               /* CLOCK_MONOTONIC once taken, before its ACK left */
+    int64_t woke_ns;                /* kfast_wait_receive: once poll() returned */
+    int64_t moments[KFAST_RX_MOMENTS];  /* with timed: CLOCK_MONOTONIC ns, for the stage trace */
     int ack_result;
     int64_t ack_len, ack_size, ack_sent;
     int64_t err;
@@ -72,6 +82,19 @@ struct kfast_rx {
 /* One read's worth: see the KFAST_RX_ results. rx is kcodec_receive's, its
  * inputs filled; on KFAST_RX_TAKEN start has moved past the frame. */
 int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx);
+
+/* What kfast_wait_receive waits on, as poll()'s struct pollfd has it. */
+struct kfast_poll {
+    int fd;
+    short events, revents;
+};
+
+/* The secondary's wait, with the GIL released: poll() the n fds (the
+ * stream's first) for at most timeout_ms (< 0: no limit); when the stream
+ * is readable, kfast_receive(r, rx) at once, its inputs set before the
+ * wait (r->read set), else KFAST_RX_WAITED. woke_ns: when poll() returned. */
+int kfast_wait_receive(struct kfast_rx *r, struct kcodec_rx *rx, struct kfast_poll *fds,
+                       uint32_t n, int timeout_ms);
 
 /* kfast_wait_ack's results. TAKEN: a frame of one ACK record, its seq and
  * generation out (start moved past it). OPENED, CLOSED, REFUSED and

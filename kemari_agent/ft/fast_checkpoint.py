@@ -37,6 +37,8 @@ ENABLED = lib is not None and os.environ.get("KEMARI_FAST_CHECKPOINT", "1") != "
 # Checkpoints of more dirty pages go the Python path (their harvest is kept):
 # the frame buffer and scratch are sized for this many.
 MAX_PAGES = 256
+# The stage trace's names of the moments one call takes (struct kfast's moments[]).
+ONE_CALL_MOMENTS = ("c_entered", "c_state", "c_harvested", "c_encoded", "c_sealed", "c_written")
 
 
 class Done:
@@ -120,6 +122,7 @@ class FastCheckpoint:
         if frame != self._frame:            # the channel grew its buffer
             self._frame, f.frame = frame, frame - 4
         f.io_pending = self.machine.io_pending
+        f.timed = trace is not None
         c.seq = plan.seq
         c.records, c.pages, c.bytes, c.crc = plan.queued
         if not f.own_base:                  # the last blob went through Primary.checkpoint
@@ -127,7 +130,8 @@ class FastCheckpoint:
             f.vcpu_base = ffi.from_buffer(self._base) if self._base else ffi.NULL
             f.vcpu_base_len = len(self._base) if self._base else 0
         result = lib.kfast_checkpoint(f, c)
-        if trace is not None:               # stages.StageLog: the one call's end
+        if trace is not None:               # stages.StageLog: the one call's steps and end
+            self._trace(trace, result)
             trace.mark("sent")
         if f.completed:
             self.machine.io_pending = False
@@ -135,6 +139,12 @@ class FastCheckpoint:
             self._booked(plan, now)
             return Done(plan.seq)
         return self._other(result, plan, now)
+
+    def _trace(self, trace, result: int) -> None:
+        """The moments C took inside a call that sent its frame."""
+        if result in (lib.KFAST_SENT, lib.KFAST_PARTIAL):
+            for name, ns in zip(ONE_CALL_MOMENTS, self._f.moments, strict=True):
+                trace.note(name, int(ns))
 
     def _booked(self, plan, now: float) -> None:
         """The checkpoint the last call wrote, in Primary's and the link's books."""

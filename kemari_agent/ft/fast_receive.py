@@ -6,7 +6,8 @@ Per checkpoint the Python path reads the socket, opens the frame, hands its
 plaintext to the C reader (native_codec.receive), encodes the ACK and seals
 and sends it: four wrapped C calls and the Python between them, all before
 the primary may go on. Here one call does them, from the wake-up to the ACK
-on its way, and Python then applies and commits what was staged
+on its way (in the daemon the wait itself too: FastReceive.wait, its
+inputs set before it sleeps), and Python then applies and commits what was staged
 (Secondary.receive_taken). replication/secondary.py still decides: the call
 checks against its receive_args(), the ACK leaves only where its
 may_ack_early() allows, and whatever the call does not take whole (no whole
@@ -14,7 +15,8 @@ frame, a frame that is not exactly one checkpoint the C reader takes, a key
 change, a frame that fails) goes through Secondary.receive_data, which gives
 the verdict. Needs frames both ways (kemari-frames/2) with the C cipher.
 KEMARI_FAST_RECEIVE=0 in a daemon's environment keeps every read on the
-Python path (the stage benchmark compares the two).
+Python path (the stage benchmark compares the two); =1 keeps the
+secondary's wait in Python (select()) before its one call.
 
 The primary waits for its ACK in C too: poll(), read, open the frame, and
 decode it when it is one ACK record alone (Primary.takes_lone_ack,
@@ -24,8 +26,11 @@ switch keeps it on the Python path.
 
 from __future__ import annotations
 
+import math
 import os
+import select
 import time
+from typing import NamedTuple
 
 from .. import stages
 from ..replication import native_codec
@@ -38,8 +43,25 @@ try:
 except ImportError:  # pragma: no cover - depends on the build
     ffi = lib = None
 
-ENABLED = lib is not None and os.environ.get("KEMARI_FAST_RECEIVE", "1") != "0"
+# KEMARI_FAST_RECEIVE: 0 reads step by step; 1 reads in one call but the
+# secondary waits in Python (select); 2, the default, waits in the same call.
+_SWITCH = os.environ.get("KEMARI_FAST_RECEIVE", "2")
+ENABLED = lib is not None and _SWITCH != "0"
+WAIT_IN_THE_CALL = ENABLED and _SWITCH != "1"
 ACK_LEN = lib.KCODEC_ACK_SIZE if lib is not None else 0    # an ACK record (codec.encode_ack)
+# What poll() says of an fd that select() would list as readable, or writable.
+POLL_READ = select.POLLIN | select.POLLHUP | select.POLLERR
+POLL_WRITE = select.POLLOUT | select.POLLHUP | select.POLLERR
+
+
+class Waited(NamedTuple):
+    """FastReceive.wait()'s: the fds ready as select() gives them, the
+    stream's read if it woke the wait (for FastReceive.read), and when the
+    wait ended (CLOCK_MONOTONIC ns)."""
+    readable: list[int]
+    writable: list[int]
+    outcome: tuple | None
+    woke_ns: int
 
 
 class _OneCallReads:
@@ -80,6 +102,10 @@ class _OneCallReads:
         return link.receive(data, now) if data else []
 
 
+# The stage trace's names of the moments one call takes (struct kfast_rx's moments[]).
+ONE_CALL_MOMENTS = ("c_entered", "c_read", "c_opened")
+
+
 class FastReceive(_OneCallReads):
     """The secondary's: a frame of one whole checkpoint read, checked and
     acknowledged in one call."""
@@ -92,28 +118,79 @@ class FastReceive(_OneCallReads):
         r = self._r = ffi.new("struct kfast_rx *")
         r.opener, r.sealer = opener.native_cipher(), channel.frame_cipher()
         r.fd = channel.fileno()
+        r.timed = stages.ENABLED
+        self._poll, self._poll_room = ffi.NULL, 0
 
-    def read(self, link: Link) -> list[Event] | None:
+    def wait(self, link: Link, reads: list[int], writes: list[int],
+             timeout: float) -> Waited | None:
+        """The secondary's wait for its stream and the other fds (select()'s
+        `reads` and `writes`, at most `timeout` s), and the stream's read when
+        it woke the wait, in one call: the read's inputs are set before the
+        wait, so none of this Python lies between the wake-up and the ACK.
+        None when the next bytes cannot be a checkpoint for the C reader (the
+        caller selects)."""
+        if not WAIT_IN_THE_CALL or not self._sm.takes_whole_checkpoints():
+            return None
+        fds = [link.fileno()] + reads
+        polls = self._polls(fds, writes)
+        rx, ack, mem = self._prepare(read=True)
+        result = lib.kfast_wait_receive(self._r, rx, polls, len(fds) + len(writes),
+                                        math.ceil(timeout * 1000))
+        del mem
+        if result == lib.KFAST_RX_POLL_FAILED:
+            raise OSError(int(self._r.err), os.strerror(int(self._r.err)))
+        readable = [fd for i, fd in enumerate(fds) if polls[i].revents & POLL_READ]
+        writable = [fd for i, fd in enumerate(writes, len(fds))
+                    if polls[i].revents & POLL_WRITE]
+        outcome = None if result == lib.KFAST_RX_WAITED else (result, rx, ack)
+        return Waited(readable, writable, outcome, int(self._r.woke_ns))
+
+    def _polls(self, reads: list[int], writes: list[int]):
+        """kfast_wait_receive's fds: `reads` for input, then `writes` for output."""
+        n = len(reads) + len(writes)
+        if self._poll_room < n:
+            self._poll_room = max(n, 2 * self._poll_room)
+            self._poll = ffi.new("struct kfast_poll[]", self._poll_room)
+        polls = self._poll
+        for i, fd in enumerate(reads):
+            polls[i].fd, polls[i].events = fd, select.POLLIN
+        for i, fd in enumerate(writes, len(reads)):
+            polls[i].fd, polls[i].events = fd, select.POLLOUT
+        return polls
+
+    def _prepare(self, read: bool):
+        """The call's inputs for the next frame (read() into the buffer first
+        if `read`): kcodec_rx, whether the ACK may leave at once, and the
+        pointer to the image, which the caller holds for the call."""
+        sm, r = self._sm, self._r
+        args = sm.receive_args()
+        rx, r.bases, r.n_bases = native_codec.receive_inputs(**args)
+        # per call: a pointer kept would export the image's memoryview, which
+        # the garbage collector cannot release in a reference cycle
+        mem = ffi.from_buffer(args["committed"])
+        r.mem = mem
+        r.buf, r.start, r.end, r.room = self._opener.native_room()
+        r.read = read
+        room = self._channel.send_room(ACK_LEN) if sm.may_ack_early() else None
+        r.ack = ack = room is not None
+        if ack:
+            r.ack_frame = room - 4
+        return rx, ack, mem
+
+    def read(self, link: Link, waited: tuple | None = None) -> list[Event] | None:
         """The events of what arrived on `link`, or None: then nothing was
         taken, and the link reads through the Python path (which waits for a
-        frame begun)."""
+        frame begun). `waited`: the outcome of the read wait() made."""
         sm, opener, r = self._sm, self._opener, self._r
         events: list[Event] = []
         first = True
-        while sm.takes_whole_checkpoints():
-            args = sm.receive_args()
-            rx, r.bases, r.n_bases = native_codec.receive_inputs(**args)
-            # per call: a pointer kept would export the image's memoryview, which
-            # the garbage collector cannot release in a reference cycle
-            mem = ffi.from_buffer(args["committed"])
-            r.mem = mem
-            r.buf, r.start, r.end, r.room = opener.native_room()
-            r.read = first
-            room = self._channel.send_room(ACK_LEN) if sm.may_ack_early() else None
-            r.ack = ack = room is not None
-            if ack:
-                r.ack_frame = room - 4
-            result = lib.kfast_receive(r, rx)
+        while waited is not None or sm.takes_whole_checkpoints():
+            if waited is not None:
+                (result, rx, ack), waited = waited, None
+            else:
+                rx, ack, mem = self._prepare(read=first)
+                result = lib.kfast_receive(r, rx)
+                del mem
             opener.moved(r.start, r.end)
             self._count(result)
             now = time.monotonic()
@@ -141,6 +218,7 @@ class FastReceive(_OneCallReads):
         taken = int(self._r.taken_ns)
         if stages.ENABLED:
             link.recv_ns = link.decoded_ns = taken
+            link.moments = dict(zip(ONE_CALL_MOMENTS, map(int, self._r.moments), strict=True))
         if acked:
             self._acked(link, taken)
         self.reads += 1

@@ -34,6 +34,7 @@ class Link:
         self.ack_poll_s = ack_poll_s
         self.bytes_sent = 0
         self.recv_ns = self.decoded_ns = 0    # KEMARI_STAGES=1: last read's moments
+        self.moments: dict[str, int] = {}     # and those C took inside a one-call read
         # The last early send (send_early): (ready, sent), time.monotonic_ns();
         # the caller takes it once per pass.
         self.early: tuple[int, int] | None = None
@@ -84,10 +85,12 @@ class Link:
                 raise SessionLost(str(exc)) from exc
             self.bytes_sent += len(data)
 
-    def read(self, flush: bool = True) -> list[Event]:
+    def read(self, flush: bool = True, waited: tuple | None = None) -> list[Event]:
         """Take what arrived (blocking until something does or the timeout passes).
-        flush=False leaves the replies queued (the caller flushes after acting)."""
-        events = self.fast_receive.read(self) if self.fast_receive is not None else None
+        flush=False leaves the replies queued (the caller flushes after acting).
+        `waited`: what the one-call read took while waiting (FastReceive.wait)."""
+        events = self.fast_receive.read(self, waited) if waited is not None \
+            else self.fast_receive.read(self) if self.fast_receive is not None else None
         if events is None:
             try:
                 data = self.channel.recv_some()

@@ -38,7 +38,7 @@ from ..replication.events import (
 from ..replication.image import ImageSink
 from ..replication.secondary import Secondary
 from .admission import Admission
-from .fast_receive import FastReceive
+from .fast_receive import FastReceive, Waited
 from .link import Link, SessionLost
 from .node import Node
 from .protector import VCPU_FAST, VCPU_FULL
@@ -262,19 +262,28 @@ class Receiver:
         Connections that are not (yet) the current session wait in `admission`,
         which never blocks this loop."""
         while not stop():
-            fds = [wake_fd] + self.admission.read_fds()
+            reads, writes = [wake_fd] + self.admission.read_fds(), self.admission.write_fds()
             deadline = min(time.monotonic() + 1.0, self.admission.next_deadline())
-            if self.link is not None:
-                fds.append(self.link.fileno())
-                deadline = min(deadline, self.link.sm.next_deadline())
-            readable, writable, _ = select.select(fds, self.admission.write_fds(), [],
-                                                  max(0.0, deadline - time.monotonic()))
+            link = self.link
+            if link is not None:
+                deadline = min(deadline, link.sm.next_deadline())
+            timeout = max(0.0, deadline - time.monotonic())
+            # The common case waits and reads the stream in one C call (FastReceive)
+            waited = link.fast_receive.wait(link, reads, writes, timeout) \
+                if link is not None and link.fast_receive is not None else None
+            if waited is None:
+                if link is not None:
+                    reads.append(link.fileno())
+                readable, writable, _ = select.select(reads, writes, [], timeout)
+                waited = Waited(readable, writable, None, 0)
             with self.pass_lock:
-                self._pass(readable, writable, wake_fd)
+                self._pass(waited, wake_fd)
 
-    def _pass(self, readable: list, writable: list, wake_fd: int) -> None:
-        """What select() found ready: the stream, the wake-up pipe, admission."""
-        woke = stages.now_ns() if self.stages is not None else 0
+    def _pass(self, waited: Waited, wake_fd: int) -> None:
+        """What the wait found ready: the stream (read already if `waited` has its
+        outcome), the wake-up pipe, admission."""
+        readable, writable = waited.readable, waited.writable
+        woke = (waited.woke_ns or stages.now_ns()) if self.stages is not None else 0
         if self.link is None or self.link.fileno() not in readable:
             woke = 0     # a heartbeat deadline or another fd: not the stream waking us
         if wake_fd in readable:
@@ -287,8 +296,8 @@ class Receiver:
             try:
                 # ACKs leave only after this node has recorded what they acknowledge,
                 # but for an early one, whose record need not be durable (_ack_early)
-                started = time.monotonic()
-                events = self.link.read(flush=False) \
+                started = waited.woke_ns / 1e9 if waited.woke_ns else time.monotonic()
+                events = self.link.read(flush=False, waited=waited.outcome) \
                     if self.link.fileno() in readable else []
                 events += self.link.sm.poll(time.monotonic())
                 decoded = self.link.decoded_ns if woke else 0
@@ -323,7 +332,8 @@ class Receiver:
             moments = {"decoded": ready, "handled": ready, "ack_sent": sent,
                        "after_ack": handled}
         self.stages.pending = {"wake": first, "last_wake": woke, "recv": link.recv_ns,
-                               "apply": self.sink.apply_ns, **moments}
+                               "apply": self.sink.apply_ns, **link.moments, **moments}
+        link.moments = {}
         for seq in committed:
             self.stages.close(seq)
         self.sink.apply_ns = 0

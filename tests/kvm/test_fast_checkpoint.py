@@ -13,7 +13,7 @@ import threading
 import pytest
 from helpers import TESTGUEST
 
-from kemari_agent.ft.fast_checkpoint import FastCheckpoint
+from kemari_agent.ft.fast_checkpoint import ONE_CALL_MOMENTS, FastCheckpoint
 from kemari_agent.ft.link import Link
 from kemari_agent.ft.protector import VCPU_FAST, VCPU_FULL
 from kemari_agent.kvm.boot import BootInfo, boot
@@ -24,6 +24,7 @@ from kemari_agent.replication.image import ImageSink
 from kemari_agent.replication.primary import Primary, PrimaryState
 from kemari_agent.replication.secondary import Secondary
 from kemari_agent.replication.transport import Channel
+from kemari_agent.stages import StageLog
 
 pytestmark = pytest.mark.kvm
 
@@ -106,6 +107,7 @@ def run_to_an_out(machine: Machine, rng: random.Random) -> None:
 
 def test_one_call_checkpoints_are_primary_checkpoints_bytes() -> None:
     rng = random.Random(7)
+    coin = random.Random(8)          # its own: the checkpoints' draws stay the same
     wire = Wire()
     with Machine(MEM) as machine:
         boot(machine, TESTGUEST.read_bytes(), BootInfo(args=(1, 10**9, 2000)))
@@ -116,7 +118,7 @@ def test_one_call_checkpoints_are_primary_checkpoints_bytes() -> None:
         channel = Channel(wire.near, 10.0, sealer=Sealer(SECRET, rekey_bytes=100_000))
         fast = FastCheckpoint(machine, Link(channel, fast_side.primary, 10.0), VCPU_FAST,
                               max_pages=MAX_PAGES)
-        went = {"one call": 0, "by steps": 0}
+        went = {"one call": 0, "by steps": 0, "traced": 0}
         try:
             for _ in range(60):
                 run_to_an_out(machine, rng)
@@ -125,8 +127,16 @@ def test_one_call_checkpoints_are_primary_checkpoints_bytes() -> None:
                     size = rng.choice([8, 64, PAGE_SIZE])
                     machine.write(page * PAGE_SIZE + rng.randrange(PAGE_SIZE - size + 1),
                                   rng.randbytes(size))
-                done = fast.checkpoint(0.0)
+                trace = StageLog() if coin.random() < 0.5 else None
+                if trace is not None:
+                    trace.mark("start")
+                done = fast.checkpoint(0.0, trace)
                 assert done is not None and done.failed is None
+                if trace is not None and "c_entered" in trace.pending:   # sent: the steps' moments
+                    went["traced"] += 1
+                    moments = [trace.pending[name] for name in
+                               ("start", *ONE_CALL_MOMENTS, "sent")]
+                    assert moments == sorted(moments), moments
                 if done.seq is None:         # too big: the protector's way
                     went["by steps"] += 1
                     pfns, records = done.pfns, [Vcpu(0, VCPU_FAST, done.vcpu)]
@@ -157,4 +167,4 @@ def test_one_call_checkpoints_are_primary_checkpoints_bytes() -> None:
                 tuple(reference.primary.blob_bases.stats.values())
         finally:
             wire.close()
-    assert went["one call"] >= 30 and went["by steps"] >= 3, went
+    assert went["one call"] >= 30 and went["by steps"] >= 3 and went["traced"] >= 10, went

@@ -8,6 +8,7 @@ timeout that returns nothing, and a changed ACK that ends the session."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
@@ -93,6 +94,8 @@ class Bench:
         assert self.fast is not None
         self.link.fast_receive = self.fast
         self.committed: list[Committed] = []
+        self.waited_reads = 0
+        self.coin = random.Random(7)       # its own: the checkpoints' draws stay the same
         self.ref_committed: list[Committed] = []
         self.acks = b""
 
@@ -110,11 +113,21 @@ class Bench:
         return data
 
     def receive_until(self, count: int) -> None:
-        """The secondary reads until it has committed `count` in all."""
+        """The secondary reads until it has committed `count` in all: half of
+        the reads after the daemon's wait in the same call (FastReceive.wait)."""
         deadline = time.monotonic() + 10
         while len(self.committed) < count:
             assert time.monotonic() < deadline
-            self.committed += [ev for ev in self.link.read() if isinstance(ev, Committed)]
+            self.committed += [ev for ev in self.read() if isinstance(ev, Committed)]
+
+    def read(self) -> list:
+        waited = self.fast.wait(self.link, [], [], 0.5) if self.coin.random() < 0.5 else None
+        if waited is None:
+            return self.link.read()
+        if waited.outcome is not None:
+            self.waited_reads += 1
+            return self.link.read(waited=waited.outcome)
+        return self.link.read() if self.link.fileno() in waited.readable else []
 
     def take_acks(self) -> None:
         """The ACKs the reference sent so far, as many bytes from the secondary,
@@ -167,6 +180,7 @@ def test_one_call_reads_commit_and_ack_what_the_python_path_does(
         assert bytes(pair.sink.disks[0]) == bytes(bench.ref_sink.disks[0])
         outcomes = bench.fast.outcomes
         assert bench.fast.reads >= 60
+        assert bench.waited_reads >= 30
         assert outcomes.get(lib.KFAST_RX_OPENED, 0) >= 10     # disk writes, joined checkpoints
         assert outcomes.get(lib.KFAST_RX_NO_FRAME, 0) >= 5    # the trickled frames
         assert outcomes.get(("ack", lib.KFAST_ACK_SENT), 0) >= 50
@@ -193,7 +207,7 @@ def test_a_changed_frame_ends_the_session_and_applies_nothing(
         socket.socket.sendall(send._sock, b"".join(frames_out[:-1]) + bytes(bad))
         with pytest.raises(SessionLost, match="authentication"):
             for _ in range(3):
-                bench.committed += [ev for ev in bench.link.read() if isinstance(ev, Committed)]
+                bench.committed += [ev for ev in bench.read() if isinstance(ev, Committed)]
         if after_a_good_one:     # the good one committed, and acknowledged
             assert pair.secondary.checkpoint_seq == bench.ref_committed[-1].seq
             bench.take_acks()
@@ -202,6 +216,37 @@ def test_a_changed_frame_ends_the_session_and_applies_nothing(
         assert (bytes(pair.sink.memory), pair.secondary.checkpoint_seq) == held
         assert bytes(pair.sink.memory[4 * 4096:5 * 4096]) != bytes(pair.mem[4 * 4096:5 * 4096])
     finally:
+        bench.close()
+
+
+def test_the_secondary_waits_for_any_of_its_fds_in_the_same_call(key: Path) -> None:
+    """FastReceive.wait: select()'s answer when the stream does not wake it."""
+    bench = Bench(key)
+    r, w = os.pipe()
+    other_r, other_w = os.pipe()
+    try:
+        started = time.monotonic()        # nothing comes: nothing, in time
+        waited = bench.fast.wait(bench.link, [r], [], 0.2)
+        assert (waited.readable, waited.writable, waited.outcome) == ([], [], None)
+        assert 0.15 < time.monotonic() - started < 2.0
+        os.write(w, b"!")                  # another fd wakes it; one for output is ready
+        waited = bench.fast.wait(bench.link, [r], [other_w], 5.0)
+        assert (waited.readable, waited.writable, waited.outcome) == ([r], [other_w], None)
+        assert abs(waited.woke_ns - time.monotonic_ns()) < 1e9
+        os.read(r, 1)
+        bench.fast._r.timed = True        # as KEMARI_STAGES=1 sets it
+        bench.primary_end.send_all(bench.checkpoint([5]))    # the stream: read at once
+        waited = bench.fast.wait(bench.link, [r], [], 5.0)
+        assert waited.readable == [bench.link.fileno()] and waited.outcome is not None
+        moments = [waited.woke_ns, *bench.fast._r.moments, bench.fast._r.taken_ns]
+        assert moments == sorted(moments)       # woke, entered, read, opened, taken
+        events = bench.link.read(waited=waited.outcome)
+        assert [ev for ev in events if isinstance(ev, Committed)] == bench.ref_committed
+        bench.take_acks()
+        assert bench.acks == b"".join(bench.ref_acks)
+    finally:
+        for fd in (r, w, other_r, other_w):
+            os.close(fd)
         bench.close()
 
 

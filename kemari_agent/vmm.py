@@ -91,6 +91,9 @@ class Vmm:
         self.console = Console(config.name)
         self.counters = Counters()
         self.tap_hook: TapHook | None = None
+        # The vCPU's next run: Machine.run, or the tap's own (Protector.run_vcpu,
+        # which may checkpoint the event the vCPU stops at in the same call)
+        self.run_vcpu: Callable[[], Any] = machine.run
         self.services: list[Service] = []
         self.exit_code: int | None = None
         self.exit_ns = 0          # when the last exit returned (KEMARI_STAGES=1)
@@ -225,9 +228,8 @@ class Vmm:
     # ---- the loop ------------------------------------------------------------
     def run(self) -> int:
         """Serve the guest until it powers off (returns its code) or stop is requested."""
-        machine = self.machine
         while not self._stop:
-            ex = machine.run()
+            ex = self.run_vcpu()
             if stages.ENABLED:
                 self.exit_ns = stages.now_ns()
                 self._moment(EXIT_EVENTS.get(ex.io_port, "exit: other")

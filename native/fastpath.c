@@ -27,14 +27,18 @@ static int64_t save_vcpu(struct kfast *f, uint8_t *buf)
     return n;
 }
 
+static int64_t now_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
 /* The stage trace's moment `i` (KFAST_MOMENTS), when the caller asked for them. */
 static void moment(struct kfast *f, int i)
 {
-    if (!f->timed)
-        return;
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    f->moments[i] = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+    if (f->timed)
+        f->moments[i] = now_ns();
 }
 
 int kfast_checkpoint(struct kfast *f, struct kcodec_ckpt *c)
@@ -116,4 +120,22 @@ int kfast_checkpoint(struct kfast *f, struct kcodec_ckpt *c)
     }
     f->sent = sent;
     return sent == size ? KFAST_SENT : KFAST_PARTIAL;
+}
+
+int kfast_run(struct kfast *f, struct kcodec_ckpt *c, struct kvmm_exit *ex)
+{
+    int armed = f->armed;
+    f->armed = f->tapped = 0;
+    int r = kvmm_run(f->vm, ex);
+    if (r < 0 || !armed || ex->reason != KVMM_EXIT_IO || !ex->io_dir || ex->io_count != 1
+        || !ex->io_port || (ex->io_port != f->tap_ports[0] && ex->io_port != f->tap_ports[1]))
+        return r;
+    int64_t now = now_ns();
+    if (f->fast_until_ns && now >= f->fast_until_ns)
+        return r;                   /* a full vCPU blob is due: the caller's way */
+    f->io_pending = 1;
+    f->tapped = 1;
+    f->tapped_ns = now;
+    f->tap_result = kfast_checkpoint(f, c);
+    return r;
 }

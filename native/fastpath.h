@@ -65,6 +65,16 @@ struct kfast {
     uint64_t last_len;
     const uint8_t *vcpu_base;
     uint64_t vcpu_base_len;
+    /* kfast_run's: armed, an `out` of the guest to one of the tap ports (0:
+     * none) is checkpointed in the same call, unless the clock (CLOCK_MONOTONIC
+     * ns) has passed fast_until_ns; `tapped` says whether it was (at
+     * tapped_ns, CLOCK_MONOTONIC), tap_result how (KFAST_*). The caller arms each run: what the checkpoint is (kcodec_ckpt,
+     * the base) is set as for kfast_checkpoint. */
+    int armed;
+    uint32_t tap_ports[2];
+    int64_t fast_until_ns;
+    int tapped, tap_result;
+    int64_t tapped_ns;
     /* In, per call. */
     int io_pending;                 /* the vCPU stopped at an I/O exit not yet completed */
     int timed;                      /* fill moments[] (KEMARI_STAGES=1) */
@@ -83,5 +93,12 @@ struct kfast {
 
 /* One protected checkpoint: see the KFAST_ results for what happened. */
 int kfast_checkpoint(struct kfast *f, struct kcodec_ckpt *c);
+
+struct kvmm_exit;
+/* kvmm_run, and when armed and the vCPU stopped at an `out` to a tap port,
+ * the checkpoint (kfast_checkpoint) before the call returns: the guest's
+ * event is checkpointed with no Python between its exit and its frame's
+ * write. The exit is the caller's as kvmm_run's; the call disarms. */
+int kfast_run(struct kfast *f, struct kcodec_ckpt *c, struct kvmm_exit *ex);
 
 #endif

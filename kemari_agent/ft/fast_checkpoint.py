@@ -15,6 +15,13 @@ one fast vCPU blob. The protector sends the others (a full vCPU blob, a
 device's state, disk writes, a fault to inject) through Primary.checkpoint.
 KEMARI_FAST_CHECKPOINT=0 in a daemon's environment keeps every checkpoint
 on that path (the stage benchmark's per-step table needs it).
+
+The protector also arms the vCPU's run with it (FastCheckpoint.run,
+native kfast_run): when the guest stops at a doorbell the tap checkpoints,
+the checkpoint is written and sent before the run call returns, so no
+Python runs between the guest's exit and its frame leaving; the tap hook
+then books it (tapped()). KEMARI_FAST_CHECKPOINT=1 keeps the one call in
+the tap hook.
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ try:
 except ImportError:  # pragma: no cover - depends on the build
     ffi = lib = None
 
-ENABLED = lib is not None and os.environ.get("KEMARI_FAST_CHECKPOINT", "1") != "0"
+# KEMARI_FAST_CHECKPOINT: 0 goes step by step; 1 takes the one call from the
+# tap hook (Python, after the exit's dispatch); 2, the default, takes it in the
+# vCPU's run call itself when the exit is a tapped event (FastCheckpoint.run).
+_SWITCH = os.environ.get("KEMARI_FAST_CHECKPOINT", "2")
+ENABLED = lib is not None and _SWITCH != "0"
+TAP_IN_THE_RUN = ENABLED and _SWITCH != "1"
 # Checkpoints of more dirty pages go the Python path (their harvest is kept):
 # the frame buffer and scratch are sized for this many.
 MAX_PAGES = 256
@@ -106,6 +118,7 @@ class FastCheckpoint:
         self._frame = None                  # the channel's frame buffer, as f.frame has it
         self._frame_size = frame_room - 20
         self._base = None                   # the blob f.vcpu_base points into
+        self.in_the_run = 0                 # checkpoints written in the vCPU's run call
         c = self._ckpt = ffi.new("struct kcodec_ckpt *")
         c.generation, c.item_records, c.item_pages = sm.generation, 0, 0
         c.lz4_worth, c.patch = LZ4_WORTH, sm.page_patches
@@ -113,6 +126,44 @@ class FastCheckpoint:
     def checkpoint(self, now: float, trace=None) -> Done | None:
         """The next checkpoint; None when Primary says it must go its own way
         (nothing was done). `trace`: a stages.StageLog, marked "sent"."""
+        plan = self._arm(trace is not None)
+        if plan is None:
+            return None
+        self._f.io_pending = self.machine.io_pending
+        return self._finish(plan, lib.kfast_checkpoint(self._f, self._ckpt), now, trace)
+
+    def run(self, ports: tuple[int, int], fast_until: float, timed: bool):
+        """The vCPU's next run (Machine.run), armed: if it stops at an `out` to
+        one of `ports` before time.monotonic() reaches `fast_until`, the
+        checkpoint is written and sent before the call returns (kfast_run).
+        Returns the exit and, when it was, the plan for tapped()."""
+        plan = self._arm(timed)
+        f = self._f
+        if plan is not None:
+            f.armed = 1
+            f.tap_ports = ports
+            f.fast_until_ns = int(fast_until * 1e9)
+        ex = self.machine.run(tap=self._tap)
+        return ex, (plan if f.tapped else None)
+
+    def _tap(self, ex) -> int:
+        return lib.kfast_run(self._f, self._ckpt, ex)
+
+    @property
+    def tapped_at(self) -> float:
+        """When the last run's tap checkpointed (time.monotonic())."""
+        return self._f.tapped_ns / 1e9
+
+    def tapped(self, plan, now: float, trace=None) -> Done:
+        """What the checkpoint of the run that returned `plan` did, booked as
+        checkpoint()'s."""
+        done = self._finish(plan, int(self._f.tap_result), now, trace)
+        self.in_the_run += done.seq is not None
+        return done
+
+    def _arm(self, timed: bool):
+        """The next call's inputs, as Primary plans the checkpoint; None when it
+        must go its own way."""
         sm = self._sm
         plan = sm.fast_checkpoint()
         if plan is None:
@@ -121,19 +172,21 @@ class FastCheckpoint:
         frame = self._channel.send_room(self._frame_size)
         if frame != self._frame:            # the channel grew its buffer
             self._frame, f.frame = frame, frame - 4
-        f.io_pending = self.machine.io_pending
-        f.timed = trace is not None
+        f.timed = timed
         c.seq = plan.seq
         c.records, c.pages, c.bytes, c.crc = plan.queued
         if not f.own_base:                  # the last blob went through Primary.checkpoint
             self._base = self._blobs.last(self.key)
             f.vcpu_base = ffi.from_buffer(self._base) if self._base else ffi.NULL
             f.vcpu_base_len = len(self._base) if self._base else 0
-        result = lib.kfast_checkpoint(f, c)
+        return plan
+
+    def _finish(self, plan, result: int, now: float, trace) -> Done:
+        """After the call: booked, or what else it did (_other)."""
         if trace is not None:               # stages.StageLog: the one call's steps and end
             self._trace(trace, result)
             trace.mark("sent")
-        if f.completed:
+        if self._f.completed:
             self.machine.io_pending = False
         if result == lib.KFAST_SENT:
             self._booked(plan, now)
@@ -203,6 +256,7 @@ class FastCheckpoint:
         statistics (those of the others are in the page index's and the blob
         bases')."""
         f = self._f
-        return {"checkpoints": f.checkpoints, "xor_pages": f.xor_pages, "xor_bytes": f.xor_bytes,
+        return {"checkpoints": f.checkpoints, "in_the_run": self.in_the_run,
+                "xor_pages": f.xor_pages, "xor_bytes": f.xor_bytes,
                 "plain_pages": f.plain_pages, "unchanged_pages": f.unchanged_pages,
                 "xor_blobs": f.xor_blobs, "xor_blob_bytes": f.xor_blob_bytes}

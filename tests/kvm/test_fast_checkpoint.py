@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import socket
 import threading
+import time
 
 import pytest
 from helpers import TESTGUEST
@@ -34,6 +35,7 @@ MAX_PAGES = 24          # the test's bound: a few checkpoints go the step-by-ste
 # Pages the test writes as a VMM would: above the guest's image (1 MiB), below
 # its stack (the top of RAM)
 VMM_PAGES = range(512, 1536)
+PORT_STEP = 0x600       # the testguest's `out`s
 
 
 class Session:
@@ -105,6 +107,27 @@ def run_to_an_out(machine: Machine, rng: random.Random) -> None:
         machine.complete_pending()
 
 
+def tapped_run(fast: FastCheckpoint, machine: Machine, coin: random.Random, trace):
+    """Run the guest to its next `out` with the run armed; the checkpoint it
+    took there (its Done), or None when the run was not to take one: armed for
+    another port, or with a full vCPU blob due (then checkpoint() goes on)."""
+    choice = coin.random()
+    ports, until = (PORT_STEP, 0), time.monotonic() + 60
+    if choice < 0.15:
+        ports = (0x999, 0)
+    elif choice < 0.3:
+        until = time.monotonic() - 1
+    for _ in range(coin.randint(0, 2)):
+        assert machine.run().reason == EXIT_IO
+    ex, plan = fast.run(ports, until, trace is not None)
+    assert (ex.reason, ex.io_port) == (EXIT_IO, PORT_STEP)
+    if choice < 0.3:
+        assert plan is None
+        return None
+    assert plan is not None and abs(fast.tapped_at - time.monotonic()) < 5
+    return fast.tapped(plan, 0.0, trace)
+
+
 def test_one_call_checkpoints_are_primary_checkpoints_bytes() -> None:
     rng = random.Random(7)
     coin = random.Random(8)          # its own: the checkpoints' draws stay the same
@@ -118,10 +141,14 @@ def test_one_call_checkpoints_are_primary_checkpoints_bytes() -> None:
         channel = Channel(wire.near, 10.0, sealer=Sealer(SECRET, rekey_bytes=100_000))
         fast = FastCheckpoint(machine, Link(channel, fast_side.primary, 10.0), VCPU_FAST,
                               max_pages=MAX_PAGES)
-        went = {"one call": 0, "by steps": 0, "traced": 0}
+        went = {"one call": 0, "by steps": 0, "traced": 0, "in the run": 0}
         try:
-            for _ in range(60):
-                run_to_an_out(machine, rng)
+            for _ in range(90):
+                # the checkpoint taken in the vCPU's run call at the guest's `out`
+                # (FastCheckpoint.run), or from the tap hook after it (checkpoint())
+                in_the_run = coin.random() < 0.5
+                if not in_the_run:
+                    run_to_an_out(machine, rng)
                 for _ in range(rng.choice([0, 0, 1, 5, 20, 40])):   # and some pages the VMM writes
                     page = rng.randrange(VMM_PAGES.start, VMM_PAGES.stop)
                     size = rng.choice([8, 64, PAGE_SIZE])
@@ -130,7 +157,11 @@ def test_one_call_checkpoints_are_primary_checkpoints_bytes() -> None:
                 trace = StageLog() if coin.random() < 0.5 else None
                 if trace is not None:
                     trace.mark("start")
-                done = fast.checkpoint(0.0, trace)
+                if in_the_run:
+                    done = tapped_run(fast, machine, coin, trace)
+                    went["in the run"] += done is not None
+                if not in_the_run or done is None:
+                    done = fast.checkpoint(0.0, trace)
                 assert done is not None and done.failed is None
                 if trace is not None and "c_entered" in trace.pending:   # sent: the steps' moments
                     went["traced"] += 1
@@ -167,4 +198,5 @@ def test_one_call_checkpoints_are_primary_checkpoints_bytes() -> None:
                 tuple(reference.primary.blob_bases.stats.values())
         finally:
             wire.close()
-    assert went["one call"] >= 30 and went["by steps"] >= 3 and went["traced"] >= 10, went
+    assert went["one call"] >= 45 and went["by steps"] >= 3 and went["traced"] >= 10, went
+    assert went["in the run"] >= 20, went

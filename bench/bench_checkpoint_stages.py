@@ -344,10 +344,13 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     "split CPUs + ACK polling": ({"KEMARI_NATIVE_CODEC": "1"}, "ack_poll_us = 500"),
     # "split CPUs" with the wait of "wait in Python"
     "split CPUs + wait in Python": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FAST_RECEIVE": "1"}, ""),
+    # "split CPUs" with the primary's one call from the tap hook ("tap in Python")
+    "split CPUs + tap in Python": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FAST_CHECKPOINT": "1"}, ""),
 }
 # Settings that pin the primary's and the secondary's side to these CPUs.
 SPLIT_CPUS: dict[str, tuple[int, int]] = {"split CPUs": (0, 1), "split CPUs + ACK polling": (0, 1),
-                                          "split CPUs + wait in Python": (0, 1)}
+                                          "split CPUs + wait in Python": (0, 1),
+                                          "split CPUs + tap in Python": (0, 1)}
 SETTINGS = dict(ALL_SETTINGS)
 
 

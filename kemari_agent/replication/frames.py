@@ -136,8 +136,13 @@ class Sealer:
         self._grow(OVERHEAD)                # grows to the largest frame sealed
 
     def _grow(self, size: int) -> None:
-        self._out = memoryview(bytearray(size))
-        self._out_c = native_frames.pointer(self._out) if self._native else None
+        buf = bytearray(size)
+        self._out = memoryview(buf)
+        # The C pointer exports the bytearray, not the view: in a reference
+        # cycle (a session's Link and state machine) the garbage collector may
+        # clear the view first, and a view with an export cannot be released
+        # (BufferError, then the interpreter crashed; fresh run 57).
+        self._out_c = native_frames.pointer(buf) if self._native else None
 
     def seal(self, data: Buffer) -> Iterator[memoryview]:
         """The frames of `data`, each to be sent before the next is asked for

@@ -339,9 +339,14 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     # the checkpoint, instead of leaving as soon as the checkpoint is verified
     "ACK after apply": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_EARLY_ACK": "0"}, ""),
     # "native" with each daemon pinned to its own CPU (SPLIT_CPUS), as on two hosts
+    # the default with the primary spinning for each ACK (in C, yielding) before it sleeps
+    "ACK polling": ({"KEMARI_NATIVE_CODEC": "1"}, "ack_poll_us = 500"),
     "split CPUs": ({"KEMARI_NATIVE_CODEC": "1"}, ""),
     # "split CPUs" with the primary spinning for each ACK before it sleeps
     "split CPUs + ACK polling": ({"KEMARI_NATIVE_CODEC": "1"}, "ack_poll_us = 500"),
+    # ... and the secondary spinning for its stream after each checkpoint too
+    "split CPUs + both polling": ({"KEMARI_NATIVE_CODEC": "1"},
+                                  "ack_poll_us = 500\nreceive_poll_us = 1000"),
     # "split CPUs" with the wait of "wait in Python"
     "split CPUs + wait in Python": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FAST_RECEIVE": "1"}, ""),
     # "split CPUs" with the primary's one call from the tap hook ("tap in Python")
@@ -349,6 +354,7 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
 }
 # Settings that pin the primary's and the secondary's side to these CPUs.
 SPLIT_CPUS: dict[str, tuple[int, int]] = {"split CPUs": (0, 1), "split CPUs + ACK polling": (0, 1),
+                                          "split CPUs + both polling": (0, 1),
                                           "split CPUs + wait in Python": (0, 1),
                                           "split CPUs + tap in Python": (0, 1)}
 SETTINGS = dict(ALL_SETTINGS)

@@ -58,6 +58,7 @@ class ReplicationConfig:
     sync_max_mib_s: int = 0      # a full sync's pre-copy rounds at most this fast (0: no cap)
     delta_cache_mib: int = 16    # recently sent pages kept to send as deltas (0: never)
     ack_poll_us: int = 0         # primary: spin this long for an ACK before sleeping
+    receive_poll_us: int = 0     # secondary: spin this long for its stream before sleeping
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
     sync_max_mib_s = t.int_in("sync_max_mib_s", 0, 1 << 20, default=0)
     delta_cache_mib = t.int_in("delta_cache_mib", 0, 1 << 16, default=16)
     ack_poll_us = t.int_in("ack_poll_us", 0, 10_000, default=0)
+    receive_poll_us = t.int_in("receive_poll_us", 0, 10_000, default=0)
     nodes_t = t.table("nodes")
     t.finish()
     nodes = _nodes(nodes_t, port) if nodes_t else {}
@@ -229,6 +231,7 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
         heartbeat_ms=heartbeat_ms, peer_timeout_ms=timeout_ms, port=port, nodes=nodes,
         auto_converge=auto_converge, compression=compression, sync_max_mib_s=sync_max_mib_s,
         delta_cache_mib=delta_cache_mib, ack_poll_us=ack_poll_us,
+        receive_poll_us=receive_poll_us,
     )
 
 

@@ -2,9 +2,9 @@
 #include "fastpath.h"
 
 #include <errno.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "codec.h"
 #include "frames.h"
 #include "vmm.h"
@@ -27,18 +27,11 @@ static int64_t save_vcpu(struct kfast *f, uint8_t *buf)
     return n;
 }
 
-static int64_t now_ns(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
-}
-
 /* The stage trace's moment `i` (KFAST_MOMENTS), when the caller asked for them. */
 static void moment(struct kfast *f, int i)
 {
     if (f->timed)
-        f->moments[i] = now_ns();
+        f->moments[i] = kclock_now_ns();
 }
 
 int kfast_checkpoint(struct kfast *f, struct kcodec_ckpt *c)
@@ -130,7 +123,7 @@ int kfast_run(struct kfast *f, struct kcodec_ckpt *c, struct kvmm_exit *ex)
     if (r < 0 || !armed || ex->reason != KVMM_EXIT_IO || !ex->io_dir || ex->io_count != 1
         || !ex->io_port || (ex->io_port != f->tap_ports[0] && ex->io_port != f->tap_ports[1]))
         return r;
-    int64_t now = now_ns();
+    int64_t now = kclock_now_ns();
     if (f->fast_until_ns && now >= f->fast_until_ns)
         return r;                   /* a full vCPU blob is due: the caller's way */
     f->io_pending = 1;

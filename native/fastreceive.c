@@ -3,9 +3,10 @@
 
 #include <errno.h>
 #include <poll.h>
-#include <time.h>
+#include <sched.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "codec.h"
 #include "frames.h"
 
@@ -37,17 +38,10 @@ static void send_ack(struct kfast_rx *r, uint64_t seq, uint64_t generation)
     r->ack_result = sent == size ? KFAST_ACK_SENT : KFAST_ACK_PARTIAL;
 }
 
-static int64_t now_ns(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
-}
-
 int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx)
 {
     if (r->timed)
-        r->moments[0] = now_ns();
+        r->moments[0] = kclock_now_ns();
     r->plain = 0;
     r->ack_result = KFAST_ACK_NONE;
     r->ack_len = r->ack_size = r->ack_sent = r->err = 0;
@@ -65,11 +59,11 @@ int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx)
         }
     }
     if (r->timed)
-        r->moments[1] = now_ns();
+        r->moments[1] = kclock_now_ns();
     uint8_t *frame = r->buf + r->start;
     int64_t plain = kframe_open(r->opener, frame, r->end - r->start);
     if (r->timed)
-        r->moments[2] = now_ns();
+        r->moments[2] = kclock_now_ns();
     if (plain == 0)
         return KFAST_RX_NO_FRAME;
     if (plain < 0)
@@ -81,7 +75,7 @@ int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx)
     r->start += (uint64_t)plain + KFRAME_OVERHEAD;
     /* The moment for the stage trace: the ACK's write may wake the primary on
      * this CPU, and the caller's clock would then count the primary's run. */
-    r->taken_ns = now_ns();
+    r->taken_ns = kclock_now_ns();
     if (r->ack)
         send_ack(r, rx->seq, rx->generation);
     return KFAST_RX_TAKEN;
@@ -93,8 +87,26 @@ int kfast_wait_receive(struct kfast_rx *r, struct kcodec_rx *rx, struct kfast_po
     struct pollfd polls[n ? n : 1];
     for (uint32_t i = 0; i < n; i++)
         polls[i] = (struct pollfd){.fd = fds[i].fd, .events = fds[i].events};
-    int ready = poll(polls, n, timeout_ms);
-    r->woke_ns = now_ns();
+    int ready = 0;
+    if (r->spin_us > 0 && timeout_ms != 0) {
+        /* Spin first (replication.receive_poll_us): the next checkpoint then
+         * finds this thread on its CPU, not a CPU the host has to wake. The
+         * yield gives the CPU to anything else that wants it. */
+        int64_t start = kclock_now_ns(), until = start + r->spin_us * 1000;
+        if (timeout_ms > 0 && until > start + (int64_t)timeout_ms * 1000000)
+            until = start + (int64_t)timeout_ms * 1000000;
+        while ((ready = poll(polls, n, 0)) == 0 && kclock_now_ns() < until) {
+            sched_yield();
+            r->spins++;
+        }
+        if (ready == 0 && timeout_ms > 0) {
+            int64_t spent_ms = (kclock_now_ns() - start) / 1000000;
+            timeout_ms = spent_ms >= timeout_ms ? 0 : timeout_ms - (int)spent_ms;
+        }
+    }
+    if (ready == 0)
+        ready = poll(polls, n, timeout_ms);
+    r->woke_ns = kclock_now_ns();
     for (uint32_t i = 0; i < n; i++)
         fds[i].revents = ready > 0 ? polls[i].revents : 0;
     if (ready < 0) {
@@ -110,9 +122,7 @@ int kfast_wait_receive(struct kfast_rx *r, struct kcodec_rx *rx, struct kfast_po
 
 static int64_t now_ms(void)
 {
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+    return kclock_now_ns() / 1000000;
 }
 
 int kfast_wait_ack(struct kfast_ack *a)
@@ -120,6 +130,9 @@ int kfast_wait_ack(struct kfast_ack *a)
     a->plain = a->seq = a->generation = 0;
     a->err = 0;
     int64_t deadline = a->timeout_ms < 0 ? -1 : now_ms() + a->timeout_ms;
+    int64_t spin_until = a->spin_us > 0 ? kclock_now_ns() + a->spin_us * 1000 : 0;
+    if (spin_until && deadline >= 0 && spin_until > deadline * 1000000)
+        spin_until = deadline * 1000000;
     int64_t plain;
     /* Read what has come; wait only when nothing has. */
     while ((plain = kframe_open(a->opener, a->buf + a->start, a->end - a->start)) == 0) {
@@ -137,6 +150,14 @@ int kfast_wait_ack(struct kfast_ack *a)
         if (errno != EAGAIN && errno != EWOULDBLOCK) {
             a->err = errno;
             return KFAST_WAIT_READ_FAILED;
+        }
+        /* Spin first: the guest is paused until the ACK anyway, and a CPU
+         * that sleeps in poll() can take the host's time to be woken. The
+         * yield lets a secondary sharing this CPU produce the ACK. */
+        if (spin_until && kclock_now_ns() < spin_until) {
+            sched_yield();
+            a->spins++;
+            continue;
         }
         int64_t left = deadline < 0 ? -1 : deadline - now_ms();
         if (deadline >= 0 && left <= 0)

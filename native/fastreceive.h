@@ -69,10 +69,12 @@ struct kfast_rx {
     int ack;                        /* seal and write the ACK of a checkpoint taken */
     int timed;                      /* fill moments[] (KEMARI_STAGES=1) */
     uint8_t *ack_frame;             /* room for that frame (KFRAME_OVERHEAD + KCODEC_ACK_SIZE) */
+    int64_t spin_us;                /* kfast_wait_receive: poll again (yielding) this long first */
     /* Out. */
     uint64_t plain;                 /* plaintext bytes of the frame opened */
     int64_t taken_ns;               /* CLOCK_MONOTONIC once taken, before its ACK left */
     int64_t woke_ns;                /* kfast_wait_receive: once poll() returned */
+    uint64_t spins;                 /* its polls that found nothing while spinning, in all */
     int64_t moments[KFAST_RX_MOMENTS];  /* with timed: CLOCK_MONOTONIC ns, for the stage trace */
     int ack_result;
     int64_t ack_len, ack_size, ack_sent;
@@ -117,10 +119,12 @@ struct kfast_ack {
     uint8_t *buf;                   /* the opener's buffer, as kfast_rx's */
     uint64_t start, end, room;
     int64_t timeout_ms;             /* the longest to wait in all; < 0: no limit */
+    int64_t spin_us;                /* read again (yielding) this long before poll() */
     /* Out. */
     uint64_t plain;
     uint64_t seq, generation;
     int64_t err;
+    uint64_t spins;                 /* reads that found nothing while spinning, in all */
 };
 
 /* The next whole frame: read as it comes (poll() while none is whole, the

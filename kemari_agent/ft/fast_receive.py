@@ -121,6 +121,21 @@ class FastReceive(_OneCallReads):
         r.timed = stages.ENABLED
         self._poll, self._poll_room = ffi.NULL, 0
 
+    @property
+    def spin_us(self) -> int:
+        """How long wait() polls again, yielding its CPU, before it sleeps
+        (replication.receive_poll_us)."""
+        return int(self._r.spin_us)
+
+    @spin_us.setter
+    def spin_us(self, us: int) -> None:
+        self._r.spin_us = us
+
+    @property
+    def spins(self) -> int:
+        """wait()'s polls that found nothing while it spun, in all."""
+        return int(self._r.spins)
+
     def wait(self, link: Link, reads: list[int], writes: list[int],
              timeout: float) -> Waited | None:
         """The secondary's wait for its stream and the other fds (select()'s
@@ -248,7 +263,11 @@ class FastReceive(_OneCallReads):
 
 class FastAck(_OneCallReads):
     """The primary's: the wait for the next frame, and the ACK it holds, in
-    one call (with the GIL released while it waits)."""
+    one call (with the GIL released while it waits). With
+    replication.ack_poll_us the call reads again for that long, yielding its
+    CPU between reads, before it sleeps in poll()."""
+
+    spins_in_the_call = True    # Link.wait_for leaves replication.ack_poll_us to it
 
     def __init__(self, link: Link) -> None:
         super().__init__(link)
@@ -264,6 +283,7 @@ class FastAck(_OneCallReads):
         a.buf, a.start, a.end, a.room = opener.native_room()
         timeout = self._channel.timeout
         a.timeout_ms = -1 if timeout is None else int(timeout * 1000)
+        a.spin_us = int(link.ack_poll_s * 1e6)    # replication.ack_poll_us, spun in C
         result = lib.kfast_wait_ack(a)
         opener.moved(a.start, a.end)
         self._count(result)

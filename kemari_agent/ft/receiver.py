@@ -363,6 +363,8 @@ class Receiver:
         if EARLY_ACK:
             link.sm.send_early = link.send_early
         link.fast_receive = FastReceive.for_link(link)
+        if link.fast_receive is not None:
+            link.fast_receive.spin_us = self.config.replication.receive_poll_us
         self.link = link
         self.peer = f"{link.channel.peer[0]}:{link.channel.peer[1]}"
         self.handed_over = False

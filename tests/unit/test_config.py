@@ -69,6 +69,9 @@ def test_ack_polling_is_off_unless_asked_for():
     assert parse_config({"name": "a"}).replication.ack_poll_us == 0
     cfg = parse_config({"name": "a", "replication": {"ack_poll_us": 400}})
     assert cfg.replication.ack_poll_us == 400
+    assert parse_config({"name": "a"}).replication.receive_poll_us == 0
+    cfg = parse_config({"name": "a", "replication": {"receive_poll_us": 300}})
+    assert cfg.replication.receive_poll_us == 300
 
 
 def test_forward_gets_a_default_guest_address():
@@ -107,6 +110,7 @@ def test_forward_gets_a_default_guest_address():
     ({"name": "a", "replication": {"sync_max_mib_s": -1}}, "'replication.sync_max_mib_s'"),
     ({"name": "a", "replication": {"delta_cache_mib": 70000}}, "'replication.delta_cache_mib'"),
     ({"name": "a", "replication": {"ack_poll_us": 20000}}, "'replication.ack_poll_us'"),
+    ({"name": "a", "replication": {"receive_poll_us": -1}}, "'replication.receive_poll_us'"),
     ({"name": "a", "policy": {"on_peer_loss": "panic"}}, "'policy.on_peer_loss'"),
     ({"name": "a", "policy": {"on_peer_loss": "continue", "x": 1}}, "unknown key 'policy.x'"),
     ({"name": "a", "stress": {"pages": -1}}, "'stress.pages'"),

@@ -293,3 +293,66 @@ def test_the_primary_takes_each_ack_in_one_call(key: Path, ack_rekey_bytes: int)
         assert not pair.primary.is_acked(seq)
     finally:
         bench.close()
+
+
+def test_the_primary_spins_for_its_ack_in_the_call(key: Path) -> None:
+    """replication.ack_poll_us: the one call reads again, yielding, before it
+    sleeps, and the spin neither loses the ACK nor outlasts the timeout."""
+    bench = Bench(key, rekey_bytes=1 << 30, ack_rekey_bytes=1 << 30)
+    pair, send = bench.pair, bench.primary_end
+    link = Link(send, pair.primary, 5.0, ack_poll_s=0.05)
+    fast = FastAck.for_link(link)
+    link.fast_receive = fast
+    link._spin = None                 # the Python spin must not run: the call spins
+    try:
+        for i in range(5):
+            send.send_all(bench.checkpoint([1 + i]))
+            late = threading.Timer(0.02, bench.receive_until, [len(bench.ref_committed)])
+            late.start()              # the ACK comes 20 ms later, within the spin
+            spins = fast._a.spins
+            link.wait_for(lambda: not pair.primary.outstanding, 5.0)
+            late.join()
+            assert fast._a.spins > spins
+        assert fast.reads == 5
+        send.settimeout(0.2)          # nothing comes: the spin ends, then poll() times out
+        spins, started = fast._a.spins, time.monotonic()
+        assert link.read() == []
+        assert 0.15 < time.monotonic() - started < 2.0
+        assert fast._a.spins > spins
+    finally:
+        bench.close()
+
+
+def test_the_secondary_spins_for_its_stream_in_the_call(key: Path) -> None:
+    """replication.receive_poll_us: wait() polls again, yielding, before it
+    sleeps; what comes meanwhile is read as at once, and the spin neither
+    outlasts the timeout nor runs without one asked for."""
+    bench = Bench(key)
+    r, w = os.pipe()
+    try:
+        bench.fast.wait(bench.link, [r], [], 0.05)
+        assert bench.fast.spins == 0                 # off unless asked for
+        bench.fast.spin_us = 50_000
+        started = time.monotonic()        # nothing comes: the spin ends within the timeout
+        waited = bench.fast.wait(bench.link, [r], [], 0.02)
+        assert waited.outcome is None and waited.readable == []
+        assert time.monotonic() - started < 0.045 and bench.fast.spins > 0
+        for i in range(5):                # the checkpoint comes 10 ms later, within the spin
+            spins = bench.fast.spins
+            late = threading.Timer(0.01, lambda i=i: bench.primary_end.send_all(
+                bench.checkpoint([3 + i])))
+            late.start()
+            waited = bench.fast.wait(bench.link, [r], [], 5.0)
+            late.join()
+            assert waited.outcome is not None and bench.fast.spins > spins
+            bench.committed += [ev for ev in bench.link.read(waited=waited.outcome)
+                                if isinstance(ev, Committed)]
+            bench.take_acks()
+        assert bench.committed == bench.ref_committed
+        os.write(w, b"!")                  # another fd: still select()'s answer
+        waited = bench.fast.wait(bench.link, [r], [], 5.0)
+        assert (waited.readable, waited.outcome) == ([r], None)
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        bench.close()

@@ -119,3 +119,31 @@ def test_the_c_ack_is_the_python_one(seq: int, generation: int) -> None:
     out = ffi.new("uint8_t[]", lib.KCODEC_ACK_SIZE)
     lib.kcodec_ack(out, seq, generation)
     assert bytes(out) == encode_ack(seq, generation) == encode(Ack(seq, generation))
+
+
+def python_lone_ack(data: bytes) -> Ack | None:
+    """Decoder.lone_ack on a decoder past its HELLO, as the primary's is."""
+    decoder = Decoder()
+    assert decoder.feed(encode(_hello())) and decoder.takes_lone_ack()
+    return decoder.lone_ack(data)
+
+
+@given(seq=st.integers(0, 2**64 - 1), generation=st.integers(0, 2**64 - 1),
+       at=st.integers(0, 40), flip=st.integers(0, 255), cut=st.integers(-3, 3))
+def test_the_c_lone_ack_reads_what_the_decoder_does(seq: int, generation: int, at: int,
+                                                    flip: int, cut: int) -> None:
+    """kcodec_lone_ack (the primary's one-call ACK wait) against
+    Decoder.lone_ack: the same ACK out of the same bytes, and None for the
+    same others: one byte changed, the record cut or lengthened."""
+    data = bytearray(encode_ack(seq, generation))
+    if at < len(data):
+        data[at] ^= flip
+    data = data[:len(data) + cut] if cut < 0 else data + bytes(cut)
+    got_seq, got_generation = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    taken = lib.kcodec_lone_ack(ffi.from_buffer(bytes(data)), len(data), got_seq, got_generation)
+    want = python_lone_ack(bytes(data))
+    assert bool(taken) == (want is not None)
+    if want is not None:
+        assert Ack(got_seq[0], got_generation[0]) == want
+    if at >= len(data) and cut == 0:          # unchanged: both take it
+        assert want == Ack(seq, generation)

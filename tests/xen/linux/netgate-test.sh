@@ -4,6 +4,8 @@
 # (linux-patches/0010) on a PV domU with 2 vCPUs (2 netfront queues) and 32
 # ICMP senders, each with one echo request in flight, then the attach mode's
 # feature and checkpoint check (linux-patches/0011) and its exact re-issue.
+# echo-listener.py (next to this script) logs each echo request dom0
+# receives, so that a request that came twice is named, not just counted.
 #
 # Usage: netgate-test.sh DOMU_KERNEL DOMU_RAMDISK
 #   DOMU_RAMDISK: the ramdisk of make-domu.sh (domu-init, kemari_io=net32).
@@ -19,7 +21,8 @@ check() { local name=$1 detail=$2; shift 2
     if "$@"; then result "$name" ok "$detail"; else result "$name" FAIL "$detail"; fi; }
 wait_for() { local end=$((SECONDS + $1)); shift   # seconds, not tries: dom0 is slow under TCG
     while [ $SECONDS -lt $end ]; do "$@" && return 0; sleep 0.5; done; "$@"; }
-cleanup() { xl destroy $NAME 2>/dev/null; }
+LPID=""    # echo-listener.py
+cleanup() { xl destroy $NAME 2>/dev/null; [ -z "$LPID" ] || kill "$LPID" 2>/dev/null; }
 trap cleanup EXIT
 finish() { [ $FAILED = 0 ] && echo "NETGATE-TEST PASS" || echo "NETGATE-TEST FAIL"; exit $FAILED; }
 
@@ -37,6 +40,11 @@ irqs() { # "<queue> <interrupts>" for the vif's event channels (tx and rx), dom0
         q=$NF; sub(/.*-q/, "", q); sub(/-.*/, "", q); t[q]+=s} END{for(q in t) print q, t[q]}' | sort -n | tr '\n' ' '; }
 peer_rx() { cat "/sys/class/net/vif$DOMID.0/statistics/rx_packets" 2>/dev/null || echo 0; }
 in_echos() { awk '/^Icmp:/{if(!h){for(i=1;i<=NF;i++) c[$i]=i; h=1} else print $c["InEchos"]}' /proc/net/snmp; }
+# The listener's file: "<s since its start> <source> <ICMP id> <seq>" per echo request.
+heard() { wc -l < "$ECHOES"; }
+since_start() { awk -v n="$EPOCHREALTIME" -v s="$LSTART" 'BEGIN{printf "%.3f", n - s}'; }
+caught_up() { # the listener has written each echo request InEchos counted (CU_HEARD, CU_ECHOS)
+    CU_HEARD=$(heard); CU_ECHOS=$(( $(in_echos) - E0 )); [ "$CU_HEARD" = "$CU_ECHOS" ]; }
 # Answered echoes only: a "fail" line is a ping's 120 s timeout ending (one
 # lost before the gate was armed may end while it holds), not output let out.
 lines() { grep -ac '^NET .* ok' "$LOG"; }
@@ -72,6 +80,17 @@ cpu_weight = 32     # dom0 (256) first: the 32 senders would starve the test und
 vif = [ "mac=00:16:3e:4b:4d:02,script=vif-kemari-test" ]
 on_crash = "preserve"
 CFG
+# Each echo request dom0 receives, by source, ICMP id and sequence, with the
+# kernel's receive time (echo-listener.py): InEchos alone is a total, which
+# cannot tell a request that came twice from a "NET" line the guest's console
+# log lost, nor which sender's held request the attach failed to re-issue.
+ECHOES=/tmp/$NAME.echoes
+: > "$ECHOES"
+python3 "$(dirname "$0")/echo-listener.py" 10.213.0.1 "$ECHOES" > "$ECHOES.start" 2>&1 &
+LPID=$!
+wait_for 60 grep -q '^start ' "$ECHOES.start"
+LSTART=$(sed -n 's/^start //p' "$ECHOES.start")
+[ -n "$LSTART" ] || { result echo_listener FAIL "$(cat "$ECHOES.start")"; finish; }
 E0=$(in_echos)
 xl create /tmp/$NAME.cfg || { result xl_create FAIL; finish; }
 DOMID=$(xl domid $NAME)
@@ -116,8 +135,11 @@ echo thaw > "$G"
 
 # 4. Commit the req_prods "of the checkpoint": exactly those packets leave, once.
 ol=$(last_ok); r0=$(peer_rx); e0=$(in_echos); cons0=$(qsum req_cons)
-commit=$(qfield req_prod | awk '{printf "%s:%s ", $1, $2}')
-want=$(wsum)
+# What is committed and what should leave, from one read of req_prod: the
+# guest may push more meanwhile (a sender whose ping timed out).
+prods=$(qfield req_prod)
+commit=$(awk '{printf "%s:%s ", $1, $2}' <<<"$prods")
+want=$(paste -d' ' <(echo "$prods") <(qfield req_cons) | awk '{s += ($2 - $4) % 4294967296} END {print s + 0}')
 echo "commit $commit" > "$G"; rc=$?
 limit_reached() { [ "$(qfield limit)" = "$(qfield req_cons)" ] && [ "$(qsum unanswered)" = 0 ]; }
 wait_for 60 limit_reached; sleep 2
@@ -143,11 +165,15 @@ all_advanced || result stuck_senders info "$(stuck "$ol")"
 #    and not consumed on both queues; the guest paused (the tap's pause), the
 #    gate frozen: nothing in flight, [rsp_prod, req_prod) is what is unanswered.
 sleep 3
+T_ARM=$(since_start)
 echo arm > "$G"
 wait_for 200 full
 xl pause $NAME
 echo freeze > "$G"
 gate | sed 's/^/checkpoint: /'
+# Nothing reaches dom0 now until the attach re-issues the held requests: what
+# the listener writes from here on is the re-issue and what follows it.
+wait_for 30 caught_up; H_CKPT=$(heard); T_CKPT=$(since_start)
 check checkpoint_drained "unanswered $(qsum unanswered), rsp_prod $(qfield rsp_prod | tr '\n' ' ')= req_cons $(qfield req_cons | tr '\n' ' ')" \
     [ "$(qsum unanswered)" = 0 -a "$(qfield rsp_prod)" = "$(qfield req_cons)" ]
 NEG=$(gate | sed -n 's/^negotiated //p')
@@ -202,21 +228,79 @@ ip addr add 10.213.0.1/24 dev "vif$DOMID.0"
 ip link set "vif$DOMID.0" up
 pin_neigh
 xenstore-write "$BE/hotplug-status" connected
+T_UNPAUSE=$(since_start); H_UNPAUSE=$(heard)
 xl unpause $NAME
 wait_for $RESUME_S all_advanced
 check io_after_attach "senders answered again: $(advanced "$ol")/32" all_advanced
 all_advanced || result stuck_senders_after_attach info "$(stuck "$ol")"
+# Each sender's request held on the ring at the checkpoint reached dom0, and
+# soon: within 60 s of the unpause.  Its first request after the checkpoint
+# is the held one if it came while the guest was still paused (the re-issue
+# leaves as the vif goes up), or less than 110 s after the arm: a sender
+# sends nothing else until its held ping is answered or has waited 120 s
+# (the guest's clock runs on while it is paused), and it pushed that ping
+# after the arm (or just before).  A time from the unpause alone would not
+# do: the ring may take up to 120 s to fill (a sender waiting out a lost
+# reply; seen: 119 s from the arm to the checkpoint), so a ping held early
+# can time out right after the unpause.
+reissued() { # per sender "<source> <s from the unpause to its first request after the checkpoint> ok|late", or "<source> none missing"
+    tail -n +$((H_CKPT + 1)) "$ECHOES" | awk -v u="$T_UNPAUSE" -v a="$T_ARM" '!($2 in f) {f[$2] = $1}
+        END {for (k = 0; k < 32; k++) {s = "10.213.0." (100 + k)
+             if (!(s in f)) {print s, "none missing"; continue}
+             t = f[s] - u; held = (t < 0 || f[s] < a + 110)
+             printf "%s %.1f %s\n", s, t, ((held && t <= 60) ? "ok" : "late")}}'; }
+RE=$(reissued)
+on_time=$(awk '$3 == "ok"' <<<"$RE" | wc -l)
+paused=$(awk '$3 == "ok" && $2 < 0' <<<"$RE" | wc -l)
+last=$(awk '$2 != "none"' <<<"$RE" | sort -k2,2g | tail -1 | cut -d' ' -f2)
+others=$(awk '$3 != "ok" {printf "%s %s; ", $1, $2}' <<<"$RE")
+check reissued_delivered "senders whose held request reached dom0 after the attach: $on_time/32 ($paused before the unpause; the last at ${last:-?} s from it; listener's s: arm $T_ARM, checkpoint $T_CKPT, unpause $T_UNPAUSE; its lines then $H_CKPT, $H_UNPAUSE)${others:+; late or missing: $others}" \
+    [ "$on_time" = 32 ]
 # 6. Each echo request reached dom0 exactly once over the whole run (both
-#    backends).  dom0 stops answering: each sender then has exactly one
-#    request out, consumed and unanswered, so dom0 has received every ping
-#    the guest finished (answered, or failed after 120 s) plus 32.
+#    backends): no (source, ICMP id, sequence) twice in the listener's file.
+#    busybox ping sends one request per ping, its id the ping's pid (the
+#    guest, a few thousand forks a run, reuses none), so a repeat is a
+#    request that came twice.  The listener must also have missed nothing
+#    dom0 counted in InEchos.
+#    Then the guest's console against dom0's count, for the record: dom0
+#    stops answering, each sender then has exactly one request out, consumed
+#    and unanswered, so dom0 has received every ping the guest finished
+#    (answered, or failed after 120 s) plus 32.  Only as exact as the log:
+#    the kernel prints its messages on hvc0 past the tty (whatever "quiet"
+#    lets through), so one can land in the middle of a sender's line.
 echo 1 > /proc/sys/net/ipv4/icmp_echo_ignore_all
 echoes_sent() { grep -aoE 'NET [0-9]+ [0-9]+ (ok|fail)' "$LOG" | wc -l; }
 settled() { [ "$(( $(in_echos) - E0 ))" = "$(( $(echoes_sent) + 33 ))" ]; }
 sleep 5; wait_for 90 settled
-sent=$(echoes_sent)
-check each_echo_once "dom0 InEchos since the domU started $(( $(in_echos) - E0 )), pings the guest finished $sent + 32 out + 1 (the first, learning the MAC)" \
-    [ "$(( $(in_echos) - E0 ))" = "$((sent + 33))" ]
+wait_for 30 caught_up
+check listener_saw_all "echo requests the listener wrote $CU_HEARD, dom0 InEchos since the domU started $CU_ECHOS (its CPU time: $(ps -o times= -p "$LPID" | tr -d ' ') s)" \
+    [ "$CU_HEARD" = "$CU_ECHOS" ]
+kill "$LPID"; wait "$LPID" 2>/dev/null; LPID=""
+dups() { # "<source> id <id> seq <seq>: <n> times, at <s> ..." for each request received more than once
+    awk '{k = $2 " id " $3 " seq " $4; n[k]++; t[k] = t[k] " " $1}
+         END {for (k in n) if (n[k] > 1) print k ": " n[k] " times, at" t[k] " s"}' "$ECHOES" | sort; }
+D=$(dups)
+check each_echo_once "echo requests dom0 received $(heard) from $(awk '{print $2}' "$ECHOES" | sort -u | wc -l) sources, more than once: $(grep -c . <<<"$D")${D:+ ($(head -5 <<<"$D" | tr '\n' ';'))} (listener's s: arm $T_ARM, checkpoint $T_CKPT, unpause $T_UNPAUSE)" \
+    [ -z "$D" ]
+total=$(( $(in_echos) - E0 )); sent=$(echoes_sent)
+clean_log() { tr -d '\r' < "$LOG"; }
+odd_net() { clean_log | grep -a NET | grep -avxE 'NET [0-9]+ [0-9]+ (ok|fail)'; }
+kernel_lines() { clean_log | grep -aE '\[ *[0-9]+\.[0-9]+\]'; }
+off=$((total - sent - 33))
+result echo_count info "dom0 InEchos since the domU started $total, pings the guest finished $sent + 32 out + 1 (the first, learning the MAC): off by $off; guest console: $(odd_net | wc -l) NET lines off the pattern, $(kernel_lines | wc -l) kernel lines"
+if [ "$off" != 0 ]; then
+    # Which sender, and what the console made of its line: each source's
+    # requests at dom0 against its sender's NET lines (+1 out; 10.213.0.2
+    # is the first ping), then the NET lines off the pattern and whatever
+    # the kernel printed on the console.
+    join -a1 -a2 -e0 -o 0,1.2,2.2 \
+        <(awk '{n[$2]++} END {for (s in n) print s, n[s]}' "$ECHOES" | sort -k1,1) \
+        <(grep -aoE 'NET [0-9]+ [0-9]+ (ok|fail)' "$LOG" |
+          awk '{n["10.213.0." (100 + $2)]++} END {for (s in n) print s, n[s]}' | sort -k1,1) |
+        awk '$2 != $3 + 1 {print "echo_count: " $1 ": dom0 received " $2 " requests, the sender printed " $3 " NET lines (+1 out)"}'
+    odd_net | head -20 | sed 's/^/echo_count: NET line off the pattern: /'
+    kernel_lines | head -40 | sed 's/^/echo_count: kernel line: /'
+fi
 result lost_replies info "pings with no reply in 120 s: $(fails)"
 echo 0 > /proc/sys/net/ipv4/icmp_echo_ignore_all
 check frontend_no_errors "netfront errors in the guest log: $(fe_errors)" [ "$(fe_errors)" = 0 ]

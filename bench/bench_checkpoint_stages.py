@@ -338,9 +338,9 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     # "native" with the secondary's ACK waiting until it has applied and recorded
     # the checkpoint, instead of leaving as soon as the checkpoint is verified
     "ACK after apply": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_EARLY_ACK": "0"}, ""),
-    # "native" with each daemon pinned to its own CPU (SPLIT_CPUS), as on two hosts
     # the default with the primary spinning for each ACK (in C, yielding) before it sleeps
     "ACK polling": ({"KEMARI_NATIVE_CODEC": "1"}, "ack_poll_us = 500"),
+    # "native" with each daemon pinned to its own CPU (SPLIT_CPUS), as on two hosts
     "split CPUs": ({"KEMARI_NATIVE_CODEC": "1"}, ""),
     # "split CPUs" with the primary spinning for each ACK before it sleeps
     "split CPUs + ACK polling": ({"KEMARI_NATIVE_CODEC": "1"}, "ack_poll_us = 500"),

@@ -68,8 +68,9 @@ struct kfast {
     /* kfast_run's: armed, an `out` of the guest to one of the tap ports (0:
      * none) is checkpointed in the same call, unless the clock (CLOCK_MONOTONIC
      * ns) has passed fast_until_ns; `tapped` says whether it was (at
-     * tapped_ns, CLOCK_MONOTONIC), tap_result how (KFAST_*). The caller arms each run: what the checkpoint is (kcodec_ckpt,
-     * the base) is set as for kfast_checkpoint. */
+     * tapped_ns, CLOCK_MONOTONIC), tap_result how (KFAST_*). The caller arms
+     * each run: what the checkpoint is (kcodec_ckpt, the base) is set as for
+     * kfast_checkpoint. */
     int armed;
     uint32_t tap_ports[2];
     int64_t fast_until_ns;

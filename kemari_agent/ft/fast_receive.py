@@ -267,12 +267,11 @@ class FastAck(_OneCallReads):
     replication.ack_poll_us the call reads again for that long, yielding its
     CPU between reads, before it sleeps in poll()."""
 
-    spins_in_the_call = True    # Link.wait_for leaves replication.ack_poll_us to it
-
     def __init__(self, link: Link) -> None:
         super().__init__(link)
         a = self._a = ffi.new("struct kfast_ack *")
         a.opener, a.fd = self._opener.native_cipher(), self._channel.fileno()
+        a.spin_us = int(link.ack_poll_s * 1e6)    # replication.ack_poll_us, spun in C
 
     def read(self, link: Link) -> list[Event] | None:
         """What arrived within the channel's timeout (nothing: []), or None:
@@ -283,7 +282,6 @@ class FastAck(_OneCallReads):
         a.buf, a.start, a.end, a.room = opener.native_room()
         timeout = self._channel.timeout
         a.timeout_ms = -1 if timeout is None else int(timeout * 1000)
-        a.spin_us = int(link.ack_poll_s * 1e6)    # replication.ack_poll_us, spun in C
         result = lib.kfast_wait_ack(a)
         opener.moved(a.start, a.end)
         self._count(result)

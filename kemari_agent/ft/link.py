@@ -150,7 +150,7 @@ class Link:
                 left = end - time.monotonic()
                 if left <= 0:
                     raise SessionLost(f"no answer from the peer within {timeout:.1f} s")
-                if self.ack_poll_s and not getattr(self.fast_receive, "spins_in_the_call", False):
+                if self.ack_poll_s and self.fast_receive is None:   # FastAck spins in C
                     self._spin(min(self.ack_poll_s, left))
                 if left < self.io_timeout - WAIT_SLACK_S:
                     self.channel.settimeout(left)

@@ -19,6 +19,8 @@ DEBS  += kmod
 # python3-cffi for the kemari role's build (the lab's nodes reach no registry: what
 # the role installs with apt must already be there)
 DEBS_ANSIBLE := openssh-server python3-apt python3-cffi
+# `make bench`: perf traces the scheduler beside the slowest checkpoints
+DEBS_BENCH := linux-perf
 PYTEST_ARGS ?=
 # `make install`: a venv of Debian's python3 at PREFIX (what Pacemaker runs), the OCF
 # agent, and links on the PATH. DESTDIR stages it elsewhere (paths inside stay PREFIX).
@@ -28,7 +30,7 @@ SBINDIR ?= /usr/sbin
 DESTDIR ?=
 TOOLS   := kemari kemari-fence-peer kemari-unfence-peer
 
-.PHONY: deps deps-cluster deps-ansible build install uninstall test test-unit test-kvm demo bench \
+.PHONY: deps deps-cluster deps-ansible deps-bench build install uninstall test test-unit test-kvm demo bench \
         lint clean
 
 $(VENV)/.deps-stamp: pyproject.toml setup.py Makefile
@@ -56,6 +58,13 @@ $(VENV)/.deps-ansible-stamp: $(VENV)/.deps-cluster-stamp
 	touch $@
 
 deps-ansible: $(VENV)/.deps-ansible-stamp
+
+$(VENV)/.deps-bench-stamp: $(VENV)/.deps-stamp
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+	    $(DEBS_BENCH)
+	touch $@
+
+deps-bench: $(VENV)/.deps-bench-stamp
 
 build: deps
 	$(MAKE) -C native/guest OUT=$(CURDIR)/kemari_agent/images
@@ -92,7 +101,7 @@ test-kvm: build
 demo: build
 	$(VENV)/bin/kemari demo
 
-bench: build
+bench: build deps-bench
 	$(PY) -m bench
 
 lint: deps deps-ansible

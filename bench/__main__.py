@@ -11,6 +11,7 @@ from bench import (
     bench_kv_timeline,
     bench_replication,
     bench_resync,
+    bench_slow_checkpoints,
 )
 
 if __name__ == "__main__":
@@ -18,6 +19,7 @@ if __name__ == "__main__":
     bench_codec.main()
     bench_replication.main()
     bench_checkpoint_stages.main()
+    bench_slow_checkpoints.main(["split CPUs", "split CPUs + CPU latency 0"])
     bench_kv_timeline.main(3.0, ["native", "no hot pages"])
     bench_handshake_crowd.main()
     bench_resync.main()

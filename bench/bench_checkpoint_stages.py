@@ -14,6 +14,11 @@
    shared disk (a write is output: two checkpoints per request) and with a
    replicated one (a write goes with the reply's checkpoint: one).
 
+Only the checkpoints between the bench's own status calls count (a status
+with its stage rows is a large JSON, made on the daemon's CPU). Of the
+slowest 1%, the share put down to each span of SLOW_SPANS is reported too;
+bench_slow_checkpoints.py traces the scheduler beside them.
+
 Each daemon setting (ALL_SETTINGS below: the default, and the default with
 one fast path switched off, e.g. the Python encoder, TLS records instead
 of frames, or no hot pages) runs `--runs` times, interleaved, and the
@@ -33,12 +38,14 @@ Run: python -m bench.bench_checkpoint_stages [--quick] [--runs N]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import socket
 import statistics
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from bench.common import percentile, pin, report
@@ -84,6 +91,18 @@ STAGES = [
     ("  meanwhile: ACK ready -> applied + recorded", "s.decoded", "s.after_ack"),
     ("ACK decode (primary)", "p.ack_recv", "p.ack_decoded"),
 ]
+
+# The slowest checkpoints, split into back-to-back spans from the exit to the
+# decoded ACK (the one-call paths' moments): each slow checkpoint is put down
+# to the span that exceeded its own median the most.
+SLOW_SPANS = [
+    ("the primary's call, exit -> write() returned", "p.start", "p.c_written"),
+    ("wake-up of the secondary + its read()", "p.c_written", "s.c_read"),
+    ("the secondary's open, check and stage", "s.c_read", "s.recv"),
+    ("the ACK's send + wake-up of the primary", "s.recv", "p.ack_recv"),
+    ("ACK decode (primary)", "p.ack_recv", "p.ack_decoded"),
+]
+SLOWEST = 0.01
 
 
 def tmpdir() -> Path:
@@ -191,8 +210,12 @@ def _moment(row_p: dict, row_s: dict, key: str) -> int | None:
     return (row_p if side == "p" else row_s).get(name) or None
 
 
-def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
-                      replication: str = "", cpus: tuple[int, int] | None = None) -> dict:
+@contextlib.contextmanager
+def stress_pair(pages: int, rate_hz: int = 300, replication: str = "",
+                cpus: tuple[int, int] | None = None):
+    """A protected `stress` guest dirtying `pages` per event, both daemons
+    keeping stage moments (KEMARI_STAGES=1) and pinned to `cpus` (primary's,
+    secondary's) if given; yields the FtLab once past the full sync."""
     from ftlab import FtLab
 
     os.environ["KEMARI_STAGES"] = "1"
@@ -200,28 +223,38 @@ def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
                 extra=f"[stress]\npages = {pages}\nrate_hz = {rate_hz}")
     try:
         lab.start_pair()
+        if cpus:
+            pin(lab.primary.pid(), cpus[0])
+            pin(lab.secondary.pid(), cpus[1])
+        time.sleep(0.5)                      # past the full sync's after-effects
+        yield lab
+    finally:
+        lab.close()
+        os.environ.pop("KEMARI_STAGES", None)
+
+
+def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
+                      replication: str = "", cpus: tuple[int, int] | None = None) -> dict:
+    with stress_pair(pages, rate_hz, replication, cpus) as lab:
         spid = lab.secondary.pid()
         ppid = lab.primary.pid()
-        if cpus:
-            pin(ppid, cpus[0])
-            pin(spid, cpus[1])
-        time.sleep(0.5)                      # past the full sync's after-effects
         c0 = lab.secondary.status()["checkpoints"]
         p0 = lab.primary.status()
         t0, _ = _cpu_ticks(spid)
         pt0, _ = _cpu_ticks(ppid)
+        # Only the checkpoints between the status calls count: a status with
+        # its stage rows is a large JSON, made on the daemon's CPU.
+        window = (time.monotonic_ns(), time.monotonic_ns() + int(seconds * 1e9))
         time.sleep(seconds)
         t1, scpu = _cpu_ticks(spid)
         pt1, pcpu = _cpu_ticks(ppid)
         sst = lab.secondary.status()
         pst = lab.primary.status()
         ncp = sst["checkpoints"] - c0
-    finally:
-        lab.close()
-        os.environ.pop("KEMARI_STAGES", None)
     prim = {r["seq"]: r for r in pst.get("stages", [])}
     sec = {r["seq"]: r for r in sec_rows(sst)}
-    seqs = sorted(set(prim) & set(sec))[20:]        # drop the first (cold) ones
+    seqs = [s for s in sorted(set(prim) & set(sec))
+            if prim[s]["start"] >= window[0] and prim[s]["ack_decoded"] <= window[1]]
     total = [(prim[s]["ack_decoded"] - prim[s]["start"]) / 1e3 for s in seqs]
     stages = {}
     for name, a, b in STAGES:
@@ -241,6 +274,7 @@ def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
     early = [s for s in seqs if sec[s].get("after_ack")]
     after_apply = sum(prim[s]["ack_recv"] > sec[s]["after_ack"] for s in early)
     return {"p50": percentile(total, 50), "p99": percentile(total, 99),
+            "slowest": slowest_spans(prim, sec, seqs),
             "ack_after_apply": after_apply / max(1, len(early)),
             "daemon_p50": pst["latency_us"]["p50"], "daemon_p99": pst["latency_us"]["p99"],
             "n": len(seqs), "stages": stages,
@@ -252,6 +286,25 @@ def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
             "pages_harvested_p50": percentile([prim[s].get("pages", 0) for s in seqs], 50),
             "bytes_per_checkpoint": (pst["bytes_sent"] - p0["bytes_sent"])
             / max(1, pst["checkpoints"] - p0["checkpoints"])}
+
+
+def slowest_spans(prim: dict, sec: dict, seqs: list[int]) -> dict:
+    """For the slowest SLOWEST of the checkpoints: the share put down to each
+    span of SLOW_SPANS, and that span's median among them and among all."""
+    spans = {}
+    for seq in seqs:
+        moments = [_moment(prim[seq], sec[seq], k) for _, a, b in SLOW_SPANS for k in (a, b)]
+        if all(moments):
+            spans[seq] = [(b - a) / 1e3 for a, b in zip(moments[::2], moments[1::2], strict=True)]
+    if not spans:
+        return {}
+    median = [statistics.median(v[i] for v in spans.values()) for i in range(len(SLOW_SPANS))]
+    by_total = sorted(spans, key=lambda q: prim[q]["ack_decoded"] - prim[q]["start"])
+    slow = by_total[-max(1, round(len(by_total) * SLOWEST)):]
+    blamed = [max(range(len(SLOW_SPANS)), key=lambda i: spans[q][i] - median[i]) for q in slow]
+    return {name: {"share": blamed.count(i) / len(slow), "median_all": median[i],
+                   "median_slow": statistics.median(spans[q][i] for q in slow)}
+            for i, (name, _a, _b) in enumerate(SLOW_SPANS)}
 
 
 def sec_rows(status: dict) -> list[dict]:
@@ -347,6 +400,15 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     # ... and the secondary spinning for its stream after each checkpoint too
     "split CPUs + both polling": ({"KEMARI_NATIVE_CODEC": "1"},
                                   "ack_poll_us = 500\nreceive_poll_us = 1000"),
+    # "native" with both daemons asking the kernel for CPU wake-ups within 0 us
+    # (PM QoS: idle CPUs poll instead of halting); the floor is measured under
+    # the same request
+    "CPU latency 0": ({"KEMARI_NATIVE_CODEC": "1"}, "cpu_latency_us = 0"),
+    # "split CPUs" with that request
+    "split CPUs + CPU latency 0": ({"KEMARI_NATIVE_CODEC": "1"}, "cpu_latency_us = 0"),
+    # ... and the primary spinning for each ACK
+    "split CPUs + CPU latency 0 + ACK polling": ({"KEMARI_NATIVE_CODEC": "1"},
+                                                 "cpu_latency_us = 0\nack_poll_us = 500"),
     # "split CPUs" with the wait of "wait in Python"
     "split CPUs + wait in Python": ({"KEMARI_NATIVE_CODEC": "1", "KEMARI_FAST_RECEIVE": "1"}, ""),
     # "split CPUs" with the primary's one call from the tap hook ("tap in Python")
@@ -355,6 +417,8 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
 # Settings that pin the primary's and the secondary's side to these CPUs.
 SPLIT_CPUS: dict[str, tuple[int, int]] = {"split CPUs": (0, 1), "split CPUs + ACK polling": (0, 1),
                                           "split CPUs + both polling": (0, 1),
+                                          "split CPUs + CPU latency 0": (0, 1),
+                                          "split CPUs + CPU latency 0 + ACK polling": (0, 1),
                                           "split CPUs + wait in Python": (0, 1),
                                           "split CPUs + tap in Python": (0, 1)}
 SETTINGS = dict(ALL_SETTINGS)
@@ -369,6 +433,17 @@ def _use(setting: str | None) -> str:
     env, replication = SETTINGS[setting]
     os.environ.update(env)
     return replication
+
+
+def cpu_latency_request(setting: str) -> contextlib.AbstractContextManager:
+    """The setting's replication.cpu_latency_us held by this process too, for
+    its floor and its unprotected kv: the machine its daemons ran on."""
+    from kemari_agent.ft.cpu_latency import CpuLatencyRequest
+
+    latency = tomllib.loads(SETTINGS[setting][1]).get("cpu_latency_us")
+    if latency is None:
+        return contextlib.nullcontext()
+    return contextlib.closing(CpuLatencyRequest(latency))
 
 
 def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32, 256),
@@ -392,33 +467,38 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
         # The TLS part of the floor carries what a setting's smallest checkpoint
         # put on the wire (deltas make it smaller, and so its floor), over the
         # setting's transport (frames or TLS records).
-        tls = {}
+        tls, exits = {}, {}
         for setting in SETTINGS:
             _use(setting)
-            tls[setting] = tls_ping_pong(key, int(statistics.median(
-                r["bytes_per_checkpoint"] for r in results[setting][sizes[0]])),
-                cpus=SPLIT_CPUS.get(setting))
+            with cpu_latency_request(setting):
+                tls[setting] = tls_ping_pong(key, int(statistics.median(
+                    r["bytes_per_checkpoint"] for r in results[setting][sizes[0]])),
+                    cpus=SPLIT_CPUS.get(setting))
+                exits[setting] = exit_round_trip()
         _use(None)
-        floors.append({"exit": exit_round_trip(), "tls": tls})
+        floors.append({"exit": exits, "tls": tls})
         for setting in kv_settings:
             replication = _use(setting)
-            kv[setting].append(kv_ratio(secs, replication, cpus=SPLIT_CPUS.get(setting)))
+            with cpu_latency_request(setting):      # the unprotected daemon's too
+                kv[setting].append(kv_ratio(secs, replication, cpus=SPLIT_CPUS.get(setting)))
     _use(None)
     load_after = os.getloadavg()
 
-    exit_p50 = _median(floors, "exit", "p50")
-    rows: list[tuple[str, object, str]] = [
-        ("floor: port-I/O exit round trip p50 (Machine.run)", exit_p50, "us")]
+    rows: list[tuple[str, object, str]] = []
     for setting in SETTINGS:
+        exit_p50 = _median(floors, "exit", setting, "p50")
         tls_p50 = _median(floors, "tls", setting, "p50")
         floor = exit_p50 + tls_p50
         rows += [
+            (f"[{setting}] floor: port-I/O exit round trip p50 (Machine.run)", exit_p50, "us"),
             (f"[{setting}] bytes per checkpoint, 1 / 32 dirty pages",
              " / ".join(f"{_median(results[setting][p], 'bytes_per_checkpoint'):.0f}"
                         for p in (1, 32) if p in sizes), "B"),
             (f"[{setting}] floor: TLS ping-pong p50, {sizes[0]}-page checkpoint bytes out, "
              "ACK back", tls_p50, "us"),
             (f"[{setting}] floor: exit + TLS ping-pong", floor, "us"),
+            (f"[{setting}] floor: TLS ping-pong p99 / p50",
+             _median(floors, "tls", setting, "p99") / tls_p50, ""),
         ]
         for pages in sizes:
             rs = results[setting][pages]
@@ -444,6 +524,15 @@ def main(quick: bool = False, runs: int = 3, sizes: tuple[int, ...] = (1, 8, 32,
                     continue
                 rows.append((f"[{setting}, {pages} p] {name}",
                              statistics.median(r["stages"][name]["p50"] for r in rs), "us p50"))
+            for name, _a, _b in SLOW_SPANS:
+                slow = [r["slowest"][name] for r in rs if r["slowest"]]
+                if slow:
+                    rows.append((
+                        f"[{setting}, {pages} p] slowest {SLOWEST:.0%}: {name}",
+                        f"{100 * statistics.median(x['share'] for x in slow):.0f}% "
+                        f"({statistics.median(x['median_slow'] for x in slow):.0f} against "
+                        f"{statistics.median(x['median_all'] for x in slow):.0f})",
+                        "of them (us there, p50)"))
     for setting in kv_settings:
         rows += [
             (f"[{setting}] kv ops/s unprotected / protected (4 clients)",

@@ -74,6 +74,9 @@ def _status(args: argparse.Namespace) -> int:
         for key in ("peer", "generation", "checkpoint_seq", "checkpoints"):
             if reply.get(key) is not None:
                 print(f"  {key}: {reply[key]}")
+        if latency := reply.get("cpu_latency"):
+            held = "held" if latency["held"] else f"NOT held: {latency['error']}"
+            print(f"  cpu_latency: {latency['requested_us']} us, {held}")
     return 0 if reply["role"] != "stopped" else 3
 
 

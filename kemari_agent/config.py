@@ -59,6 +59,7 @@ class ReplicationConfig:
     delta_cache_mib: int = 16    # recently sent pages kept to send as deltas (0: never)
     ack_poll_us: int = 0         # primary: spin this long for an ACK before sleeping
     receive_poll_us: int = 0     # secondary: spin this long for its stream before sleeping
+    cpu_latency_us: int | None = None   # CPU wake-up latency asked of the kernel (PM QoS)
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
     delta_cache_mib = t.int_in("delta_cache_mib", 0, 1 << 16, default=16)
     ack_poll_us = t.int_in("ack_poll_us", 0, 10_000, default=0)
     receive_poll_us = t.int_in("receive_poll_us", 0, 10_000, default=0)
+    cpu_latency_us = t.int_in("cpu_latency_us", 0, 100_000)
     nodes_t = t.table("nodes")
     t.finish()
     nodes = _nodes(nodes_t, port) if nodes_t else {}
@@ -231,7 +233,7 @@ def _replication(t: _Table, base: Path | None) -> ReplicationConfig:
         heartbeat_ms=heartbeat_ms, peer_timeout_ms=timeout_ms, port=port, nodes=nodes,
         auto_converge=auto_converge, compression=compression, sync_max_mib_s=sync_max_mib_s,
         delta_cache_mib=delta_cache_mib, ack_poll_us=ack_poll_us,
-        receive_poll_us=receive_poll_us,
+        receive_poll_us=receive_poll_us, cpu_latency_us=cpu_latency_us,
     )
 
 

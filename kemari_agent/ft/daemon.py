@@ -34,6 +34,7 @@ from ..standalone import (
 )
 from ..vmm import Vmm
 from .activation import PROMOTE_LOCK_WAIT_S, resume_from_checkpoint
+from .cpu_latency import CpuLatencyRequest
 from .heap import keep_large_buffers
 from .node import Node
 from .protector import Protector
@@ -56,6 +57,7 @@ class Daemon:
         self._done = threading.Condition()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._failover_ms: float | None = None
+        self._cpu_latency: CpuLatencyRequest | None = None
 
     # ---- control (control thread) ------------------------------------------------
     def handle(self, req: dict) -> dict:
@@ -144,7 +146,8 @@ class Daemon:
                 "replication_listen": _address(self.config.replication.listen),
                 "has_checkpoint": False, "consistent": self.node.consistent,
                 "outdated": self.node.outdated, "promotable": False,
-                "promote_blocker": "not running"}
+                "promote_blocker": "not running",
+                "cpu_latency": self._cpu_latency.status() if self._cpu_latency else None}
         if self.role == "primary" and self.protector is not None:
             base.update(self.protector.status())
             base["checkpoint_seq"] = self.protector.last_seq
@@ -182,6 +185,8 @@ class Daemon:
         with signals_to_main_thread():
             server.start()
         previous = install_stop_handler(lambda: self._request("stop"), self._wake_w)
+        if self.config.replication.cpu_latency_us is not None:
+            self._cpu_latency = CpuLatencyRequest(self.config.replication.cpu_latency_us)
         try:
             if role == "primary":
                 self._want = "promote"
@@ -206,6 +211,8 @@ class Daemon:
             server.close()
             pid_file.unlink(missing_ok=True)
             restore_handlers(previous)
+            if self._cpu_latency is not None:
+                self._cpu_latency.close()
 
     def _transition(self) -> None:
         want, self._want = self._want, None

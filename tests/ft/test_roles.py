@@ -137,8 +137,29 @@ def test_status_reports_replication(tmp_path):
         assert p["latency_us"]["p50"] > 0 and p["latency_us"]["p99"] >= p["latency_us"]["p50"]
         assert abs(s["checkpoint_seq"] - p["checkpoint_seq"]) <= 1
         assert p["generation"] == s["generation"] == 1
+        assert p["cpu_latency"] is None and s["cpu_latency"] is None    # not asked for
     finally:
         lab.close()
+
+
+def test_cpu_latency_request_is_held_while_the_daemons_run(tmp_path):
+    from kemari_agent.ft.cpu_latency import current_limit_us
+
+    before = current_limit_us()
+    lab = FtLab(tmp_path, replication="cpu_latency_us = 9")
+    try:
+        lab.start_pair()
+        for node in (lab.primary, lab.secondary):
+            assert node.status()["cpu_latency"] == {"requested_us": 9, "held": True,
+                                                    "error": None}
+        assert current_limit_us() == min(before, 9)
+        assert "cpu_latency: 9 us, held" in lab.primary.kemari("status", lab.name).stdout
+        lab.primary.kemari("stop", lab.name)
+        assert lab.secondary.status()["cpu_latency"]["held"]
+        assert current_limit_us() == min(before, 9)       # the secondary still holds it
+    finally:
+        lab.close()
+    assert current_limit_us() == before
 
 
 def test_silent_primary_is_detected_and_never_replaced_by_itself(tmp_path):

@@ -74,6 +74,12 @@ def test_ack_polling_is_off_unless_asked_for():
     assert cfg.replication.receive_poll_us == 300
 
 
+def test_cpu_latency_is_asked_for_only_when_set():
+    assert parse_config({"name": "a"}).replication.cpu_latency_us is None
+    cfg = parse_config({"name": "a", "replication": {"cpu_latency_us": 0}})
+    assert cfg.replication.cpu_latency_us == 0
+
+
 def test_forward_gets_a_default_guest_address():
     cfg = parse_config({"name": "a", "net": {"forward": "127.0.0.1:7000"}})
     assert cfg.net.forward == ("127.0.0.1", 7000) and str(cfg.net.address) == "10.0.2.15/24"
@@ -111,6 +117,9 @@ def test_forward_gets_a_default_guest_address():
     ({"name": "a", "replication": {"delta_cache_mib": 70000}}, "'replication.delta_cache_mib'"),
     ({"name": "a", "replication": {"ack_poll_us": 20000}}, "'replication.ack_poll_us'"),
     ({"name": "a", "replication": {"receive_poll_us": -1}}, "'replication.receive_poll_us'"),
+    ({"name": "a", "replication": {"cpu_latency_us": -1}}, "'replication.cpu_latency_us'"),
+    ({"name": "a", "replication": {"cpu_latency_us": "0"}},
+     "'replication.cpu_latency_us' must be int"),
     ({"name": "a", "policy": {"on_peer_loss": "panic"}}, "'policy.on_peer_loss'"),
     ({"name": "a", "policy": {"on_peer_loss": "continue", "x": 1}}, "unknown key 'policy.x'"),
     ({"name": "a", "stress": {"pages": -1}}, "'stress.pages'"),

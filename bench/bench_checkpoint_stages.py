@@ -288,22 +288,41 @@ def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
             / max(1, pst["checkpoints"] - p0["checkpoints"])}
 
 
-def slowest_spans(prim: dict, sec: dict, seqs: list[int]) -> dict:
-    """For the slowest SLOWEST of the checkpoints: the share put down to each
-    span of SLOW_SPANS, and that span's median among them and among all."""
+def span_moments(prim: dict, sec: dict, seqs: list[int]) -> dict[int, list[tuple[int, int]]]:
+    """seq -> each span of SLOW_SPANS as (start, end) ns, for the checkpoints
+    that have all their moments (those the one-call paths took)."""
     spans = {}
     for seq in seqs:
         moments = [_moment(prim[seq], sec[seq], k) for _, a, b in SLOW_SPANS for k in (a, b)]
         if all(moments):
-            spans[seq] = [(b - a) / 1e3 for a, b in zip(moments[::2], moments[1::2], strict=True)]
+            spans[seq] = list(zip(moments[::2], moments[1::2], strict=True))
+    return spans
+
+
+def blame_slowest(prim: dict, spans: dict, fraction: float
+                  ) -> tuple[list[float], list[tuple[int, int]]]:
+    """The spans' medians (ns), and for the slowest `fraction` of the checkpoints,
+    slowest first, (seq, index of the span that exceeded its median the most)."""
+    median = [statistics.median(v[i][1] - v[i][0] for v in spans.values())
+              for i in range(len(SLOW_SPANS))]
+    by_total = sorted(spans, key=lambda q: prim[q]["ack_decoded"] - prim[q]["start"])
+    slow = reversed(by_total[-max(1, round(len(by_total) * fraction)):])
+    return median, [(q, max(range(len(SLOW_SPANS)),
+                            key=lambda i: spans[q][i][1] - spans[q][i][0] - median[i]))
+                    for q in slow]
+
+
+def slowest_spans(prim: dict, sec: dict, seqs: list[int]) -> dict:
+    """For the slowest SLOWEST of the checkpoints: the share put down to each
+    span of SLOW_SPANS, and that span's median (us) among them and among all."""
+    spans = span_moments(prim, sec, seqs)
     if not spans:
         return {}
-    median = [statistics.median(v[i] for v in spans.values()) for i in range(len(SLOW_SPANS))]
-    by_total = sorted(spans, key=lambda q: prim[q]["ack_decoded"] - prim[q]["start"])
-    slow = by_total[-max(1, round(len(by_total) * SLOWEST)):]
-    blamed = [max(range(len(SLOW_SPANS)), key=lambda i: spans[q][i] - median[i]) for q in slow]
-    return {name: {"share": blamed.count(i) / len(slow), "median_all": median[i],
-                   "median_slow": statistics.median(spans[q][i] for q in slow)}
+    median, blamed = blame_slowest(prim, spans, SLOWEST)
+    took = {i: [(spans[q][i][1] - spans[q][i][0]) / 1e3 for q, _ in blamed]
+            for i in range(len(SLOW_SPANS))}
+    return {name: {"share": sum(b == i for _, b in blamed) / len(blamed),
+                   "median_all": median[i] / 1e3, "median_slow": statistics.median(took[i])}
             for i, (name, _a, _b) in enumerate(SLOW_SPANS)}
 
 

@@ -43,8 +43,9 @@ from bench.bench_checkpoint_stages import (
     ALL_SETTINGS,
     SLOW_SPANS,
     SPLIT_CPUS,
-    _moment,
     _use,
+    blame_slowest,
+    span_moments,
     stress_pair,
 )
 from bench.common import report
@@ -124,21 +125,12 @@ def classify(run: dict, switches: dict, comms: dict) -> list[dict]:
     prim = {r["seq"]: r for r in run["rows"]["p"]}
     sec = {r["seq"]: r for r in run["rows"]["s"]}
     lo, hi = run["window"]
-    spans = {}
-    for seq in sorted(set(prim) & set(sec)):
-        if not (lo <= prim[seq]["start"] and prim[seq]["ack_decoded"] <= hi):
-            continue
-        moments = [_moment(prim[seq], sec[seq], k) for _, a, b in SLOW_SPANS for k in (a, b)]
-        if all(moments):
-            spans[seq] = list(zip(moments[::2], moments[1::2], strict=True))
-    median = [statistics.median(v[i][1] - v[i][0] for v in spans.values())
-              for i in range(len(SLOW_SPANS))]
-    total = {q: prim[q]["ack_decoded"] - prim[q]["start"] for q in spans}
-    slow = sorted(spans, key=total.get)[-max(1, round(len(spans) * SLOWEST)):]
+    seqs = [q for q in sorted(set(prim) & set(sec))
+            if lo <= prim[q]["start"] and prim[q]["ack_decoded"] <= hi]
+    spans = span_moments(prim, sec, seqs)
+    median, blamed = blame_slowest(prim, spans, SLOWEST)
     found = []
-    for seq in reversed(slow):
-        i = max(range(len(SLOW_SPANS)),
-                key=lambda i: spans[seq][i][1] - spans[seq][i][0] - median[i])
+    for seq, i in blamed:
         name = SLOW_SPANS[i][0]
         t0, t1 = spans[seq][i]
         side = SPAN_SIDE[name]
@@ -152,9 +144,10 @@ def classify(run: dict, switches: dict, comms: dict) -> list[dict]:
             cause = "another thread of the daemon"
         else:
             cause = f"CPU taken by {comms.get(tid, '?')}"
-        found.append({"seq": seq, "total_us": total[seq] / 1e3, "span": name,
-                      "span_us": (t1 - t0) / 1e3, "median_us": median[i] / 1e3,
-                      "cause": cause, "cause_share": ns / max(1, t1 - t0)})
+        found.append({"seq": seq, "total_us": (prim[seq]["ack_decoded"] - prim[seq]["start"])
+                      / 1e3, "span": name, "span_us": (t1 - t0) / 1e3,
+                      "median_us": median[i] / 1e3, "cause": cause,
+                      "cause_share": ns / max(1, t1 - t0)})
     return found
 
 

@@ -4,6 +4,9 @@ checkpoint cycle, the way a host dies (SIGKILL: no cleanup, no goodbye).
 KEMARI_FAULT="POINT:PROBABILITY" in a daemon's environment, POINT one of
   mid-send   half of a checkpoint's bytes are on the wire
   after-ack  the ACK is in, the held I/O is not yet performed
+and one that only delays (a loaded host), for the race tests:
+  slow-apply the secondary's ACK has left early; its checkpoint is applied
+             SLOW_APPLY_S later
 Unset (the normal case), every check is one attribute test.
 """
 
@@ -12,8 +15,10 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 
-POINTS = ("mid-send", "after-ack")
+POINTS = ("mid-send", "after-ack", "slow-apply")
+SLOW_APPLY_S = 0.5
 
 
 class Faults:
@@ -28,6 +33,10 @@ class Faults:
 
     def due(self, point: str) -> bool:
         return self.point == point and random.random() < self.probability
+
+    @staticmethod
+    def stall() -> None:
+        time.sleep(SLOW_APPLY_S)
 
     @staticmethod
     def die() -> None:

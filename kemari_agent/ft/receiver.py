@@ -14,11 +14,13 @@ import collections
 import contextlib
 import logging
 import os
+import queue
 import select
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from .. import stages
 from ..config import VmConfig
@@ -39,6 +41,7 @@ from ..replication.image import ImageSink
 from ..replication.secondary import Secondary
 from .admission import Admission
 from .fast_receive import FastReceive, Waited
+from .faults import Faults
 from .link import Link, SessionLost
 from .node import Node
 from .protector import VCPU_FAST, VCPU_FULL
@@ -183,10 +186,11 @@ class Receiver:
         # read that completed a checkpoint -> its ACK sent (after apply and record,
         # or before them: an early ACK)
         self.ack_latencies: collections.deque[float] = collections.deque(maxlen=2000)
-        # Held by the loop while a pass may change the image or the node's record
-        # (an early ACK leaves before its checkpoint is applied and recorded):
-        # another thread that reads them together takes it (Daemon's digest).
-        self.pass_lock = threading.Lock()
+        # Calls another thread wants run between two passes, when no checkpoint
+        # is half applied: an early ACK leaves in the wait's C call, before the
+        # pass that applies and records its checkpoint (Daemon's digest).
+        self.faults = Faults()
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self.last_commit_at: float | None = None
         self.sync_progress: dict | None = None
         self.rejections: list[str] = []
@@ -276,8 +280,29 @@ class Receiver:
                     reads.append(link.fileno())
                 readable, writable, _ = select.select(reads, writes, [], timeout)
                 waited = Waited(readable, writable, None, 0)
-            with self.pass_lock:
-                self._pass(waited, wake_fd)
+            if waited.outcome is not None and self.faults.due("slow-apply"):
+                self.faults.stall()       # the C call may have sent the ACK already
+            self._pass(waited, wake_fd)
+            self._run_calls()
+
+    def call_in_loop(self, fn: Callable[[], Any], wake: Callable[[], None],
+                     timeout: float = 10.0) -> Any:
+        """fn() run by the loop between two passes (wake() interrupts its wait)."""
+        fut: Future = Future()
+        self._calls.put((fn, fut))
+        wake()
+        return fut.result(timeout)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to the caller's thread
+                fut.set_exception(exc)
 
     def _pass(self, waited: Waited, wake_fd: int) -> None:
         """What the wait found ready: the stream (read already if `waited` has its

@@ -54,7 +54,9 @@ def abused(tmp_path):
             fake.checkpoint([i])
         fake.close()
         seq, digest, _ = secondary_view(lab)
-        assert digest == hashlib.sha256(memory).hexdigest() and seq == 4
+        # A mismatch says how far the secondary got (fresh run 61 saw one, once).
+        assert (seq, digest) == (4, hashlib.sha256(memory).hexdigest()), \
+            (lab.secondary.status(), lab.secondary.log())
         yield lab, memory
     finally:
         lab.close()

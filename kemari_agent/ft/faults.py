@@ -5,8 +5,8 @@ KEMARI_FAULT="POINT:PROBABILITY" in a daemon's environment, POINT one of
   mid-send   half of a checkpoint's bytes are on the wire
   after-ack  the ACK is in, the held I/O is not yet performed
 and one that only delays (a loaded host), for the race tests:
-  slow-apply the secondary's ACK has left early; its checkpoint is applied
-             SLOW_APPLY_S later
+  slow-apply the secondary's wait took a checkpoint (its ACK may have left
+             in that call); the pass that applies it runs SLOW_APPLY_S later
 Unset (the normal case), every check is one attribute test.
 """
 

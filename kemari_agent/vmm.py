@@ -19,11 +19,9 @@ import collections
 import contextlib
 import logging
 import os
-import queue
 import select
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +41,7 @@ from .kvm.machine import (
     EXIT_NAMES,
     Machine,
 )
+from .loop_calls import LoopCalls
 from .native import lib
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ class Vmm:
         self.timeline: collections.deque[tuple[int, str]] | None = \
             collections.deque(maxlen=stages.KEEP) if stages.ENABLED else None
         self._stop = False
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._calls = LoopCalls()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # ---- construction ----------------------------------------------------
@@ -195,8 +194,7 @@ class Vmm:
 
     def call_in_loop(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
         """Run fn() in the loop thread with the vCPU stopped; return its result."""
-        fut: Future = Future()
-        self._calls.put((fn, fut))
+        fut = self._calls.submit(fn)
         self.wake()
         return fut.result(timeout)
 
@@ -215,15 +213,7 @@ class Vmm:
         self._run_calls()
 
     def _run_calls(self) -> None:
-        while True:
-            try:
-                fn, fut = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # handed to the caller's thread
-                fut.set_exception(exc)
+        self._calls.run_pending()
 
     # ---- the loop ------------------------------------------------------------
     def run(self) -> int:

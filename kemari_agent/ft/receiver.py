@@ -14,11 +14,9 @@ import collections
 import contextlib
 import logging
 import os
-import queue
 import select
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from .. import stages
 from ..config import VmConfig
 from ..errors import KemariError
 from ..kvm.machine import Machine
+from ..loop_calls import LoopCalls
 from ..replication import transport
 from ..replication.codec import GoodbyeReason, HelloFlag
 from ..replication.events import (
@@ -190,7 +189,7 @@ class Receiver:
         # is half applied: an early ACK leaves in the wait's C call, before the
         # pass that applies and records its checkpoint (Daemon's digest).
         self.faults = Faults()
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._calls = LoopCalls()
         self.last_commit_at: float | None = None
         self.sync_progress: dict | None = None
         self.rejections: list[str] = []
@@ -283,26 +282,14 @@ class Receiver:
             if waited.outcome is not None and self.faults.due("slow-apply"):
                 self.faults.stall()       # the C call may have sent the ACK already
             self._pass(waited, wake_fd)
-            self._run_calls()
+            self._calls.run_pending()
 
     def call_in_loop(self, fn: Callable[[], Any], wake: Callable[[], None],
                      timeout: float = 10.0) -> Any:
         """fn() run by the loop between two passes (wake() interrupts its wait)."""
-        fut: Future = Future()
-        self._calls.put((fn, fut))
+        fut = self._calls.submit(fn)
         wake()
         return fut.result(timeout)
-
-    def _run_calls(self) -> None:
-        while True:
-            try:
-                fn, fut = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # handed to the caller's thread
-                fut.set_exception(exc)
 
     def _pass(self, waited: Waited, wake_fd: int) -> None:
         """What the wait found ready: the stream (read already if `waited` has its

@@ -253,8 +253,7 @@ def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
         ncp = sst["checkpoints"] - c0
     prim = {r["seq"]: r for r in pst.get("stages", [])}
     sec = {r["seq"]: r for r in sec_rows(sst)}
-    seqs = [s for s in sorted(set(prim) & set(sec))
-            if prim[s]["start"] >= window[0] and prim[s]["ack_decoded"] <= window[1]]
+    seqs = window_seqs(prim, sec, window)
     total = [(prim[s]["ack_decoded"] - prim[s]["start"]) / 1e3 for s in seqs]
     stages = {}
     for name, a, b in STAGES:
@@ -286,6 +285,12 @@ def checkpoint_stages(pages: int, seconds: float, rate_hz: int = 300,
             "pages_harvested_p50": percentile([prim[s].get("pages", 0) for s in seqs], 50),
             "bytes_per_checkpoint": (pst["bytes_sent"] - p0["bytes_sent"])
             / max(1, pst["checkpoints"] - p0["checkpoints"])}
+
+
+def window_seqs(prim: dict, sec: dict, window: tuple[int, int]) -> list[int]:
+    """The checkpoints both daemons marked, begun and acknowledged within `window`."""
+    return [q for q in sorted(set(prim) & set(sec))
+            if window[0] <= prim[q]["start"] and prim[q]["ack_decoded"] <= window[1]]
 
 
 def span_moments(prim: dict, sec: dict, seqs: list[int]) -> dict[int, list[tuple[int, int]]]:

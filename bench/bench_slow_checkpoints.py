@@ -47,17 +47,12 @@ from bench.bench_checkpoint_stages import (
     blame_slowest,
     span_moments,
     stress_pair,
+    window_seqs,
 )
 from bench.common import report
 
 SLOWEST = 0.02
 EVENTS = ["sched:sched_switch", "sched:sched_waking", "sched:sched_wakeup"]
-# The span's end is on this daemon's CPU: the one that had to run it.
-SPAN_SIDE = {"the primary's call, exit -> write() returned": "p",
-             "wake-up of the secondary + its read()": "s",
-             "the secondary's open, check and stage": "s",
-             "the ACK's send + wake-up of the primary": "p",
-             "ACK decode (primary)": "p"}
 LINE = re.compile(r"\s*(.+?)\s+(\d+) \[(\d+)\] (\d+)\.(\d+): sched:(\w+): (.*)")
 SWITCH = re.compile(r"prev_pid=(\d+) .*==> next_comm=(.+?) next_pid=(\d+)")
 
@@ -124,16 +119,13 @@ def occupancy(switches: list, t0: int, t1: int) -> collections.Counter:
 def classify(run: dict, switches: dict, comms: dict) -> list[dict]:
     prim = {r["seq"]: r for r in run["rows"]["p"]}
     sec = {r["seq"]: r for r in run["rows"]["s"]}
-    lo, hi = run["window"]
-    seqs = [q for q in sorted(set(prim) & set(sec))
-            if lo <= prim[q]["start"] and prim[q]["ack_decoded"] <= hi]
-    spans = span_moments(prim, sec, seqs)
+    spans = span_moments(prim, sec, window_seqs(prim, sec, run["window"]))
     median, blamed = blame_slowest(prim, spans, SLOWEST)
     found = []
     for seq, i in blamed:
-        name = SLOW_SPANS[i][0]
+        name, _start, end = SLOW_SPANS[i]
         t0, t1 = spans[seq][i]
-        side = SPAN_SIDE[name]
+        side = end.split(".")[0]        # the daemon whose CPU had to run the span's end
         occ = occupancy(switches.get(run["cpu"][side], []), t0, t1)
         tid, ns = occ.most_common(1)[0] if occ else (None, 0)
         if tid == 0:

@@ -17,11 +17,12 @@ class LoopCalls:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
 
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        """Any thread: fn() queued for the loop; its Future."""
+    def call(self, fn: Callable[[], Any], wake: Callable[[], None], timeout: float) -> Any:
+        """Any thread: fn() queued, the loop woken (wake()), and fn()'s result."""
         fut: Future = Future()
         self._queue.put((fn, fut))
-        return fut
+        wake()
+        return fut.result(timeout)
 
     def run_pending(self) -> None:
         """The loop thread: every call queued so far, in order."""

@@ -194,9 +194,7 @@ class Vmm:
 
     def call_in_loop(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
         """Run fn() in the loop thread with the vCPU stopped; return its result."""
-        fut = self._calls.submit(fn)
-        self.wake()
-        return fut.result(timeout)
+        return self._calls.call(fn, self.wake, timeout)
 
     def request_stop(self) -> None:
         self._stop = True
@@ -210,9 +208,6 @@ class Vmm:
         """Loop thread, guest held stopped: wait a little for calls and serve them."""
         select.select([self._wake_r], [], [], timeout)
         self._drain_wake()
-        self._run_calls()
-
-    def _run_calls(self) -> None:
         self._calls.run_pending()
 
     # ---- the loop ------------------------------------------------------------
@@ -229,13 +224,13 @@ class Vmm:
                 self._handle_io(ex)
             elif ex.reason == EXIT_KICKED:
                 self._drain_wake()
-                self._run_calls()
+                self._calls.run_pending()
                 self._run_services()
             else:
                 self._crash(ex)
             if self.exit_code is not None:
                 return self.exit_code
-        self._run_calls()
+        self._calls.run_pending()
         return 0
 
     def _handle_io(self, ex) -> None:
@@ -282,7 +277,7 @@ class Vmm:
                 self._moment("frames delivered")
             if self._guest_has_event():
                 return
-            self._run_calls()
+            self._calls.run_pending()
             if self._stop or self.exit_code is not None:
                 return
             now = time.monotonic()

@@ -185,10 +185,10 @@ class Receiver:
         # read that completed a checkpoint -> its ACK sent (after apply and record,
         # or before them: an early ACK)
         self.ack_latencies: collections.deque[float] = collections.deque(maxlen=2000)
+        self.faults = Faults()
         # Calls another thread wants run between two passes, when no checkpoint
         # is half applied: an early ACK leaves in the wait's C call, before the
         # pass that applies and records its checkpoint (Daemon's digest).
-        self.faults = Faults()
         self._calls = LoopCalls()
         self.last_commit_at: float | None = None
         self.sync_progress: dict | None = None
@@ -287,9 +287,7 @@ class Receiver:
     def call_in_loop(self, fn: Callable[[], Any], wake: Callable[[], None],
                      timeout: float = 10.0) -> Any:
         """fn() run by the loop between two passes (wake() interrupts its wait)."""
-        fut = self._calls.submit(fn)
-        wake()
-        return fut.result(timeout)
+        return self._calls.call(fn, wake, timeout)
 
     def _pass(self, waited: Waited, wake_fd: int) -> None:
         """What the wait found ready: the stream (read already if `waited` has its

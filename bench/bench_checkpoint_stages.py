@@ -88,6 +88,14 @@ STAGES = [
     # One row: the primary, woken by the ACK, often runs on the secondary's CPU
     # before the secondary's send returns, so no moment between them is honest.
     ("ACK send + wake-up of the primary (+ TLS receive)", "s.handled", "p.ack_recv"),
+    # The two one calls' moments (native/fastreceive.h): the secondary's before its
+    # ACK's write(), the primary's from the read() the ACK's wake-up let begin.
+    ("  one call: seal the ACK (secondary)", "s.handled", "s.c_ack_sealed"),
+    ("  ACK write() -> the primary's read() begins (wake-up of the primary)",
+     "s.c_ack_sealed", "p.ack_c_woke"),
+    ("  one call: the primary's read()", "p.ack_c_woke", "p.ack_c_read"),
+    ("  one call: open the ACK's frame", "p.ack_c_read", "p.ack_c_opened"),
+    ("  one call returned -> Python has the ACK", "p.ack_c_opened", "p.ack_recv"),
     ("  meanwhile: ACK ready -> applied + recorded", "s.decoded", "s.after_ack"),
     ("ACK decode (primary)", "p.ack_recv", "p.ack_decoded"),
 ]
@@ -99,7 +107,9 @@ SLOW_SPANS = [
     ("the primary's call, exit -> write() returned", "p.start", "p.c_written"),
     ("wake-up of the secondary + its read()", "p.c_written", "s.c_read"),
     ("the secondary's open, check and stage", "s.c_read", "s.recv"),
-    ("the ACK's send + wake-up of the primary", "s.recv", "p.ack_recv"),
+    ("the secondary's ACK sealed", "s.recv", "s.c_ack_sealed"),
+    ("the ACK's write() + wake-up of the primary", "s.c_ack_sealed", "p.ack_c_woke"),
+    ("the primary's read and open, back in Python", "p.ack_c_woke", "p.ack_recv"),
     ("ACK decode (primary)", "p.ack_recv", "p.ack_decoded"),
 ]
 SLOWEST = 0.01
@@ -424,6 +434,13 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     # ... and the secondary spinning for its stream after each checkpoint too
     "split CPUs + both polling": ({"KEMARI_NATIVE_CODEC": "1"},
                                   "ack_poll_us = 500\nreceive_poll_us = 1000"),
+    # ... the secondary's spin outlasting the gap between two checkpoints (300/s):
+    # its CPU never idles, as under "CPU latency 0", but no other CPU is asked to
+    "split CPUs + both polling through the gap": ({"KEMARI_NATIVE_CODEC": "1"},
+                                                  "ack_poll_us = 500\nreceive_poll_us = 10000"),
+    # the same spins unpinned, where the secondary's spin shares the machine
+    "both polling through the gap": ({"KEMARI_NATIVE_CODEC": "1"},
+                                     "ack_poll_us = 500\nreceive_poll_us = 10000"),
     # "native" with both daemons asking the kernel for CPU wake-ups within 0 us
     # (PM QoS: idle CPUs poll instead of halting); the floor is measured under
     # the same request
@@ -441,6 +458,7 @@ ALL_SETTINGS: dict[str, tuple[dict[str, str], str]] = {
 # Settings that pin the primary's and the secondary's side to these CPUs.
 SPLIT_CPUS: dict[str, tuple[int, int]] = {"split CPUs": (0, 1), "split CPUs + ACK polling": (0, 1),
                                           "split CPUs + both polling": (0, 1),
+                                          "split CPUs + both polling through the gap": (0, 1),
                                           "split CPUs + CPU latency 0": (0, 1),
                                           "split CPUs + CPU latency 0 + ACK polling": (0, 1),
                                           "split CPUs + wait in Python": (0, 1),

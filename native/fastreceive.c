@@ -24,6 +24,8 @@ static void send_ack(struct kfast_rx *r, uint64_t seq, uint64_t generation)
         r->ack_result = KFAST_ACK_SEAL_FAILED;
         return;
     }
+    if (r->timed)
+        r->moments[3] = kclock_now_ns();
     r->ack_size = size;
     ssize_t sent = write(r->fd, r->ack_frame, (size_t)size);
     if (sent < 0) {
@@ -40,8 +42,10 @@ static void send_ack(struct kfast_rx *r, uint64_t seq, uint64_t generation)
 
 int kfast_receive(struct kfast_rx *r, struct kcodec_rx *rx)
 {
-    if (r->timed)
+    if (r->timed) {
         r->moments[0] = kclock_now_ns();
+        r->moments[3] = 0;
+    }
     r->plain = 0;
     r->ack_result = KFAST_ACK_NONE;
     r->ack_len = r->ack_size = r->ack_sent = r->err = 0;
@@ -129,6 +133,8 @@ int kfast_wait_ack(struct kfast_ack *a)
 {
     a->plain = a->seq = a->generation = 0;
     a->err = 0;
+    if (a->timed)       /* a frame already read has its moments at the call's start */
+        a->moments[0] = a->moments[1] = kclock_now_ns();
     int64_t deadline = a->timeout_ms < 0 ? -1 : now_ms() + a->timeout_ms;
     int64_t spin_until = a->spin_us > 0 ? kclock_now_ns() + a->spin_us * 1000 : 0;
     if (spin_until && deadline >= 0 && spin_until > deadline * 1000000)
@@ -138,9 +144,13 @@ int kfast_wait_ack(struct kfast_ack *a)
     while ((plain = kframe_open(a->opener, a->buf + a->start, a->end - a->start)) == 0) {
         if (a->end == a->room)
             return KFAST_WAIT_NO_ROOM;
+        if (a->timed)
+            a->moments[0] = kclock_now_ns();
         ssize_t n = read(a->fd, a->buf + a->end, (size_t)(a->room - a->end));
         if (n > 0) {
             a->end += (uint64_t)n;
+            if (a->timed)
+                a->moments[1] = kclock_now_ns();
             continue;
         }
         if (n == 0)
@@ -168,6 +178,8 @@ int kfast_wait_ack(struct kfast_ack *a)
             return KFAST_WAIT_READ_FAILED;
         }
     }
+    if (a->timed)
+        a->moments[2] = kclock_now_ns();
     if (plain < 0)
         return KFAST_WAIT_REFUSED;
     a->plain = (uint64_t)plain;

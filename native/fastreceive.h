@@ -47,8 +47,9 @@
 #define KFAST_ACK_SEAL_FAILED -1
 #define KFAST_ACK_WRITE_FAILED -2  /* errno in `err` */
 
-/* kfast_rx.moments[]: the call's start, after its read() and after the frame opened. */
-#define KFAST_RX_MOMENTS 3
+/* kfast_rx.moments[]: the call's start, after its read(), after the frame opened,
+ * and once its ACK is sealed, before that ACK's write() (0 when no ACK was sealed). */
+#define KFAST_RX_MOMENTS 4
 
 struct kframe;
 struct kcodec_rx;
@@ -111,6 +112,10 @@ int kfast_wait_receive(struct kfast_rx *r, struct kcodec_rx *rx, struct kfast_po
 #define KFAST_WAIT_NO_ROOM 5
 #define KFAST_WAIT_READ_FAILED -1
 
+/* kfast_ack.moments[]: when the last read() began (after poll() returned, if it
+ * slept: the wake-up), after that read() and after the frame opened. */
+#define KFAST_ACK_MOMENTS 3
+
 struct kfast_ack {
     /* Set once per session by ft/fast_ack.py. */
     struct kframe *opener;          /* the secondary's direction */
@@ -120,11 +125,13 @@ struct kfast_ack {
     uint64_t start, end, room;
     int64_t timeout_ms;             /* the longest to wait in all; < 0: no limit */
     int64_t spin_us;                /* read again (yielding) this long before poll() */
+    int timed;                      /* fill moments[] (KEMARI_STAGES=1) */
     /* Out. */
     uint64_t plain;
     uint64_t seq, generation;
     int64_t err;
     uint64_t spins;                 /* reads that found nothing while spinning, in all */
+    int64_t moments[KFAST_ACK_MOMENTS]; /* with timed: CLOCK_MONOTONIC ns, for the stage trace */
 };
 
 /* The next whole frame: read as it comes (poll() while none is whole, the

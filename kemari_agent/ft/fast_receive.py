@@ -102,8 +102,11 @@ class _OneCallReads:
         return link.receive(data, now) if data else []
 
 
-# The stage trace's names of the moments one call takes (struct kfast_rx's moments[]).
-ONE_CALL_MOMENTS = ("c_entered", "c_read", "c_opened")
+# The stage trace's names of the moments one call takes (struct kfast_rx's
+# moments[]; the last is 0, and left out, when the call sealed no ACK).
+ONE_CALL_MOMENTS = ("c_entered", "c_read", "c_opened", "c_ack_sealed")
+# The primary's (struct kfast_ack's moments[]), noted beside "ack_recv".
+ACK_MOMENTS = ("ack_c_woke", "ack_c_read", "ack_c_opened")
 
 
 class FastReceive(_OneCallReads):
@@ -233,7 +236,8 @@ class FastReceive(_OneCallReads):
         taken = int(self._r.taken_ns)
         if stages.ENABLED:
             link.recv_ns = link.decoded_ns = taken
-            link.moments = dict(zip(ONE_CALL_MOMENTS, map(int, self._r.moments), strict=True))
+            link.moments = {name: int(ns) for name, ns
+                            in zip(ONE_CALL_MOMENTS, self._r.moments, strict=True) if ns}
         if acked:
             self._acked(link, taken)
         self.reads += 1
@@ -272,6 +276,7 @@ class FastAck(_OneCallReads):
         a = self._a = ffi.new("struct kfast_ack *")
         a.opener, a.fd = self._opener.native_cipher(), self._channel.fileno()
         a.spin_us = int(link.ack_poll_s * 1e6)    # replication.ack_poll_us, spun in C
+        a.timed = stages.ENABLED
 
     def read(self, link: Link) -> list[Event] | None:
         """What arrived within the channel's timeout (nothing: []), or None:
@@ -290,6 +295,7 @@ class FastAck(_OneCallReads):
             self.reads += 1
             if stages.ENABLED:
                 link.recv_ns = stages.now_ns()
+                link.moments = dict(zip(ACK_MOMENTS, map(int, a.moments), strict=True))
             seq, generation = int(a.seq), int(a.generation)
             events = link.decide(lambda: sm.receive_ack(seq, generation, now))
             return events + self._python_path(link, b"", now) if a.start != a.end else events

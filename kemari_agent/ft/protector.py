@@ -567,6 +567,9 @@ class Protector:
                 raise
             self.latencies.append(time.monotonic() - t0)
             if trace is not None:
+                for name, ns in link.moments.items():     # the ACK's, C took them
+                    trace.note(name, ns)
+                link.moments = {}
                 trace.note("ack_recv", link.recv_ns)
                 trace.note("ack_decoded", link.decoded_ns)
                 trace.note("pages", pages)

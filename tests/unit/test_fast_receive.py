@@ -19,7 +19,8 @@ import pytest
 from kemari_agent._native import lib
 from test_replication_session import DISK, MEM, protected_pair
 
-from kemari_agent.ft.fast_receive import FastAck, FastReceive
+from kemari_agent import stages
+from kemari_agent.ft.fast_receive import ACK_MOMENTS, FastAck, FastReceive
 from kemari_agent.ft.link import Link, SessionLost
 from kemari_agent.replication import frames, keys, native_codec, transport
 from kemari_agent.replication.codec import DiskWrite, Vcpu, encode_ack
@@ -238,8 +239,10 @@ def test_the_secondary_waits_for_any_of_its_fds_in_the_same_call(key: Path) -> N
         bench.primary_end.send_all(bench.checkpoint([5]))    # the stream: read at once
         waited = bench.fast.wait(bench.link, [r], [], 5.0)
         assert waited.readable == [bench.link.fileno()] and waited.outcome is not None
-        moments = [waited.woke_ns, *bench.fast._r.moments, bench.fast._r.taken_ns]
-        assert moments == sorted(moments)       # woke, entered, read, opened, taken
+        entered, read, opened, sealed = bench.fast._r.moments
+        assert bench.fast._r.ack_result == lib.KFAST_ACK_SENT     # the ACK left in the call
+        moments = [waited.woke_ns, entered, read, opened, bench.fast._r.taken_ns, sealed]
+        assert moments == sorted(moments)       # ... taken, then the ACK sealed
         events = bench.link.read(waited=waited.outcome)
         assert [ev for ev in events if isinstance(ev, Committed)] == bench.ref_committed
         bench.take_acks()
@@ -319,6 +322,34 @@ def test_the_primary_spins_for_its_ack_in_the_call(key: Path) -> None:
         assert link.read() == []
         assert 0.15 < time.monotonic() - started < 2.0
         assert fast._a.spins > spins
+    finally:
+        bench.close()
+
+
+def test_the_primary_notes_the_moments_of_its_ack(key: Path, monkeypatch) -> None:
+    """KEMARI_STAGES=1: the call's moments are those of the read the ACK's
+    arrival let begin, not of the call's start, and come in order."""
+    monkeypatch.setattr(stages, "ENABLED", True)
+    bench = Bench(key, rekey_bytes=1 << 30, ack_rekey_bytes=1 << 30)
+    pair, send = bench.pair, bench.primary_end
+    link = Link(send, pair.primary, 5.0)
+    fast = link.fast_receive = FastAck.for_link(link)
+    assert fast._a.timed
+    sent: list[int] = []
+
+    def ack_late() -> None:
+        sent.append(time.monotonic_ns())
+        bench.receive_until(len(bench.ref_committed))
+
+    try:
+        send.send_all(bench.checkpoint([1]))
+        late = threading.Timer(0.05, ack_late)
+        late.start()
+        waited_from = time.monotonic_ns()
+        link.wait_for(lambda: not pair.primary.outstanding, 5.0)
+        late.join()
+        woke, read, opened = (link.moments[name] for name in ACK_MOMENTS)
+        assert waited_from < sent[0] < woke <= read <= opened <= link.recv_ns
     finally:
         bench.close()
 

@@ -1,10 +1,12 @@
 """Full sync of a guest whose memory is all in use (issue 10): page-data
-bytes/s, pages, rounds, and the guest's slowdown while it runs (stress
-events/s during the sync vs before it). Medians of RUNS syncs in one run,
-for each content of memory (`stress.fill`: none = one counter per page,
-text = random words, random = incompressible) with LZ4 on and off, and with
-the primary's bytes in frames (the default) or in TLS records
-(`--transport tls`, KEMARI_FRAMES=0 in both daemons).
+bytes/s, pages, rounds, the guest's slowdown while it runs (stress
+events/s during the sync vs before it), and each daemon's CPU seconds per
+GiB of page data (the primary's beyond what it used before the sync: its
+guest), which say what one core per side, on two hosts, would carry.
+Medians of RUNS syncs in one run, for each content of memory (`stress.fill`:
+none = one counter per page, text = random words, random = incompressible)
+with LZ4 on and off, and with the primary's bytes in frames (the default) or
+in TLS records (`--transport tls`, KEMARI_FRAMES=0 in both daemons).
 
 The `stress` guest dirties PAGES pages per I/O event at RATE events/s over a
 working set of all its memory, so after FILL_S every page is non-zero. Each
@@ -43,30 +45,47 @@ def _doorbells(node) -> tuple[int, float]:
     return vm["doorbells"], vm["uptime_s"]
 
 
-def _rate(node, seconds: float) -> float:
+def _cpu_s(node) -> float:
+    """CPU seconds the node's daemon has used (the primary's includes its guest)."""
+    fields = Path(f"/proc/{node.pid()}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rate(node, seconds: float) -> tuple[float, float]:
+    """The guest's events/s, and the daemon's CPU seconds per second, meanwhile."""
     d0, t0 = _doorbells(node)
+    c0 = _cpu_s(node)
     time.sleep(seconds)
     d1, t1 = _doorbells(node)
-    return (d1 - d0) / max(1e-9, t1 - t0)
+    c1 = _cpu_s(node)
+    return (d1 - d0) / max(1e-9, t1 - t0), (c1 - c0) / max(1e-9, t1 - t0)
 
 
-def _one_sync(lab: FtLab) -> dict:
+def _one_sync(lab: FtLab, primary_cpu_before: float = 0.0) -> dict:
     """Restart the secondary; returns the primary's last_sync plus the guest's
-    event rate over the sync (sampled from the primary's status)."""
+    event rate over the sync (sampled from the primary's status) and each
+    daemon's CPU seconds per GiB of page data: the secondary's from its start
+    (its imports done), the primary's beyond `primary_cpu_before` per second
+    (its guest and loop before the sync)."""
     before = _status(lab.primary)["last_sync"]
     lab.secondary.kill()
     lab.secondary.start("secondary")
+    s0, p0, w0 = _cpu_s(lab.secondary), _cpu_s(lab.primary), time.monotonic()
     d0, t0 = _doorbells(lab.primary)
     end = time.monotonic() + 300
     while time.monotonic() < end:
         st = _status(lab.primary)
         if st["state"] == "synced" and st["last_sync"] != before:
+            s1, p1, w1 = _cpu_s(lab.secondary), _cpu_s(lab.primary), time.monotonic()
             d1, t1 = st["vm"]["doorbells"], st["vm"]["uptime_s"]
             sync = st["last_sync"]
             assert sync["kind"] == "full", sync
+            gib = max(1, sync["pages"]) * 4096 / (1 << 30)
             # the sync started after t0 (the secondary's start): the rate over
             # [t0, t1] covers it plus the handshake
-            return dict(sync, events_per_s=(d1 - d0) / max(1e-9, t1 - t0))
+            return dict(sync, events_per_s=(d1 - d0) / max(1e-9, t1 - t0),
+                        secondary_cpu_s_per_gib=(s1 - s0) / gib,
+                        primary_cpu_s_per_gib=(p1 - p0 - primary_cpu_before * (w1 - w0)) / gib)
         time.sleep(0.05)
     raise RuntimeError(f"never in sync: {_status(lab.primary)}")
 
@@ -100,8 +119,9 @@ def _syncs_of(memory_mib: int, fill: str, compression: str, transport: str,
         lab.secondary.start("secondary")
         lab.wait_synced(300)
         for _ in range(runs):
-            before.append(_rate(lab.primary, 2.0))
-            syncs.append(_one_sync(lab))
+            events, cpu = _rate(lab.primary, 2.0)
+            before.append(events)
+            syncs.append(_one_sync(lab, cpu))
     finally:
         lab.close()
     return syncs, before
@@ -134,6 +154,13 @@ def main(memory_mib: int = 256, runs: int = RUNS, fills: tuple[str, ...] = FILLS
              med("bytes") / (med("pages") * 4096), "x"),
             (f"{tag}: guest speed during / before",
              statistics.median(slow) if slow else 0.0, "x"),
+            (f"{tag}: primary CPU per GiB of page data (beyond its guest's)",
+             med("primary_cpu_s_per_gib"), "s"),
+            (f"{tag}: secondary CPU per GiB of page data", med("secondary_cpu_s_per_gib"), "s"),
+            # what the sync would reach with a core for each daemon (two hosts)
+            (f"{tag}: page data rate a core per side would carry",
+             1 / max(med("primary_cpu_s_per_gib"), med("secondary_cpu_s_per_gib"), 1e-9),
+             "GiB/s"),
         ]
     rows.append(("load average (1 min) after", load[0], ""))
     guest = (f"{memory_mib} MiB stress guest, {PAGES} pages x {RATE}/s over all memory, "
@@ -158,10 +185,10 @@ def _fast_dirtier_sync(memory_mib: int, auto_converge: bool) -> dict:
     try:
         lab.primary.start("primary")
         time.sleep((memory_mib << 8) / (FAST_PAGES * FAST_RATE) + 1.0)
-        before = _rate(lab.primary, 2.0)
+        before, cpu = _rate(lab.primary, 2.0)
         lab.secondary.start("secondary")
         lab.wait_synced(300)
-        return _one_sync(lab) | {"events_before": before}
+        return _one_sync(lab, cpu) | {"events_before": before}
     finally:
         lab.close()
 

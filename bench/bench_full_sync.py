@@ -61,7 +61,7 @@ def _rate(node, seconds: float) -> tuple[float, float]:
     return (d1 - d0) / max(1e-9, t1 - t0), (c1 - c0) / max(1e-9, t1 - t0)
 
 
-def _one_sync(lab: FtLab, primary_cpu_before: float = 0.0) -> dict:
+def _one_sync(lab: FtLab, primary_cpu_before: float) -> dict:
     """Restart the secondary; returns the primary's last_sync plus the guest's
     event rate over the sync (sampled from the primary's status) and each
     daemon's CPU seconds per GiB of page data: the secondary's from its start

@@ -117,7 +117,7 @@ int kfast_wait_receive(struct kfast_rx *r, struct kcodec_rx *rx, struct kfast_po
 #define KFAST_ACK_MOMENTS 3
 
 struct kfast_ack {
-    /* Set once per session by ft/fast_ack.py. */
+    /* Set once per session by ft/fast_receive.py (FastAck). */
     struct kframe *opener;          /* the secondary's direction */
     int fd;
     /* In, per call. */
